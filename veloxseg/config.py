@@ -1,0 +1,152 @@
+"""VeloxSeg configuration: every constructor argument, validated, JSON-serialisable."""
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .layers.pwa import WindowScale, window_scales
+
+NUM_LEVELS = 4
+
+
+def _tuple(value: Any) -> Any:
+    """Lists (from JSON) to tuples, recursively, so configs compare and hash the same."""
+    return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class VeloxSegConfig:
+    """Everything that defines a VeloxSeg network. Per-level fields have one entry per level (4).
+
+    The defaults are the paper's AutoPET-II configuration (``veloxseg_small``): PET/CT as two
+    single-channel modality groups, 2 classes, 96^3 ROI.
+    """
+
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    in_ch: tuple[int, ...] = (1, 1)  # channels per modality group
+    n_classes: int = 2
+    patch_size: int = 4
+    base_ch: int = 16  # conv width C_1; C_i = base_ch * 2^(i-1)
+    attn_base_ch: int = 16  # attention width A_1
+    conv_depths: tuple[int, ...] = (1, 1, 1, 1)
+    depths: tuple[int, ...] = (1, 1, 1, 1)  # PWA blocks per level
+    kernel_sizes: tuple[int, ...] = (1, 3, 5)
+    min_dim_group: tuple[int, ...] = (4, 8, 8, 16)  # channels per JLC conv group
+    conv_expansion: tuple[int, ...] = (3, 3, 2, 2)
+    ffn_expansion: tuple[int, ...] = (3, 3, 2, 2)
+    big_windows: tuple[tuple[int, int, int], ...] = ((3, 3, 3), (6, 6, 6), (3, 3, 3), (3, 3, 3))
+    small_windows: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) * 4
+    window_scale_factor: int = 2
+    num_heads: tuple[int, ...] = (1, 2, 2, 4)
+    min_dim_head: tuple[int, ...] = (4, 8, 8, 16)
+    attn_drop: float = 0.1
+    proj_drop: float = 0.1
+    conv_drop: float = 0.1
+    deep_supervision: bool = True
+    teachers: bool = True  # build the reconstruction teachers (training only; SDKT)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _tuple(getattr(self, field.name)))
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "VeloxSegConfig":
+        """Build from a dict (e.g. config.json's ``model_args``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            listed = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise TypeError(f"unknown VeloxSeg config argument(s): {listed}; accepted: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return json_ready(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> "VeloxSegConfig":
+        return VeloxSegConfig.from_dict({**dataclasses.asdict(self), **changes})
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.in_ch)
+
+    def conv_width(self, level: int) -> int:
+        """C_i for level i = 1..4."""
+        return self.base_ch * 2 ** (level - 1)
+
+    def attn_width(self, level: int) -> int:
+        """A_i for level i = 1..4."""
+        return self.attn_base_ch * 2 ** (level - 1)
+
+    def conv_groups(self, level: int) -> int:
+        """Number of JLC conv groups at level i = 1..4."""
+        return self.conv_width(level) // self.min_dim_group[level - 1]
+
+    def token_grid(self, level: int) -> tuple[int, int, int]:
+        """Attention token grid at level i = 1..4 for the configured ROI."""
+        step = self.patch_size * 2 ** (level - 1)
+        return tuple(s // step for s in self.roi_size)
+
+    def level_scales(self, level: int) -> list[WindowScale]:
+        return window_scales(
+            self.token_grid(level),
+            self.big_windows[level - 1],
+            self.small_windows[level - 1],
+            self.window_scale_factor,
+        )
+
+    def size_multiple(self) -> tuple[int, int, int]:
+        """Each input axis must be a multiple of this: patch, downsamplings and largest windows."""
+        multiple = [self.patch_size * 2 ** (NUM_LEVELS - 1)] * 3
+        for level in range(1, NUM_LEVELS + 1):
+            largest = self.level_scales(level)[-1].window
+            step = self.patch_size * 2 ** (level - 1)
+            multiple = [math.lcm(m, step * w) for m, w in zip(multiple, largest)]
+        return tuple(multiple)
+
+    def _validate(self) -> None:
+        per_level = (
+            "conv_depths", "depths", "min_dim_group", "conv_expansion", "ffn_expansion",
+            "big_windows", "small_windows", "num_heads", "min_dim_head",
+        )  # fmt: skip
+        for name in per_level:
+            if len(getattr(self, name)) != NUM_LEVELS:
+                raise ValueError(f"{name} needs {NUM_LEVELS} entries (one per level), got {list(getattr(self, name))}")
+        if len(self.roi_size) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.roi_size):
+            raise ValueError(f"roi_size must be three positive ints (D, H, W), got {self.roi_size}")
+        if not self.in_ch or any(not isinstance(c, int) or c <= 0 for c in self.in_ch):
+            raise ValueError(f"in_ch must list the channels of each modality group, e.g. [1, 1] or [4]; got {self.in_ch}")
+        if self.n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {self.n_classes}")
+        if not self.kernel_sizes or any(k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"kernel_sizes must be odd (same-size padding), got {list(self.kernel_sizes)}")
+        for level in range(1, NUM_LEVELS + 1):
+            width, min_group = self.conv_width(level), self.min_dim_group[level - 1]
+            if not 1 <= min_group <= width or width % (width // min_group):
+                raise ValueError(
+                    f"level {level}: min_dim_group {min_group} does not split the {width} conv channels into "
+                    f"equal groups; use a divisor of {width}"
+                )
+        for level in range(1, NUM_LEVELS + 1):
+            if self.num_heads[level - 1] < 1 or self.min_dim_head[level - 1] < 1:
+                raise ValueError(f"level {level}: num_heads and min_dim_head must be >= 1")
+            step = self.patch_size * 2 ** (level - 1)
+            try:
+                if any(s % step for s in self.roi_size):
+                    raise ValueError(f"each axis must be a multiple of {step} (patch x 2^(level-1))")
+                self.level_scales(level)
+            except ValueError as err:
+                raise ValueError(f"roi_size {list(self.roi_size)} does not work at level {level}: {err}") from None
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively (for json.dumps)."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value

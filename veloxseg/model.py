@@ -1,0 +1,268 @@
+"""The VeloxSeg network: attention stream + JLC conv stream, student decoder, reconstruction teachers."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NUM_LEVELS, VeloxSegConfig
+from .layers import JLCBlock, PatchMerging3d, PWABlock, pixel_shuffle_3d
+
+
+@dataclass
+class VeloxSegOutput:
+    """What a training-mode forward returns.
+
+    logits: [full, u_2, u_3, e_4] heads, each (B, n_classes, D, H, W) at input size (only the
+        full-resolution one without deep supervision).
+    reconstruction: (B, sum(in_ch), D, H, W) teachers' output, groups concatenated; None without teachers.
+    gram: (B, C_1, C_1) Gram matrix of the student's last decoder feature u_1.
+    teacher_grams: one (B, C_1, C_1) Gram matrix per modality group (empty without teachers).
+    """
+
+    logits: list[torch.Tensor]
+    reconstruction: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    teacher_grams: list[torch.Tensor] = field(default_factory=list)
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, C, C) channel correlations F F^T / (C * D * H * W)."""
+    flat = features.flatten(2)
+    return flat @ flat.transpose(1, 2) / flat.shape[1] / flat.shape[2]
+
+
+class Up(nn.Module):
+    """(B, C_in, D, H, W) -> (B, C_out, 2D, 2H, 2W): transposed conv then instance norm."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_ch, out_ch, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(self.up(x))
+
+
+def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
+    """``conv_depths[level]`` JLC blocks at conv width C_level."""
+    return nn.Sequential(
+        *(
+            JLCBlock(
+                cfg.conv_width(level),
+                cfg.conv_groups(level),
+                cfg.kernel_sizes,
+                cfg.conv_expansion[level - 1],
+                cfg.conv_drop,
+            )
+            for _ in range(cfg.conv_depths[level - 1])
+        )
+    )
+
+
+class AttentionStream(nn.Module):
+    """Per-group patch embedding, then PWA levels with patch merging in between.
+
+    (B, sum(in_ch), D, H, W) -> per level i, a list of M tensors (B, A_i, D/(p 2^(i-1)), ...).
+    """
+
+    def __init__(self, cfg: VeloxSegConfig) -> None:
+        super().__init__()
+        p, groups = cfg.patch_size, cfg.num_groups
+        self.in_ch = cfg.in_ch
+        self.patch_embeds = nn.ModuleList(nn.Conv3d(c, cfg.attn_width(1), p, stride=p) for c in cfg.in_ch)
+        self.embed_drop = nn.Dropout(cfg.proj_drop)
+        self.levels = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        for level in range(1, NUM_LEVELS + 1):
+            dim, scales = cfg.attn_width(level), cfg.level_scales(level)
+            blocks = [
+                PWABlock(
+                    dim, groups, scales, cfg.num_heads[level - 1], cfg.min_dim_head[level - 1],
+                    cfg.ffn_expansion[level - 1], cfg.attn_drop, cfg.proj_drop,
+                )  # fmt: skip
+                for _ in range(cfg.depths[level - 1])
+            ]
+            self.levels.append(nn.Sequential(*blocks))
+            if level < NUM_LEVELS:
+                self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
+
+    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        xs = [self.embed_drop(embed(part)) for embed, part in zip(self.patch_embeds, x.split(list(self.in_ch), 1))]
+        features = []
+        for level, blocks in enumerate(self.levels):
+            xs = blocks(xs)
+            features.append(xs)
+            if level < len(self.merges):
+                xs = [merge(t) for merge, t in zip(self.merges[level], xs)]
+        return features
+
+
+class ConvStream(nn.Module):
+    """JLC encoder fed by the attention features: s_i = IN(down_i(.)) + mix_i(a_i), e_i = JLC_i(s_i).
+
+    Returns [e_1, e_2, e_3, e_4], e_i of shape (B, C_i, D/(p 2^(i-1)), ...).
+    """
+
+    def __init__(self, cfg: VeloxSegConfig) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        widths = [cfg.conv_width(level) for level in range(1, NUM_LEVELS + 1)]
+        self.downs = nn.ModuleList([nn.Conv3d(sum(cfg.in_ch), widths[0], 2 * p - 1, stride=p, padding=p - 1)])
+        self.downs.extend(nn.Conv3d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        self.mixers = nn.ModuleList(
+            nn.Conv3d(cfg.num_groups * cfg.attn_width(level), widths[level - 1], 1)
+            for level in range(1, NUM_LEVELS + 1)
+        )
+        self.stages = nn.ModuleList(jlc_stage(cfg, level) for level in range(1, NUM_LEVELS + 1))
+
+    def forward(self, x: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        features = []
+        for down, mixer, stage, attn in zip(self.downs, self.mixers, self.stages, attn_features):
+            x = F.instance_norm(down(x)) + F.instance_norm(mixer(torch.cat(attn, 1)))
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class DecoderLadder(nn.Module):
+    """Upsampling path shared by the student and the teachers: u_i = JLC(f_i + Up(u_{i+1})), i = 3, 2, 1.
+
+    Takes [f_1, f_2, f_3, f_4] (level widths C_i) and returns [u_1, u_2, u_3].
+    """
+
+    def __init__(self, cfg: VeloxSegConfig) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList(Up(cfg.conv_width(level + 1), cfg.conv_width(level)) for level in range(1, NUM_LEVELS))
+        self.stages = nn.ModuleList(jlc_stage(cfg, level) for level in range(1, NUM_LEVELS))
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        x, outputs = features[-1], []
+        for level in reversed(range(NUM_LEVELS - 1)):
+            x = self.stages[level](features[level] + self.ups[level](x))
+            outputs.insert(0, x)
+        return outputs
+
+
+class SegmentationDecoder(nn.Module):
+    """Student decoder: ladder, full-resolution head via 3-D pixel shuffle, deep-supervision heads."""
+
+    def __init__(self, cfg: VeloxSegConfig) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.ladder = DecoderLadder(cfg)
+        self.head = nn.Conv3d(cfg.conv_width(1), cfg.patch_size**3 * cfg.n_classes, 3, padding=1)
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(cfg.conv_width(level), cfg.n_classes, 1) for level in range(2, NUM_LEVELS + 1)
+        ) if cfg.deep_supervision else None  # fmt: skip
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """[e_1..e_4] -> (logits list [full, u_2, u_3, e_4 heads at their own scale], u_1)."""
+        u = self.ladder(features)
+        logits = [pixel_shuffle_3d(self.head(u[0]), self.patch_size)]
+        if self.training and self.aux_heads is not None:
+            logits += [head(f) for head, f in zip(self.aux_heads, [u[1], u[2], features[3]])]
+        return logits, u[0]
+
+
+class ReconstructionTeacher(nn.Module):
+    """Teacher of one modality group: fuses its attention features with the conv features and
+    reconstructs that group's input channels. Training only.
+
+    r_i = IN(fuse_i(cat(a_i[m], e_i))); ladder -> v_1; head + pixel shuffle -> (B, c_m, D, H, W).
+    """
+
+    def __init__(self, cfg: VeloxSegConfig, out_ch: int) -> None:
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.fuse = nn.ModuleList(
+            nn.Conv3d(cfg.attn_width(level) + cfg.conv_width(level), cfg.conv_width(level), 1)
+            for level in range(1, NUM_LEVELS + 1)
+        )
+        self.ladder = DecoderLadder(cfg)
+        self.head = nn.Conv3d(cfg.conv_width(1), cfg.patch_size**3 * out_ch, 3, padding=1)
+
+    def forward(self, attn: list[torch.Tensor], conv: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (reconstruction (B, c_m, D, H, W), v_1 (B, C_1, ...))."""
+        r = [F.instance_norm(fuse(torch.cat([a, e], 1))) for fuse, a, e in zip(self.fuse, attn, conv)]
+        v1 = self.ladder(r)[0]
+        return pixel_shuffle_3d(self.head(v1), self.patch_size), v1
+
+
+class VeloxSeg(nn.Module):
+    """VeloxSeg: (B, sum(in_ch), D, H, W) -> logits (B, n_classes, D, H, W) in eval mode.
+
+    In training mode returns a :class:`VeloxSegOutput` with deep-supervision logits, the teachers'
+    reconstruction and the Gram matrices for self-supervised distillation (SDKT). Build with
+    ``VeloxSeg(config)`` or ``VeloxSeg(**config_fields)`` (both: the fields override the config).
+    """
+
+    def __init__(self, config: VeloxSegConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = (config or VeloxSegConfig()).replace(**overrides) if overrides else (config or VeloxSegConfig())
+        self.config = cfg
+        self.pretrained_cfg: dict[str, Any] = {}
+        self.attention = AttentionStream(cfg)
+        self.encoder = ConvStream(cfg)
+        self.decoder = SegmentationDecoder(cfg)
+        self.teachers = (
+            nn.ModuleList(ReconstructionTeacher(cfg, c) for c in cfg.in_ch) if cfg.teachers else None
+        )
+        self.apply(init_weights)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError naming the problem when ``x`` cannot go through the network."""
+        cfg = self.config
+        if x.ndim != 5:
+            raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != sum(cfg.in_ch):
+            raise ValueError(
+                f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}), "
+                f"got {x.shape[1]}"
+            )
+        if tuple(x.shape[2:]) != cfg.roi_size:
+            raise ValueError(
+                f"VeloxSeg was built for spatial size {list(cfg.roi_size)} (its attention windows are fixed by "
+                f"roi_size), got {list(x.shape[2:])}; use sliding-window inference for larger volumes or "
+                f"create the model with roi_size=..."
+            )
+
+    def forward_features(self, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Attention features (per level, per group) and conv features [e_1..e_4]."""
+        attn = self.attention(x)
+        return attn, self.encoder(x, attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
+        self.check_input(x)
+        attn, conv = self.forward_features(x)
+        logits, u1 = self.decoder(conv)
+        if not self.training:
+            return logits[0]
+        size = x.shape[2:]
+        logits[1:] = [F.interpolate(t, size=size, mode="trilinear", align_corners=True) for t in logits[1:]]
+        out = VeloxSegOutput(logits=logits, gram=gram_matrix(u1))
+        if self.teachers is not None:
+            recons = []
+            for group, teacher in enumerate(self.teachers):
+                recon, v1 = teacher([a[group] for a in attn], conv)
+                recons.append(recon)
+                out.teacher_grams.append(gram_matrix(v1))
+            out.reconstruction = torch.cat(recons, 1)
+        return out
+
+    def inference_parameters(self) -> int:
+        """Parameters used by an eval-mode forward (no teachers, no deep-supervision heads)."""
+        training_only = [self.teachers, self.decoder.aux_heads]
+        skip = {id(p) for m in training_only if m is not None for p in m.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming normal (negative slope 0.01) conv weights, zero biases; truncated-normal bias tables."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif hasattr(module, "relative_position_bias_table"):
+        nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
