@@ -251,6 +251,18 @@ class VeloxSeg(nn.Module):
             out.reconstruction = torch.cat(recons, 1)
         return out
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
+        """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload this model to the Hugging Face Hub. See veloxseg.hub.push_to_hub."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def inference_parameters(self) -> int:
         """Parameters used by an eval-mode forward (no teachers, no deep-supervision heads)."""
         training_only = [self.teachers, self.decoder.aux_heads]
