@@ -99,15 +99,6 @@ class VeloxSegConfig:
             self.window_scale_factor,
         )
 
-    def size_multiple(self) -> tuple[int, int, int]:
-        """Each input axis must be a multiple of this: patch, downsamplings and largest windows."""
-        multiple = [self.patch_size * 2 ** (NUM_LEVELS - 1)] * 3
-        for level in range(1, NUM_LEVELS + 1):
-            largest = self.level_scales(level)[-1].window
-            step = self.patch_size * 2 ** (level - 1)
-            multiple = [math.lcm(m, step * w) for m, w in zip(multiple, largest)]
-        return tuple(multiple)
-
     def _validate(self) -> None:
         per_level = (
             "conv_depths", "depths", "min_dim_group", "conv_expansion", "ffn_expansion",
@@ -131,17 +122,28 @@ class VeloxSegConfig:
                     f"level {level}: min_dim_group {min_group} does not split the {width} conv channels into "
                     f"equal groups; use a divisor of {width}"
                 )
+        downsampling = self.patch_size * 2 ** (NUM_LEVELS - 1)
+        if any(s % downsampling for s in self.roi_size):
+            raise ValueError(
+                f"roi_size {list(self.roi_size)}: each axis must be a multiple of {downsampling} "
+                f"(patch {self.patch_size} x 2^{NUM_LEVELS - 1} downsamplings)"
+            )
+        if math.prod(self.token_grid(NUM_LEVELS)) < 2:
+            raise ValueError(
+                f"roi_size {list(self.roi_size)} leaves a single voxel at level {NUM_LEVELS} (instance norm needs "
+                f"more): use at least {2 * downsampling} on some axis"
+            )
         for level in range(1, NUM_LEVELS + 1):
             if self.num_heads[level - 1] < 1 or self.min_dim_head[level - 1] < 1:
                 raise ValueError(f"level {level}: num_heads and min_dim_head must be >= 1")
-            step = self.patch_size * 2 ** (level - 1)
             try:
-                if any(s % step for s in self.roi_size):
-                    raise ValueError(f"each axis must be a multiple of {step} (patch x 2^(level-1))")
                 self.level_scales(level)
             except ValueError as err:
-                raise ValueError(f"roi_size {list(self.roi_size)} does not work at level {level}: {err}") from None
-
+                step = self.patch_size * 2 ** (level - 1)
+                raise ValueError(
+                    f"roi_size {list(self.roi_size)} does not work with big_windows {list(self.big_windows[level - 1])} "
+                    f"at level {level} (1 token = {step} voxels): {err}"
+                ) from None
 
 def json_ready(value: Any) -> Any:
     """Tuples to lists, recursively (for json.dumps)."""

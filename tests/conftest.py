@@ -1,0 +1,27 @@
+"""Shared fixtures: the authors' reference vectors (read-only, beside the checkout) and small configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "reference_autopetii.safetensors"
+
+# Overrides that make a model small and fast enough for unit tests (64^3 tiles with these windows).
+SMALL_ROI = dict(roi_size=(64, 64, 64), big_windows=[[2, 2, 2], [4, 4, 4], [2, 2, 2], [2, 2, 2]])
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    """Tensors and metadata of the authors' AutoPET-II run: {"tensors": {...}, "metadata": {...}}."""
+    if not REFERENCE.exists():
+        pytest.fail(f"reference vectors not found at {REFERENCE} (../shared must sit beside the checkout)")
+    from safetensors import safe_open
+
+    with safe_open(REFERENCE, "pt") as f:
+        return {"tensors": {k: f.get_tensor(k) for k in f.keys()}, "metadata": f.metadata()}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,137 @@
+"""Variants, shapes, training outputs, registry and the errors users see."""
+
+import pytest
+import timm
+import torch
+
+import veloxseg
+from veloxseg.layers import pixel_shuffle_3d, window_scales
+from veloxseg.layers.pwa import relative_position_index
+
+from .conftest import SMALL_ROI
+
+
+
+@pytest.mark.parametrize("name", ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"])
+@pytest.mark.parametrize("in_ch", [[1], [1, 1], [1, 2, 1]])
+def test_variants_train_and_eval(name, in_ch):
+    model = veloxseg.create_model(name, in_ch=in_ch, n_classes=3, **SMALL_ROI)
+    x = torch.randn(2, sum(in_ch), 64, 64, 64)
+    out = model.train()(x)
+    assert isinstance(out, veloxseg.VeloxSegOutput)
+    assert [tuple(t.shape) for t in out.logits] == [(2, 3, 64, 64, 64)] * 4
+    assert out.reconstruction.shape == x.shape
+    c1 = model.config.base_ch
+    assert out.gram.shape == (2, c1, c1) and len(out.teacher_grams) == len(in_ch)
+    loss = sum(t.square().mean() for t in out.logits) + out.reconstruction.square().mean()
+    loss = loss + sum((out.gram - g).square().mean() for g in out.teacher_grams)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"parameters without gradient in training: {unused}"
+    model.zero_grad()
+    logits = model.eval()(x)
+    assert logits.shape == (2, 3, 64, 64, 64)
+    logits.mean().backward()
+    assert all(p.grad is None for p in model.teachers.parameters())
+
+
+def test_eval_runs_nothing_of_the_teachers():
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    calls = []
+    for module in [model.teachers, model.decoder.aux_heads]:
+        module.register_forward_pre_hook(lambda *_: calls.append(1))
+        for child in module.modules():
+            child.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(1, 2, 64, 64, 64))
+    assert calls == []
+
+
+def test_without_teachers_and_deep_supervision():
+    model = veloxseg.create_model("veloxseg_tiny", teachers=False, deep_supervision=False, **SMALL_ROI)
+    full = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI)
+    assert sum(p.numel() for p in model.parameters()) == model.inference_parameters() == full.inference_parameters()
+    out = model.train()(torch.randn(1, 2, 64, 64, 64))
+    assert len(out.logits) == 1 and out.reconstruction is None and out.teacher_grams == []
+
+
+def test_paper_parameter_counts():
+    assert veloxseg.create_model("veloxseg_small").inference_parameters() == 1_669_185
+    sizes = [veloxseg.create_model(n).inference_parameters() for n in ("veloxseg_tiny", "veloxseg_base")]
+    assert 300_000 < sizes[0] < 600_000 and 5_000_000 < sizes[1] < 8_000_000
+
+
+def test_timm_registry():
+    assert set(timm.list_models("veloxseg*")) == {"veloxseg_tiny", "veloxseg_small", "veloxseg_base"}
+    assert veloxseg.list_models("*tiny") == ["veloxseg_tiny"]
+    model = timm.create_model("veloxseg_tiny", in_ch=[4], n_classes=4, **SMALL_ROI)
+    assert isinstance(model, veloxseg.VeloxSeg) and model.config.in_ch == (4,)
+    assert model.pretrained_cfg["architecture"] == "veloxseg_tiny"
+
+
+def test_unknown_names_suggest_close_ones():
+    with pytest.raises(ValueError, match="Did you mean veloxseg_small"):
+        veloxseg.create_model("veloxseg_smal")
+    with pytest.raises(TypeError, match="did you mean 'n_classes'"):
+        veloxseg.create_model("veloxseg_tiny", num_class=3)
+
+
+def test_input_errors_name_the_problem():
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    with pytest.raises(ValueError, match=r"expects 2 input channels \(modality groups in_ch=\[1, 1\]\), got 3"):
+        model(torch.randn(1, 3, 64, 64, 64))
+    with pytest.raises(ValueError, match=r"built for spatial size \[64, 64, 64\].*got \[64, 64, 48\]"):
+        model(torch.randn(1, 2, 64, 64, 48))
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        model(torch.randn(2, 64, 64, 64))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(roi_size=(100, 96, 96)), r"multiple of 32"),
+        (dict(roi_size=(64, 64, 64)), r"window \[3, 3, 3\] does not tile the token grid \[16, 16, 16\]"),
+        (dict(roi_size=(96, 96, 192)), r"window \[48, 48, 48\] is larger than the token grid \[24, 24, 48\]"),
+        (dict(min_dim_group=(5, 8, 8, 16)), r"min_dim_group 5 does not split the 16 conv channels"),
+        (dict(depths=(1, 1, 1)), r"depths needs 4 entries"),
+        (dict(big_windows=[[3, 3, 3], [6, 6, 6], [3, 3, 3], [3, 3, 3]], small_windows=[[2, 2, 2]] * 4), "not a multiple"),
+        (dict(in_ch=[]), r"in_ch must list"),
+        (dict(roi_size=(32, 32, 32), big_windows=[[2, 2, 2], [4, 4, 4], [2, 2, 2], [1, 1, 1]]), "single voxel"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        veloxseg.VeloxSegConfig().replace(**overrides)
+
+
+def test_autopet_window_scales():
+    """The paper's scales: level 1 big 3..24 with small 1..8; every scale pools to 3^3 tokens."""
+    scales = window_scales((24, 24, 24), (3, 3, 3), (1, 1, 1))
+    assert [s.window[0] for s in scales] == [3, 6, 12, 24] and [s.pool[0] for s in scales] == [1, 2, 4, 8]
+    cfg = veloxseg.VeloxSegConfig()
+    assert [len(cfg.level_scales(level)) for level in range(1, 5)] == [4, 2, 2, 1]
+    attn = veloxseg.VeloxSeg(cfg).attention.levels[2][0].attn
+    assert (attn.qk_dim, attn.v_dim, attn.value_dim) == (32, 64, 16)
+
+
+def test_pixel_shuffle_3d_layout():
+    f = 2
+    x = torch.arange(2 * f**3 * 3 * 1 * 2, dtype=torch.float32).view(1, 2 * f**3, 3, 1, 2)
+    y = pixel_shuffle_3d(x, f)
+    assert y.shape == (1, 2, 6, 2, 4)
+    c, d, h, w, s1, s2, s3 = 1, 2, 0, 1, 1, 0, 1
+    assert y[0, c, d * f + s1, h * f + s2, w * f + s3] == x[0, c * f**3 + s1 * f**2 + s2 * f + s3, d, h, w]
+
+
+def test_relative_position_index_formula():
+    index = relative_position_index((3, 3, 3))
+    # query token (0, 0, 0) vs key token (2, 1, 0): offset (-2, -1, 0)
+    assert index[0, 2 * 9 + 1 * 3 + 0] == (-2 + 2) * 25 + (-1 + 2) * 5 + (0 + 2)
+    assert index.max() == 124 and torch.all(index.diagonal() == 62)
+
+
+def test_gram_matrix():
+    f = torch.randn(2, 4, 3, 3, 3)
+    flat = f.flatten(2)
+    expected = torch.einsum("bcn,bdn->bcd", flat, flat) / (4 * 27)
+    assert torch.allclose(veloxseg.gram_matrix(f), expected, atol=1e-6)
