@@ -33,7 +33,9 @@ class ModelMetadata:
     orientation: str = "RAS"
     training_data: str = ""
     license: str = "apache-2.0"
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # name -> value on the held-out data
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids or dataset names (model card)
+    training_command: str = ""  # the command that trained the weights (model card)
 
     def to_dict(self) -> dict[str, Any]:
         return json_ready(asdict(self))
@@ -55,3 +57,22 @@ class ModelMetadata:
         ]
         labels = {"background": 0, **{f"class_{i}": i for i in range(1, n_classes)}}
         return cls(channels=channels, labels=labels)
+
+    def problems(self, in_ch: tuple[int, ...], n_classes: int) -> list[str]:
+        """Why this metadata cannot describe a model with groups ``in_ch`` and ``n_classes`` (empty: it can)."""
+        found = []
+        groups = [c.group for c in self.channels]  # input order: group 0's channels first
+        if groups != [g for g, count in enumerate(in_ch) for _ in range(count)]:
+            found.append(f"its channels have groups {groups} but the model's in_ch is {list(in_ch)}")
+        if sorted(self.labels.values()) != list(range(n_classes)):
+            found.append(f"its labels {self.labels} are not the values 0..{n_classes - 1} of {n_classes} classes")
+        return found
+
+    @classmethod
+    def fitting(cls, values: dict[str, Any] | None, in_ch: tuple[int, ...], n_classes: int) -> "ModelMetadata":
+        """``values`` (a pretrained config's metadata) when they describe a model with these groups and
+        classes, else :meth:`default` (the data of a model whose inputs or classes changed is unknown)."""
+        metadata = cls.from_dict(values) if values else None
+        if metadata is None or metadata.problems(in_ch, n_classes):
+            return cls.default(in_ch, n_classes)
+        return metadata

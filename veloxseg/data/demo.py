@@ -220,7 +220,7 @@ def _anatomy(rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tupl
         tissue[lung & inside] = LUNG
     heart_centre = (-0.15 * width + jitter(), 0.15 * depth + jitter(), 0.42 + jitter())
     heart_radii = np.array([0.2 * width, 0.27 * depth, 0.16]) * rng.uniform(0.85, 1.15)
-    tissue[_ellipsoid(grid, heart_centre, heart_radii + 0.08)] = MYOCARDIUM
+    tissue[_ellipsoid(grid, heart_centre, heart_radii + 0.05)] = MYOCARDIUM
     tissue[_ellipsoid(grid, heart_centre, heart_radii)] = BLOOD
     liver_radii = np.array([0.45 * width, 0.6 * depth, 0.26]) * rng.uniform(0.85, 1.15)
     liver = _ellipsoid(grid, (0.35 * width + jitter(), 0.05 * depth, 0.1 + jitter()), liver_radii, 0.2 * bumps)
@@ -294,7 +294,7 @@ def _add_lesions(rng: np.random.Generator, tissue: np.ndarray, ct: np.ndarray, p
         outline[tuple(centre - lo)] = True
         lesion = outline & site[box]
         core = lesion & (r2 < 0.3) if radii.mean() > 0.1 else np.zeros_like(lesion)  # necrotic centre
-        ct[box][lesion] += rng.uniform(-30.0, 10.0)
+        ct[box][lesion] += rng.uniform(-25.0, 10.0)
         uptake = rng.uniform(2.5, 12.0) * np.where(core, rng.uniform(0.3, 0.6), 1.0)
         pet[box][lesion] = np.maximum(pet[box][lesion], uptake[lesion])
         label[box][lesion] = 1
@@ -307,7 +307,7 @@ def _acquire(
     """Scanner effects: texture, partial-volume blur, noise, calibration; returns int16 CT and float32 PET."""
     shape = ct.shape
     ct = ct + body * rng.uniform(5.0, 10.0) * _smooth_noise(rng, shape, 1.2)
-    ct = ndimage.gaussian_filter(ct, 0.6) + rng.normal(0.0, 8.0)
+    ct = ndimage.gaussian_filter(ct, 0.6) + rng.normal(0.0, 4.0)
     ct += rng.uniform(10.0, 25.0) * rng.standard_normal(shape, dtype=np.float32)
     ct = np.clip(np.round(ct), -1024, 3071).astype(np.int16)
     pet = ndimage.gaussian_filter(pet * rng.uniform(0.75, 1.3), PET_FWHM_MM / 2.355 / spacing)

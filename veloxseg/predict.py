@@ -1,0 +1,391 @@
+"""Whole-scan inference: :func:`predict` and the ``veloxseg predict`` command.
+
+A case is one NIfTI image (channels along the 4th axis) or one 3-D file per channel named the
+nnU-Net way, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... The scan is reoriented and
+resampled to the model's orientation and spacing (MONAI ``Orientation``/``Spacing``), normalised
+per channel as the model's metadata says, and segmented with gaussian-blended sliding windows of
+the model's ROI (volumes smaller than the ROI are padded). The softmax probabilities are then
+mapped back onto the input's own voxel grid by MONAI's inverse of those spatial transforms
+(trilinear) and the label map is their argmax, so it has exactly the input's shape and affine.
+"""
+
+import argparse
+import glob
+import os
+import re
+import sys
+import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose, Orientation, Spacing
+from tqdm import tqdm
+
+from .metadata import ModelMetadata
+from .model import VeloxSeg
+from .preprocess import normalise_channels
+
+ImageInput = Union[str, os.PathLike, nib.spatialimages.SpatialImage]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+@dataclass
+class Scan:
+    """One case in memory.
+
+    data: (C, X, Y, Z) float32 voxels, channels in input order.
+    affine: (4, 4) voxel-to-world (mm) matrix shared by every channel.
+    header: the first file's NIfTI header (its coordinate codes and units go to the outputs), or None.
+    sources: the files read (empty for in-memory images).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    sources: tuple[Path, ...]
+
+
+def model_metadata(model: VeloxSeg) -> ModelMetadata:
+    """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none."""
+    values = getattr(model, "pretrained_cfg", {}).get("veloxseg")
+    cfg = model.config
+    return ModelMetadata.from_dict(values) if values else ModelMetadata.default(cfg.in_ch, cfg.n_classes)
+
+
+def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
+    """Read one case: a 3-D or 4-D (channels last) image, or several such images stacked as channels.
+
+    Raises FileNotFoundError for a missing file and ValueError naming the problem for an unreadable
+    file, an image that is not 3-D/4-D, channels of different shapes or affines, or NaN/inf voxels.
+    """
+    items = [images] if isinstance(images, (str, os.PathLike, nib.spatialimages.SpatialImage)) else list(images)
+    if not items:
+        raise ValueError("no input image given")
+    volumes, sources = [], []
+    reference, reference_name = None, ""
+    for index, item in enumerate(items):
+        img, name = _open(item, index)
+        if img.ndim not in (3, 4) or min(img.shape[:3]) < 2:
+            raise ValueError(
+                f"{name}: shape {img.shape} is not a 3-D volume (or 4-D with channels last); "
+                f"VeloxSeg segments 3-D scans, not 2-D images"
+            )
+        if reference is None:
+            reference, reference_name = img, name
+        elif img.shape[:3] != reference.shape[:3]:
+            raise ValueError(
+                f"{name}: shape {img.shape[:3]} differs from {reference_name} shape {reference.shape[:3]}; "
+                f"channel files must share one voxel grid"
+            )
+        elif not np.allclose(img.affine, reference.affine, atol=AFFINE_TOL):
+            raise ValueError(
+                f"{name}: affine differs from {reference_name}'s by more than {AFFINE_TOL} mm; "
+                f"channel files must be co-registered on one voxel grid"
+            )
+        data = _read_data(img, name)
+        bad = data.size - np.count_nonzero(np.isfinite(data))
+        if bad:
+            raise ValueError(f"{name}: {bad} NaN or infinite voxel(s); fix or mask them before segmenting")
+        volumes.append(data.reshape(*data.shape[:3], -1))
+        if not isinstance(item, nib.spatialimages.SpatialImage):
+            sources.append(Path(item))
+    header = reference.header if isinstance(reference.header, nib.Nifti1Header) else None
+    data = np.ascontiguousarray(np.moveaxis(np.concatenate(volumes, axis=3), 3, 0))
+    return Scan(data, np.asarray(reference.affine, dtype=np.float64), header, tuple(sources))
+
+
+def spatial_transforms(metadata: ModelMetadata) -> Compose:
+    """MONAI transforms taking a (C, X, Y, Z) MetaTensor to the model's orientation and spacing."""
+    steps = [Orientation(axcodes=metadata.orientation, labels=AXIS_LABELS)]
+    if metadata.spacing is not None:
+        steps.append(Spacing(pixdim=metadata.spacing, mode="bilinear", dtype=np.float32))
+    return Compose(steps)
+
+
+@torch.inference_mode()
+def probabilities(
+    model: VeloxSeg,
+    scan: Scan,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """Softmax class probabilities (n_classes, X, Y, Z) on the scan's own voxel grid.
+
+    Runs on ``device`` (default: where the model's parameters are); the whole-scan arrays stay on
+    the CPU. The model is put in eval mode for the call and restored afterwards.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    metadata = model_metadata(model)
+    _check_channels(model, metadata, scan)
+    spatial = spatial_transforms(metadata)
+    image = spatial(MetaTensor(torch.from_numpy(scan.data), affine=torch.from_numpy(scan.affine)))
+    x = normalise_channels(image.as_tensor(), metadata.channels)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = sliding_window_inference(
+            x,
+            roi_size=model.config.roi_size,
+            sw_batch_size=sw_batch_size,
+            predictor=model,
+            overlap=overlap,
+            mode="gaussian",
+            sw_device=device or next(model.parameters()).device,
+            device="cpu",
+        )
+    finally:
+        model.train(was_training)
+    probs = MetaTensor(logits[0].softmax(0), affine=image.affine, applied_operations=image.applied_operations)
+    return spatial.inverse(probs).as_tensor()
+
+
+def predict(
+    model: VeloxSeg,
+    image: ImageInput | Sequence[ImageInput],
+    output: str | os.PathLike | None = None,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: str | torch.device | None = None,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+) -> nib.Nifti1Image:
+    """Segment one case and return its label map (X, Y, Z) with the input's shape and affine.
+
+    image: a NIfTI path or nibabel image (3-D, or 4-D with channels last), or one per channel.
+    output: where to write the label map (a .nii/.nii.gz file); nothing is written without it.
+    save_probabilities: also write the (X, Y, Z, n_classes) float32 probabilities beside it, as
+        ``<name>_probabilities.nii.gz``.
+    Every check (input, channels, output paths) runs before anything is computed or written; the
+    files are written atomically and an existing one is only replaced with ``overwrite``.
+    """
+    scan = load_scan(image)
+    targets = []
+    if output is not None:
+        targets = output_paths(Path(output), save_probabilities)
+        _check_outputs(targets, scan.sources, overwrite)
+    elif save_probabilities:
+        raise ValueError("save_probabilities needs an output path")
+    probs = probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device)
+    label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
+    labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
+    if targets:
+        images = [labels, _nifti(probs.permute(1, 2, 3, 0).numpy(), scan)] if save_probabilities else [labels]
+        write_atomic(dict(zip(targets, images)))
+    return labels
+
+
+def output_paths(output: Path, save_probabilities: bool) -> list[Path]:
+    """[label map] or [label map, probabilities] paths for a label-map path ending in .nii/.nii.gz."""
+    if not output.name.endswith(NIFTI_SUFFIXES):
+        raise ValueError(f"output {output} must be a .nii or .nii.gz file")
+    if not save_probabilities:
+        return [output]
+    suffix = next(s for s in NIFTI_SUFFIXES if output.name.endswith(s))
+    return [output, output.with_name(output.name[: -len(suffix)] + "_probabilities" + suffix)]
+
+
+def write_atomic(images: dict[Path, nib.Nifti1Image]) -> None:
+    """Save each image to a temporary file in its target's folder, then move them all into place."""
+    temporary = {}
+    try:
+        for target, img in images.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            suffix = next(s for s in NIFTI_SUFFIXES if target.name.endswith(s))
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+            os.close(fd)
+            temporary[target] = Path(name)
+            nib.save(img, name)
+        for target, path in temporary.items():
+            os.replace(path, target)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+
+
+def find_cases(folder: Path) -> dict[str, list[Path]]:
+    """Cases of a folder: ``<case>_<XXXX>.nii[.gz]`` files grouped by case (channels in order), any
+    other NIfTI file a case of its own named after it."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no .nii/.nii.gz files in {folder}")
+    return group_cases(files)
+
+
+def group_cases(files: Sequence[Path]) -> dict[str, list[Path]]:
+    """Group NIfTI files into cases by nnU-Net naming; channel numbers must run 0000, 0001, ... without gaps."""
+    channels: dict[str, dict[int, Path]] = {}
+    for path in files:
+        match = CHANNEL_FILE.match(path.name)
+        case, channel = (match["case"], int(match["channel"])) if match else (_stem(path), 0)
+        if channel in channels.setdefault(case, {}):
+            raise ValueError(f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}")
+        channels[case][channel] = path
+    for case, found in channels.items():
+        if sorted(found) != list(range(len(found))):
+            numbers = ", ".join(f"{c:04d}" for c in sorted(found))
+            raise ValueError(f"case {case!r}: channel files must be numbered 0000, 0001, ... without gaps, got {numbers}")
+    return {case: [found[c] for c in sorted(found)] for case, found in sorted(channels.items())}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --pretrained, shared by ``predict`` and ``export``."""
+    parser.add_argument(
+        "--model", required=True, help="registry name (veloxseg_small[.tag]), hf-hub:org/repo or local-dir:/path"
+    )
+    parser.add_argument(
+        "--pretrained", action="store_true", help="load a registry name's pretrained weights (hub models always do)"
+    )
+
+
+def model_from_args(args: argparse.Namespace) -> VeloxSeg:
+    """The model named by --model, with weights for hf-hub:/local-dir: sources and with --pretrained."""
+    from .registry import create_model
+
+    from_hub = args.model.startswith(("hf-hub:", "local-dir:"))
+    if not (from_hub or args.pretrained):
+        print(f"veloxseg: warning: {args.model} has random weights (pass --pretrained to load them)", file=sys.stderr)
+    return create_model(args.model, pretrained=from_hub or args.pretrained).eval()
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment NIfTI scans with a VeloxSeg model",
+        description="Segment whole NIfTI scans; label maps keep each input's shape, affine and orientation.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument(
+        "-i", "--input", nargs="+", required=True, type=Path,
+        help="a NIfTI file (channels in the 4th dimension), per-channel files <case>_0000.nii.gz ... or their "
+        "case prefix <case>, or a folder of cases",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, help="label map file (.nii.gz) for one case, or a folder"
+    )
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:0, ...")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--save-probabilities", action="store_true", help="also write <name>_probabilities.nii.gz (float32)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run_predict)
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The ``veloxseg predict`` command: check every case and output first, then segment them."""
+    cases, output_dir = _cases_from_args(args.input, args.output)
+    targets = {case: args.output if output_dir is None else output_dir / f"{case}.nii.gz" for case in cases}
+    for case, files in cases.items():
+        _check_outputs(output_paths(targets[case], args.save_probabilities), files, args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = model_from_args(args).to(device)
+    if len(cases) > 1:  # a bad case late in a folder must not leave the earlier ones written
+        for files in cases.values():
+            _check_channels(model, model_metadata(model), load_scan(files))
+    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=len(cases) == 1):
+        predict(
+            model, files, targets[case], overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=device,
+            save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+        )  # fmt: skip
+    print(f"wrote {len(cases)} label map(s) to {args.output}")
+    return 0
+
+
+def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[Path]], Path | None]:
+    """(cases, output folder or None when ``output`` is the one case's label-map file)."""
+    if len(inputs) == 1 and inputs[0].is_dir():
+        if output.name.endswith(NIFTI_SUFFIXES):
+            raise ValueError(f"the input {inputs[0]} is a folder of cases, so the output must be a folder, got {output}")
+        if output.resolve() == inputs[0].resolve():
+            raise ValueError(f"the output folder {output} is the input folder; write the label maps elsewhere")
+        return find_cases(inputs[0]), output
+    if len(inputs) == 1 and not inputs[0].exists():
+        prefix = inputs[0]
+        files = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}_[0-9][0-9][0-9][0-9].nii*"))
+        if not files:
+            raise FileNotFoundError(f"{prefix}: no such file or folder, and no channel files {prefix}_0000.nii.gz ...")
+        cases = group_cases(files)
+    else:
+        missing = [str(p) for p in inputs if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+        match = CHANNEL_FILE.match(inputs[0].name)
+        cases = {match["case"] if match else _stem(inputs[0]): list(inputs)}
+    return cases, None if output.name.endswith(NIFTI_SUFFIXES) else output
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(next(s for s in NIFTI_SUFFIXES if path.name.endswith(s)))]
+
+
+def _open(item: ImageInput, index: int) -> tuple[nib.spatialimages.SpatialImage, str]:
+    """(image, name for messages); reads the header only."""
+    if isinstance(item, nib.spatialimages.SpatialImage):
+        return item, f"input image {index}"
+    path = Path(item)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} not found")
+    try:
+        return nib.load(path), str(path)
+    except READ_ERRORS as err:
+        raise ValueError(f"cannot read {path} as a NIfTI image: {err}") from None
+
+
+def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
+    """The voxels as float32, or ValueError naming the file (e.g. a truncated download)."""
+    try:
+        return np.asarray(img.dataobj, dtype=np.float32)
+    except READ_ERRORS as err:
+        raise ValueError(f"cannot read the voxels of {name}: {type(err).__name__}: {err}") from None
+
+
+def _check_channels(model: VeloxSeg, metadata: ModelMetadata, scan: Scan) -> None:
+    expected = sum(model.config.in_ch)
+    if scan.data.shape[0] != expected:
+        names = ", ".join(c.name for c in metadata.channels)
+        source = f" from {', '.join(map(str, scan.sources))}" if scan.sources else ""
+        raise ValueError(
+            f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}"
+        )
+
+
+def _check_outputs(targets: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:
+    inputs = {p.resolve() for p in sources}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise ValueError(f"output {target} is one of the input files; choose another output path")
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"output {target} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _nifti(array: np.ndarray, scan: Scan) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` on the scan's grid, keeping its coordinate codes and units."""
+    img = nib.Nifti1Image(array, scan.affine)
+    if scan.header is not None:
+        img.header.set_xyzt_units(*scan.header.get_xyzt_units())
+        img.set_sform(scan.affine, int(scan.header["sform_code"]))
+        img.set_qform(scan.affine, int(scan.header["qform_code"]))
+    return img
