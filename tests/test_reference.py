@@ -63,7 +63,7 @@ def test_training_outputs_match(reference, reference_model):
 def test_wrong_epsilon_would_be_caught(reference, reference_model):
     """The comparison is sharp enough to see a layer-norm epsilon off by 10x (second, small sample)."""
     t, stride = reference["tensors"], int(reference["metadata"]["stride"])
-    norms = [m for m in reference_model.modules() if isinstance(m, veloxseg.layers.LayerNorm3d)]
+    norms = [m for m in reference_model.modules() if isinstance(m, torch.nn.LayerNorm)]
     reference_model.eval()
     try:
         for norm in norms:

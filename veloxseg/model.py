@@ -34,6 +34,11 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     return flat @ flat.transpose(1, 2) / flat.shape[1] / flat.shape[2]
 
 
+def channels_first(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last (B, D, H, W, C) attention features -> contiguous (B, C, D, H, W) for the convs."""
+    return x.permute(0, 4, 1, 2, 3).contiguous()
+
+
 class Up(nn.Module):
     """(B, C_in, D, H, W) -> (B, C_out, 2D, 2H, 2W): transposed conv then instance norm."""
 
@@ -64,7 +69,8 @@ def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
 class AttentionStream(nn.Module):
     """Per-group patch embedding, then PWA levels with patch merging in between.
 
-    (B, sum(in_ch), D, H, W) -> per level i, a list of M tensors (B, A_i, D/(p 2^(i-1)), ...).
+    (B, sum(in_ch), D, H, W) -> per level i, a list of M channels-last tensors
+    (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i).
     """
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
@@ -89,7 +95,8 @@ class AttentionStream(nn.Module):
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
     def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
-        xs = [self.embed_drop(embed(part)) for embed, part in zip(self.patch_embeds, x.split(list(self.in_ch), 1))]
+        parts = x.split(list(self.in_ch), 1)
+        xs = [self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) for embed, part in zip(self.patch_embeds, parts)]
         features = []
         for level, blocks in enumerate(self.levels):
             xs = blocks(xs)
@@ -120,7 +127,7 @@ class ConvStream(nn.Module):
     def forward(self, x: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         features = []
         for down, mixer, stage, attn in zip(self.downs, self.mixers, self.stages, attn_features):
-            x = F.instance_norm(down(x)) + F.instance_norm(mixer(torch.cat(attn, 1)))
+            x = F.instance_norm(down(x)) + F.instance_norm(mixer(channels_first(torch.cat(attn, -1))))
             x = stage(x)
             features.append(x)
         return features
@@ -185,7 +192,7 @@ class ReconstructionTeacher(nn.Module):
 
     def forward(self, attn: list[torch.Tensor], conv: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (reconstruction (B, c_m, D, H, W), v_1 (B, C_1, ...))."""
-        r = [F.instance_norm(fuse(torch.cat([a, e], 1))) for fuse, a, e in zip(self.fuse, attn, conv)]
+        r = [F.instance_norm(fuse(torch.cat([channels_first(a), e], 1))) for fuse, a, e in zip(self.fuse, attn, conv)]
         v1 = self.ladder(r)[0]
         return pixel_shuffle_3d(self.head(v1), self.patch_size), v1
 
@@ -229,7 +236,7 @@ class VeloxSeg(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-        """Attention features (per level, per group) and conv features [e_1..e_4]."""
+        """Attention features (per level, per group, channels-last) and conv features [e_1..e_4]."""
         attn = self.attention(x)
         return attn, self.encoder(x, attn)
 

@@ -1,6 +1,7 @@
-"""Conv3d that takes oneDNN's kernel on CPU."""
+"""Convolutions tuned for CPU inference: oneDNN 3-D convs, and 1x1x1 convs on channels-last tensors."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,3 +17,17 @@ class OneDNNConv3d(nn.Conv3d):
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 conv applied to a channels-last tensor: (..., C_in) -> (..., C_out).
+
+    Parameters keep the conv's (C_out, C_in, 1, 1, 1) shape, so checkpoints of the channels-first
+    network load unchanged; the product itself is one GEMM over the last axis, with no layout copies.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.flatten(1), self.bias)

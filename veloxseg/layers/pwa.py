@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import LayerNorm3d
+from .conv import PointwiseConv3d
 
 Size3 = tuple[int, int, int]
 
@@ -51,6 +51,27 @@ def window_scales(grid: Size3, min_window: Size3, min_pool: Size3, factor: int =
     return scales
 
 
+def linear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights of 1-D linear interpolation with align_corners=True."""
+    if size_in == 1:
+        return torch.ones(size_out, 1, dtype=torch.float64)
+    pos = torch.arange(size_out, dtype=torch.float64) * (size_in - 1) / max(size_out - 1, 1)
+    low = pos.floor().long().clamp(max=size_in - 2)
+    frac = pos - low
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    weights[torch.arange(size_out), low] = 1 - frac
+    weights[torch.arange(size_out), low + 1] += frac
+    return weights
+
+
+def trilinear_resize_matrix(tokens: Size3, window: Size3) -> torch.Tensor:
+    """(w1*w2*w3, n1*n2*n3) matrix resizing a flattened n-grid to a w-grid like
+    ``F.interpolate(mode="trilinear", align_corners=True)``: trilinear weights are the product of
+    the per-axis linear ones, so the resize of every window is a single small matrix product."""
+    m1, m2, m3 = (linear_resize_matrix(n, w) for n, w in zip(tokens, window))
+    return torch.kron(m1, torch.kron(m2, m3)).float()
+
+
 def relative_position_index(tokens: Size3) -> torch.Tensor:
     """(L, L) Swin-style index into a ((2n1-1)(2n2-1)(2n3-1), heads) bias table, L = n1*n2*n3."""
     coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in tokens], indexing="ij")).flatten(1)
@@ -66,10 +87,10 @@ def relative_position_index(tokens: Size3) -> torch.Tensor:
 class PairedWindowAttention(nn.Module):
     """Window attention over all modality groups at once, at several window scales.
 
-    Input and output: a list of M tensors (B, A, D, H, W), one per modality group. Each group has its
-    own norm and q/k/v/output projections; the relative position bias is shared. The qk channels
-    are read as (scale, head, ``head_dim``) and the value channels as (scale, head, ``value_dim``).
-    The returned tensors include the residual: ``x_m + proj(attention(x)_m)``.
+    Input and output: a list of M channels-last tensors (B, D, H, W, A), one per modality group.
+    Each group has its own norm and q/k/v/output projections; the relative position bias is shared.
+    The qk channels are read as (scale, head, ``head_dim``) and the value channels as
+    (scale, head, ``value_dim``). The returned tensors include the residual: ``x_m + proj(attn(x)_m)``.
     """
 
     def __init__(
@@ -93,69 +114,75 @@ class PairedWindowAttention(nn.Module):
         self.value_dim = self.v_dim // (num_scales * num_heads)
         self.attn_drop = attn_drop
 
-        self.norms = nn.ModuleList(LayerNorm3d(dim) for _ in range(num_groups))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         # q, k and v of a group in one 1x1x1 conv: channels [q | k | v].
-        self.qkv = nn.ModuleList(
-            nn.Conv3d(dim, 2 * self.qk_dim + self.v_dim, kernel_size=1) for _ in range(num_groups)
-        )
-        self.projs = nn.ModuleList(nn.Conv3d(self.v_dim, dim, kernel_size=1) for _ in range(num_groups))
+        self.qkv = nn.ModuleList(PointwiseConv3d(dim, 2 * self.qk_dim + self.v_dim) for _ in range(num_groups))
+        self.projs = nn.ModuleList(PointwiseConv3d(self.v_dim, dim) for _ in range(num_groups))
         self.proj_drop = nn.Dropout(proj_drop)
         table_size = math.prod(2 * n - 1 for n in self.tokens)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(self.tokens), persistent=False)
+        self.resize_matrices = [trilinear_resize_matrix(self.tokens, s.window) for s in self.scales]
+
+    def _apply(self, fn, recurse=True):  # keep the resize matrices on the module's device and dtype
+        super()._apply(fn, recurse)
+        self.resize_matrices = [fn(m) for m in self.resize_matrices]
+        return self
 
     def _gather(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        """(B, S*h*width, D, H, W) -> (B, h, N, L, width): pooled windows of every scale."""
+        """(B, D, H, W, S*h*width) -> (B, N, h, L, width): max-pooled windows of every scale."""
         b = x.shape[0]
         n1, n2, n3 = self.tokens
         windows = []
-        for part, scale in zip(x.chunk(len(self.scales), dim=1), self.scales):
-            if scale.pool != (1, 1, 1):
-                part = F.max_pool3d(part, scale.pool, scale.pool)
-            d, h, w = part.shape[2:]
-            part = part.reshape(b, self.num_heads, width, d // n1, n1, h // n2, n2, w // n3, n3)
-            part = part.permute(0, 1, 3, 5, 7, 4, 6, 8, 2)
-            windows.append(part.reshape(b, self.num_heads, -1, n1 * n2 * n3, width))
-        return torch.cat(windows, dim=2)
+        for part, scale in zip(x.chunk(len(self.scales), dim=-1), self.scales):
+            if scale.pool != (1, 1, 1):  # pooling the channels-last view directly, without a copy
+                part = F.max_pool3d(part.permute(0, 4, 1, 2, 3), scale.pool, scale.pool).permute(0, 2, 3, 4, 1)
+            d, h, w = part.shape[1:4]
+            part = part.reshape(b, d // n1, n1, h // n2, n2, w // n3, n3, self.num_heads, width)
+            part = part.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
+            windows.append(part.reshape(b, -1, self.num_heads, n1 * n2 * n3, width))
+        return torch.cat(windows, dim=1)
 
     def _scatter(self, tokens: torch.Tensor, grid: Size3) -> torch.Tensor:
-        """(B, h, N, L, c) -> (B, S*h*c, D, H, W): each window's tokens resized back in place."""
-        b, heads, _, _, c = tokens.shape
-        n1, n2, n3 = self.tokens
+        """(B, N, h, L, c) -> (B, D, H, W, S*h*c): each window's tokens resized back in place."""
+        b, _, heads, _, c = tokens.shape
         out, start = [], 0
-        for scale in self.scales:
+        for scale, resize in zip(self.scales, self.resize_matrices):
             w1, w2, w3 = scale.window
             counts = (grid[0] // w1, grid[1] // w2, grid[2] // w3)
             num = math.prod(counts)
-            part = tokens[:, :, start : start + num]
+            part = tokens[:, start : start + num]
             start += num
-            part = part.reshape(b * heads * num, n1, n2, n3, c).permute(0, 4, 1, 2, 3)
             if scale.pool != (1, 1, 1):
-                part = F.interpolate(part, size=scale.window, mode="trilinear", align_corners=True)
-            part = part.reshape(b, heads, *counts, c, w1, w2, w3)
-            part = part.permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
-            out.append(part.reshape(b, heads * c, *grid))
-        return torch.cat(out, dim=1)
+                # (L, B*N_j*h*c) layout: one plain GEMM resizes every window of the scale at once.
+                part = resize @ part.permute(3, 0, 1, 2, 4).reshape(part.shape[3], -1)
+                part = part.view(w1, w2, w3, b, *counts, heads, c).permute(3, 4, 0, 5, 1, 6, 2, 7, 8)
+            else:
+                part = part.reshape(b, *counts, heads, w1, w2, w3, c).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
+            out.append(part.reshape(b, *grid, heads * c))
+        return torch.cat(out, dim=-1)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        grid: Size3 = tuple(xs[0].shape[2:])
+        grid: Size3 = tuple(xs[0].shape[1:4])
         queries, keys, values = [], [], []
         for x, norm, qkv in zip(xs, self.norms, self.qkv):
-            q, k, v = qkv(norm(x)).split([self.qk_dim, self.qk_dim, self.v_dim], dim=1)
+            q, k, v = qkv(norm(x)).split([self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
             queries.append(self._gather(q, self.head_dim))
             keys.append(self._gather(k, self.head_dim))
             values.append(self._gather(v, self.value_dim))
         # Modal interaction: the groups' tokens of a window attend to each other.
-        q, k, v = (torch.cat(t, dim=3) for t in (queries, keys, values))  # (B, h, N, M*L, c)
+        q, k, v = (torch.cat(t, dim=3).flatten(0, 1) for t in (queries, keys, values))  # (B*N, h, M*L, c)
         num_groups = len(xs)
         length = math.prod(self.tokens)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups)
-        # Written out rather than F.scaled_dot_product_attention: with a float mask on CPU that
-        # runs its math path plus -inf checks over the whole score tensor (about 10% of the forward).
-        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias.unsqueeze(1)
-        attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
-        out = attn @ v
+        bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups).unsqueeze(0)
+        drop = self.attn_drop if self.training else 0.0
+        if self.head_dim == self.value_dim:  # PyTorch's fused kernel: no (M*L)^2 score tensor in memory
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        else:  # its math fallback would add -inf checks over all scores: cheaper written out
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
+            out = F.dropout(attn.softmax(dim=-1), drop, self.training) @ v
+        out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
         return [
             x + self.proj_drop(proj(self._scatter(group_out, grid)))
             for x, proj, group_out in zip(xs, self.projs, out.split(length, dim=3))
@@ -163,20 +190,20 @@ class PairedWindowAttention(nn.Module):
 
 
 class FeedForward(nn.Sequential):
-    """1x1x1 conv MLP: (B, A, ...) -> (B, rA, ...) -> GELU -> (B, A, ...), dropout after each."""
+    """Channels-last MLP: (..., A) -> (..., rA) -> GELU -> (..., A), dropout after each."""
 
     def __init__(self, dim: int, ratio: int, drop: float = 0.0) -> None:
         super().__init__(
-            nn.Conv3d(dim, dim * ratio, kernel_size=1),
+            PointwiseConv3d(dim, dim * ratio),
             nn.GELU(),
             nn.Dropout(drop),
-            nn.Conv3d(dim * ratio, dim, kernel_size=1),
+            PointwiseConv3d(dim * ratio, dim),
             nn.Dropout(drop),
         )
 
 
 class PWABlock(nn.Module):
-    """Paired-window attention then a per-group feed-forward, on a list of M (B, A, D, H, W) tensors.
+    """Paired-window attention then a per-group feed-forward, on M channels-last (B, D, H, W, A) tensors.
 
     As in the authors' network the attention residual is added twice: ``y = x + (x + attn(x))``.
     """
@@ -194,7 +221,7 @@ class PWABlock(nn.Module):
     ) -> None:
         super().__init__()
         self.attn = PairedWindowAttention(dim, num_groups, scales, num_heads, head_dim, attn_drop, proj_drop)
-        self.norms = nn.ModuleList(LayerNorm3d(dim) for _ in range(num_groups))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         self.ffns = nn.ModuleList(FeedForward(dim, ffn_ratio, proj_drop) for _ in range(num_groups))
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
