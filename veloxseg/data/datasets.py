@@ -139,8 +139,10 @@ def split_cases(
     splits_path = spec.root / SPLITS_FILE
     if splits_path.is_file():
         splits = _load_json(spec.root, splits_path)
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= s.keys() for s in splits):
-            raise DatasetError(spec.root, [f"{SPLITS_FILE} must be a list of {{\"train\": [...], \"val\": [...]}}"])
+        if not isinstance(splits, list) or not all(
+            isinstance(f, dict) and {"train", "val"} <= f.keys() for f in splits
+        ):
+            raise DatasetError(spec.root, [f'{SPLITS_FILE} must be a list of {{"train": [...], "val": [...]}}'])
     else:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -149,7 +151,7 @@ def split_cases(
         num_folds = min(len(by_id), max(2, round(1.0 / val_fraction)))
         splits = kfold_splits(list(by_id), num_folds, seed)
     if not 0 <= fold < len(splits):
-        raise DatasetError(spec.root, [f"fold {fold} requested but {SPLITS_FILE} has {len(splits)} fold(s)"])
+        raise DatasetError(spec.root, [f"fold {fold} requested but there are {len(splits)} fold(s)"])
     unknown = [c for c in splits[fold]["train"] + splits[fold]["val"] if c not in by_id]
     if unknown:
         raise DatasetError(spec.root, [f"{SPLITS_FILE} names cases not in the training set: {unknown}"])
@@ -260,7 +262,7 @@ def _load_json(root: Path, path: Path) -> Any:
 def _indexed_names(root: Path, mapping: Any, key: str) -> list[str]:
     """``{"0": a, "1": b}`` -> ``[a, b]``; the keys must be 0..n-1."""
     if not isinstance(mapping, dict) or not mapping:
-        raise DatasetError(root, [f"dataset.json '{key}' must be a non-empty object like {{\"0\": \"CT\"}}"])
+        raise DatasetError(root, [f'dataset.json \'{key}\' must be a non-empty object like {{"0": "CT"}}'])
     if sorted(mapping, key=str) != [str(i) for i in range(len(mapping))]:
         raise DatasetError(root, [f"dataset.json '{key}' keys must be 0..{len(mapping) - 1}, got {list(mapping)}"])
     return [str(mapping[str(i)]) for i in range(len(mapping))]
@@ -269,7 +271,9 @@ def _indexed_names(root: Path, mapping: Any, key: str) -> list[str]:
 def _check_labels(root: Path, labels: dict[str, Any]) -> dict[str, int]:
     bad = {name: value for name, value in labels.items() if not isinstance(value, int) or isinstance(value, bool)}
     if bad:
-        raise DatasetError(root, [f"dataset.json labels must map names to integers (region labels are not supported): {bad}"])
+        raise DatasetError(
+            root, [f"dataset.json labels must map names to integers (region labels are not supported): {bad}"]
+        )
     if 0 not in labels.values():
         raise DatasetError(root, [f"dataset.json labels need a background class 0, got {labels}"])
     return labels
@@ -324,7 +328,7 @@ def _read_msd(root: Path, meta: dict[str, Any]) -> DatasetSpec:
     if not isinstance(training_entries, list) or not all(
         isinstance(e, dict) and {"image", "label"} <= e.keys() for e in training_entries
     ):
-        raise DatasetError(root, ["MSD dataset.json 'training' must be a list of {\"image\": ..., \"label\": ...}"])
+        raise DatasetError(root, ['MSD dataset.json \'training\' must be a list of {"image": ..., "label": ...}'])
     training = [Case(_msd_case_id(e["image"]), (root / e["image"],), root / e["label"]) for e in training_entries]
     test = [Case(_msd_case_id(p), (root / p,)) for p in meta.get("test", [])]
     return DatasetSpec(root, channel_names, labels, training, test, ".nii.gz", "msd", meta.get("numTraining"))
@@ -375,8 +379,10 @@ def _case_problems(
     if check_geometry and not problems:
         reference_path, reference = (case.label, label) if label is not None else (case.images[0], images[0])
         for path, img in zip(case.images, images):
-            if img.shape[:3] != reference.shape:
-                problems.append(f"{rel(path)} shape {img.shape[:3]} != {rel(reference_path)} shape {reference.shape}")
+            if img.shape[:3] != reference.shape[:3]:
+                problems.append(
+                    f"{rel(path)} shape {img.shape[:3]} != {rel(reference_path)} shape {reference.shape[:3]}"
+                )
             elif not np.allclose(img.affine, reference.affine, atol=affine_tol):
                 problems.append(f"{rel(path)} affine differs from {rel(reference_path)} by more than {affine_tol} mm")
 

@@ -11,7 +11,8 @@ any volume shape holds the whole anatomy:
   normal uptake. Lesions sit in muscle, liver or spleen with little or no CT contrast, so CT alone
   cannot find them either; the hot normal organs are the ones CT shows by shape and density.
   Blurred with a 7 mm FWHM point spread and correlated, count-dependent noise.
-* Label (``uint8``): 1-6 irregular lesions per scan, from a voxel or two to a few centimetres.
+* Label (``uint8``): 1-6 irregular lesions per scan, radii 3.5-18 % of the half field of view
+  (about 3-20 mm, i.e. a dozen to a few thousand voxels, at the default size).
 
 Scans differ in body size, organ positions and sizes, uptake, noise, PET calibration and CT offset;
 they are stored in scanner-like orientations (RAS, LPS, LAS, RPI) with a small rotation and a
@@ -151,7 +152,7 @@ def add_demo_data_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``veloxseg demo-data OUT_DIR [--seed N] [--num-train N] [--num-test N] [--shape X Y Z]``."""
+    """``veloxseg demo-data OUT_DIR [--seed N] [--num-train N] [--num-test N] [--shape X Y Z] [--spacing SX SY SZ]``."""
     parser = argparse.ArgumentParser(prog="veloxseg demo-data", description=_add_arguments.__doc__)
     _add_arguments(parser)
     return _run(parser.parse_args(argv))
@@ -166,16 +167,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape", type=int, nargs=3, default=DEFAULT_SHAPE, metavar=("X", "Y", "Z"), help="voxels per axis"
     )
+    parser.add_argument(
+        "--spacing", type=float, nargs=3, default=DEFAULT_SPACING, metavar=("SX", "SY", "SZ"), help="voxel size in mm"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
-        out = make_demo_dataset(args.out_dir, args.num_train, args.num_test, args.seed, args.shape)
+        out = make_demo_dataset(args.out_dir, args.num_train, args.num_test, args.seed, args.shape, args.spacing)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.num_train} training and {args.num_test} test cases to {out} in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.num_train} training and {args.num_test} test cases to {out} in {seconds:.1f} s")
     return 0
 
 
@@ -216,8 +221,8 @@ def _anatomy(rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tupl
     tissue[bowel_region & (_smooth_noise(rng, shape, 2.0) > 1.6) & (tissue == MUSCLE)] = BOWEL
 
     for side in (-1, 1):
-        lung = _ellipsoid(grid, (side * 0.42 * width, -0.02, 0.74 + jitter()), (0.3 * width, 0.55 * depth, 0.5), 0.1 * bumps)
-        tissue[lung & inside] = LUNG
+        lung_centre = (side * 0.42 * width, -0.02, 0.74 + jitter())
+        tissue[_ellipsoid(grid, lung_centre, (0.3 * width, 0.55 * depth, 0.5), 0.1 * bumps) & inside] = LUNG
     heart_centre = (-0.15 * width + jitter(), 0.15 * depth + jitter(), 0.42 + jitter())
     heart_radii = np.array([0.2 * width, 0.27 * depth, 0.16]) * rng.uniform(0.85, 1.15)
     tissue[_ellipsoid(grid, heart_centre, heart_radii + 0.05)] = MYOCARDIUM
@@ -233,7 +238,8 @@ def _anatomy(rng: np.random.Generator, grid: tuple[np.ndarray, ...], shape: tupl
         tissue[_ellipsoid(grid, centre, radii, 0.1 * bumps)] = KIDNEY
         tissue[_ellipsoid(grid, centre, radii * 0.5)] = RENAL_PELVIS
     bladder_radii = np.array([0.25 * width, 0.3 * depth, 0.15]) * rng.uniform(0.7, 1.2)
-    tissue[_ellipsoid(grid, (jitter(), 0.25 * depth + jitter(), -0.78 + jitter()), bladder_radii, 0.1 * bumps)] = BLADDER
+    bladder_centre = (jitter(), 0.25 * depth + jitter(), -0.78 + jitter())
+    tissue[_ellipsoid(grid, bladder_centre, bladder_radii, 0.1 * bumps)] = BLADDER
 
     spine_r2 = (u / (0.09 * width)) ** 2 + ((v + 0.6 * depth) / (0.13 * depth)) ** 2
     disc = np.broadcast_to(((w + rng.uniform(0, 1)) * 4.0) % 1.0 < 0.18, shape)
@@ -292,7 +298,8 @@ def _add_lesions(rng: np.random.Generator, tissue: np.ndarray, ct: np.ndarray, p
         sigma = max(0.8, 0.4 * float(np.min(radii / step)))
         outline = r2 + rng.uniform(0.2, 0.6) * _smooth_noise(rng, r2.shape, sigma) < 1.0
         outline[tuple(centre - lo)] = True
-        lesion = outline & site[box]
+        pieces, _ = ndimage.label(outline & site[box])
+        lesion = pieces == pieces[tuple(centre - lo)]  # one connected lesion
         core = lesion & (r2 < 0.3) if radii.mean() > 0.1 else np.zeros_like(lesion)  # necrotic centre
         ct[box][lesion] += rng.uniform(-25.0, 10.0)
         uptake = rng.uniform(2.5, 12.0) * np.where(core, rng.uniform(0.3, 0.6), 1.0)
@@ -336,29 +343,34 @@ def _scanner_storage(
 
 def _card(num_train: int, num_test: int, seed: int, shape: Sequence[int], spacing: Sequence[float]) -> str:
     """Markdown description of a generated folder."""
+    shape_args, spacing_args = " ".join(map(str, shape)), " ".join(f"{s:g}" for s in spacing)
     return f"""# VeloxSeg synthetic PET/CT lesion dataset
 
 **Synthetic data.** Every image here was drawn by a random generator (`veloxseg.data.demo`,
 generator version {GENERATOR_VERSION}, seed {seed}). It contains no patient data and is not a
 medical image: it is a cartoon made for demos, smoke tests and CPU training examples. Scores on it
 say nothing about performance on real scans. Regenerate it with
-`veloxseg demo-data OUT_DIR --seed {seed} --num-train {num_train} --num-test {num_test} --shape {' '.join(map(str, shape))}`.
+
+```
+veloxseg demo-data OUT_DIR --seed {seed} --num-train {num_train} --num-test {num_test} \\
+    --shape {shape_args} --spacing {spacing_args}
+```
 
 ## Contents
 
-- Layout: nnU-Net v2 raw folder. `imagesTr`: {num_train} training cases, `imagesTs` + `labelsTs`:
-  {num_test} test cases (test labels kept apart for evaluation). `splits_final.json`: nnU-Net-style
+- Layout: nnU-Net v2 raw folder. Training cases in `imagesTr` + `labelsTr`: {num_train}; test cases
+  in `imagesTs` + `labelsTs`: {num_test} (test labels kept apart for evaluation). `splits_final.json`: nnU-Net-style
   train/validation folds.
 - Channels: `_0000` CT (HU-like, int16), `_0001` PET (SUV-like, float32).
 - Labels: 0 background, 1 lesion.
-- Geometry: {' x '.join(map(str, shape))} voxels of {' x '.join(f'{s:g}' for s in spacing)} mm, stored in varying
+- Geometry: {" x ".join(map(str, shape))} voxels of {" x ".join(f"{s:g}" for s in spacing)} mm, stored in varying
   orientations (RAS, LPS, LAS, RPI) with a small rotation and offset origins.
 
 ## How it is made
 
 A torso (fat, muscle, lungs, heart, liver, spleen, kidneys, bladder, spine, pelvis, bowel) is
-drawn from ellipsoids with roughened outlines. Lesions (1-6 per scan, irregular, sizes from a
-voxel or two to a few centimetres) sit in muscle, liver or spleen with little or no CT contrast
+drawn from ellipsoids with roughened outlines. Lesions (1-6 per scan, irregular, radii 3.5-18 % of
+the half field of view) sit in muscle, liver or spleen with little or no CT contrast
 and take up tracer; kidneys, bladder, myocardium and bowel patches take up tracer too, at
 overlapping levels. Neither channel alone separates lesions from normal uptake; the hot normal
 organs are recognisable on CT by shape and density. PET is blurred ({PET_FWHM_MM:g} mm FWHM) with

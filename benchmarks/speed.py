@@ -1,0 +1,185 @@
+"""CPU speed of VeloxSeg and MONAI's networks: eval latency, training step, FLOPs, parameters, memory.
+
+    python benchmarks/speed.py                       # full table, saved under benchmarks/results/
+    python benchmarks/speed.py --models veloxseg_small --threads 1 --repeats 20
+
+Every (model, threads) cell runs in a fresh subprocess, so thread pools and peak memory do not leak
+between rows. Latency is wall time of one eval forward of a (1, 2, 96, 96, 96) patch; "train" is one
+forward + backward in training mode with teachers and deep supervision (VeloxSeg only). The
+``veloxseg_small@<commit>`` row runs the package as it was at that commit (default: the first faithful
+network, a straightforward implementation) in the same run, for the ratio that matters.
+Ratios are to veloxseg_small in the same run; absolute numbers depend on the machine and its load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+VELOXSEG = ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"]
+MONAI = ["SegResNet", "UNet", "UNETR", "DynUNet", "MedNeXt-S", "SwinUNETR"]
+
+
+def build(name: str) -> torch.nn.Module:
+    if "@" in name:  # an older checkout: its default config is veloxseg_small
+        from veloxseg.model import VeloxSeg
+
+        return VeloxSeg()
+    if name.startswith("veloxseg"):
+        import veloxseg
+
+        return veloxseg.create_model(name)
+    sys.path.insert(0, str(HERE))
+    from baselines import build as build_baseline
+
+    return build_baseline(name, 2, 2, (96, 96, 96))
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(job: dict) -> dict:
+    """Runs in the subprocess: time one model at one thread count."""
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    model = build(job["model"])
+    x = torch.randn(1, 2, 96, 96, 96)
+    result = {"module": sys.modules[type(model).__module__].__file__}
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        rss_before = current_rss_mb()
+        times = []
+        for _ in range(job["repeats"]):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    result["eval_ms"] = [t * 1000 for t in times]
+    if job["train"]:
+        model.train()
+        train_times = []
+        for _ in range(max(2, job["repeats"] // 3) + 1):
+            start = time.perf_counter()
+            out = model(x)
+            loss = sum(t.float().mean() for t in out.logits) + out.reconstruction.mean()
+            loss = loss + sum((out.gram - g).square().mean() for g in out.teacher_grams)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            train_times.append(time.perf_counter() - start)
+        result["train_ms"] = [t * 1000 for t in train_times[1:]]  # first step warms up
+    return result
+
+
+def count(name: str) -> tuple[int, float]:
+    """(parameters used at inference, GFLOP of one eval forward) via torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(name).eval()
+    params = model.inference_parameters() if hasattr(model, "inference_parameters") else sum(
+        p.numel() for p in model.parameters()
+    )  # fmt: skip
+    # oneDNN's conv op is not in FlopCounterMode's table: count on the plain aten path.
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 2, 96, 96, 96))
+    return params, counter.get_total_flops() / 1e9
+
+
+def checkout(commit: str, into: Path) -> str:
+    """Extract ``veloxseg/`` at ``commit`` into ``into``; returns the full SHA."""
+    sha = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, capture_output=True, text=True, check=True)
+    sha = sha.stdout.strip()
+    archive = subprocess.run(["git", "archive", sha, "veloxseg"], cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return sha
+
+
+def run_job(job: dict, pythonpath: Path | None = None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{job['model']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=VELOXSEG + MONAI)
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per cell (3 for models over 1 s)")
+    parser.add_argument("--baseline-commit", default=None, help="commit of the straightforward implementation")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "speed")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [(m, None) for m in args.models]
+        if args.baseline_commit:
+            sha = checkout(args.baseline_commit, Path(tmp))
+            models.insert(0, (f"veloxseg_small@{sha[:8]}", Path(tmp)))
+        for name, path in models:
+            params, gflop = count(name) if path is None else (None, None)
+            row = {"model": name, "params": params, "gflop": gflop}
+            for threads in args.threads:
+                repeats = args.repeats if name.startswith("veloxseg") or name in ("UNet", "SegResNet") else 3
+                job = {"model": name, "threads": threads, "repeats": repeats, "train": name.startswith("veloxseg")}
+                row[threads] = run_job(job, path)
+                print(name, threads, "thread(s):", spread(row[threads]["eval_ms"]), "ms", flush=True)
+            rows.append(row)
+
+    small = next(r for r in rows if r["model"] == "veloxseg_small")
+    header = ["model", "params (M)", "GFLOP"]
+    for t in args.threads:
+        header += [f"eval ms, {t} thr (min-max)", f"ratio {t} thr", f"train step ms, {t} thr"]
+    header.append("peak mem MB (1st thr)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["model"], f"{row['params'] / 1e6:.2f}" if row["params"] else "-",
+                 f"{row['gflop']:.2f}" if row["gflop"] else "-"]  # fmt: skip
+        for t in args.threads:
+            ratio = statistics.median(row[t]["eval_ms"]) / statistics.median(small[t]["eval_ms"])
+            train = spread(row[t]["train_ms"]) if "train_ms" in row[t] else "-"
+            cells += [spread(row[t]["eval_ms"]), f"{ratio:.2f}", train]
+        cells.append(f"{row[args.threads[0]]['peak_mem_mb']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores"
+    table = "\n".join(lines)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    args.out.with_suffix(".md").write_text(
+        f"# CPU speed, batch 1, 2 x 96^3\n\nMachine: {machine}. Command: `{command}`\n\n{table}\n"
+    )
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

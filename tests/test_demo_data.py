@@ -1,0 +1,141 @@
+"""Synthetic PET/CT demo dataset (veloxseg.data.demo) and the brain-template example script."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from veloxseg.data.datasets import SPLITS_FILE, read_dataset, validate_dataset
+from veloxseg.data.demo import GENERATOR_VERSION, add_demo_data_parser, generate_case, main, make_demo_dataset
+
+SMALL = (40, 40, 32)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "ds", num_train=5, num_test=2, seed=7, shape=SMALL)
+
+
+def best_threshold_dice(values: np.ndarray, truth: np.ndarray) -> float:
+    """Best Dice of ``values < t`` or ``values > t`` against boolean ``truth`` over every threshold t; (N,) arrays."""
+    order = np.argsort(values, kind="stable")
+    sorted_values, sorted_truth = values[order], truth[order]
+    cuts = np.flatnonzero(np.diff(sorted_values)) + 1  # number of voxels below each distinct threshold
+    positives_below = np.cumsum(sorted_truth)[cuts - 1]
+    total = sorted_truth.sum()
+    dice_below = 2 * positives_below / (cuts + total)
+    dice_above = 2 * (total - positives_below) / (len(values) - cuts + total)
+    return float(max(dice_below.max(), dice_above.max()))
+
+
+def hot_organ_mask(ct: np.ndarray) -> np.ndarray:
+    """Organs recognisable on CT: contrast-filled (> 140 HU) kidneys and heart, and the largest water blob (bladder)."""
+    smooth = ndimage.gaussian_filter(ct.astype(np.float32), 1.0)
+    water, count = ndimage.label(ndimage.binary_opening((smooth > -30) & (smooth < 30), iterations=2))
+    bladder = water == 1 + np.argmax(np.bincount(water.ravel())[1:]) if count else np.zeros(ct.shape, bool)
+    return ndimage.binary_dilation((smooth > 140) | bladder, iterations=3)
+
+
+def test_same_seed_gives_identical_arrays_and_other_seed_differs() -> None:
+    first, again, other = generate_case(3, 1, SMALL), generate_case(3, 1, SMALL), generate_case(4, 1, SMALL)
+    for name in ("ct", "pet", "label", "affine"):
+        a, b = getattr(first, name), getattr(again, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
+    assert not np.array_equal(first.ct, other.ct)
+    assert not np.array_equal(first.pet, other.pet)
+
+
+def test_writes_a_valid_nnunet_folder(demo_dir: Path) -> None:
+    spec = read_dataset(demo_dir)
+    validate_dataset(spec)
+    meta = json.loads((demo_dir / "dataset.json").read_text())
+    assert meta["channel_names"] == {"0": "CT", "1": "PET"}
+    assert meta["labels"] == {"background": 0, "lesion": 1}
+    assert meta["numTraining"] == 5 and meta["file_ending"] == ".nii.gz"
+    assert spec.layout == "nnunet" and len(spec.training) == 5 and len(spec.test) == 2
+    assert all(case.label is not None and case.label.is_file() for case in spec.test)
+    folds = json.loads((demo_dir / SPLITS_FILE).read_text())
+    assert sorted(c for fold in folds for c in fold["val"]) == [c.case_id for c in spec.training]
+    assert all(set(fold["train"]).isdisjoint(fold["val"]) for fold in folds)
+    card = (demo_dir / "README.md").read_text()
+    assert "Synthetic data" in card and GENERATOR_VERSION in card and "seed 7" in card
+
+
+def test_lesions_are_present_varied_and_rare() -> None:
+    labels = [generate_case(0, i, SMALL).label for i in range(8)]
+    counts = [ndimage.label(label)[1] for label in labels]
+    sizes = np.concatenate([np.bincount(ndimage.label(label)[0].ravel())[1:] for label in labels])
+    assert min(counts) >= 1 and len(set(counts)) > 1
+    assert sizes.min() < 30 and sizes.max() > 10 * sizes.min()
+    assert max(label.mean() for label in labels) < 0.02  # strong class imbalance
+
+
+def test_geometry_is_anisotropic_with_varied_orientations(demo_dir: Path) -> None:
+    images = [nib.load(p) for p in sorted((demo_dir / "imagesTr").glob("*_0000.nii.gz"))]
+    assert all(np.allclose(img.header.get_zooms(), (2.0, 2.0, 3.0)) for img in images)
+    assert len({nib.aff2axcodes(img.affine) for img in images}) > 1
+    assert not any(np.allclose(img.affine[:3, :3], np.diag([2.0, 2.0, 3.0])) for img in images)
+
+
+def test_both_channels_are_needed_to_find_lesions() -> None:
+    cases = [generate_case(0, i, (64, 64, 48)) for i in range(4)]
+    truth = np.concatenate([c.label.ravel() > 0 for c in cases])
+    ct = np.concatenate([c.ct.ravel() for c in cases])
+    pet = np.concatenate([c.pet.ravel() for c in cases])
+    pet_outside_organs = np.concatenate([np.where(hot_organ_mask(c.ct), 0.0, c.pet).ravel() for c in cases])
+    best_single = max(best_threshold_dice(ct, truth), best_threshold_dice(pet, truth))
+    combined = best_threshold_dice(pet_outside_organs, truth)
+    assert best_single < 0.5
+    assert combined > best_single + 0.2
+
+
+def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert main([str(out), "--num-train", "2", "--num-test", "1", "--seed", "5", "--shape", "32", "32", "24"]) == 0
+    assert len(read_dataset(out).training) == 2
+    assert main([str(out)]) == 2
+    assert "already holds a dataset.json" in capsys.readouterr().err
+
+
+def test_subcommand_registration(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser(prog="veloxseg")
+    add_demo_data_parser(parser.add_subparsers())
+    argv = ["demo-data", str(tmp_path / "sub"), "--num-train", "2", "--num-test", "0", "--shape", "32", "32", "24"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert len(read_dataset(tmp_path / "sub").training) == 2
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        generate_case(0, 0, (16, 64, 64))
+    with pytest.raises(ValueError, match="num_train"):
+        make_demo_dataset(tmp_path, num_train=1)
+
+
+def test_brain_template_script_writes_aligned_cases(tmp_path: Path) -> None:
+    pytest.importorskip("nilearn", reason="nilearn (the veloxseg[demo] extra) ships the MNI templates")
+    module_spec = importlib.util.spec_from_file_location(
+        "brain_script", REPO / "examples" / "prepare_brain_templates.py"
+    )
+    script = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(script)
+    out = script.prepare(tmp_path / "brain", num_train=2, num_test=1, seed=0, resolution=4)
+    spec = read_dataset(out)
+    validate_dataset(spec)
+    assert spec.channel_names == ["T1"] and spec.labels == {"background": 0, "grey_matter": 1, "white_matter": 2}
+    for case in spec.training + spec.test:
+        image, label = nib.load(case.images[0]), nib.load(case.label)
+        assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        assert set(np.unique(np.asanyarray(label.dataobj))) == {0, 1, 2}
+    first, second = (np.asanyarray(nib.load(c.images[0]).dataobj) for c in spec.training)
+    assert not np.array_equal(first, second)  # augmented copies differ
+    assert "Copyright (C) 1993-2009 Louis Collins" in (out / "NOTICE.txt").read_text()
