@@ -16,6 +16,7 @@ class OneDNNConv3d(nn.Conv3d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
