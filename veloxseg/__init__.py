@@ -4,19 +4,38 @@
 >>> model = veloxseg.create_model("veloxseg_small")
 """
 
+from typing import Any
+
+from .adapt import AdaptationReport, adapt_state_dict
 from .config import VeloxSegConfig
 from .convert import load_reference
+from .hub import push_to_hub, save_pretrained
 from .model import VeloxSeg, VeloxSegOutput, gram_matrix
 from .registry import create_model, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptationReport",
     "VeloxSeg",
     "VeloxSegConfig",
     "VeloxSegOutput",
+    "adapt_state_dict",
     "create_model",
     "gram_matrix",
     "list_models",
     "load_reference",
+    "predict",
+    "push_to_hub",
+    "save_pretrained",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Whole-scan inference needs MONAI and nibabel: imported on first use, so that building and
+    # running the network needs torch and timm only.
+    if name == "predict":
+        from .predict import predict
+
+        return predict
+    raise AttributeError(f"module 'veloxseg' has no attribute {name!r}")

@@ -5,17 +5,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _eager() -> bool:
+    """False while torch.compile, torch.export or TorchScript tracing records the graph: they get the
+    portable ``conv3d`` op and pick their own kernel."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
 class OneDNNConv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs on oneDNN (mkldnn) for float32 CPU tensors.
 
     PyTorch's backend choice sends batch-1 3-D convs with few input channels (e.g. the 16 -> 128
     3x3x3 segmentation head at 24^3) to its slow im2col path, about 3x slower than oneDNN on the
     same input. Same parameters and outputs as ``nn.Conv3d``; other devices and dtypes use it, and so
-    does CPU code under ``torch.backends.mkldnn.flags(enabled=False)`` (e.g. to count FLOPs).
+    does CPU code under ``torch.backends.mkldnn.flags(enabled=False)`` (e.g. to count FLOPs) and code
+    being compiled, exported or traced.
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _eager():
             x = x.contiguous(memory_format=torch.channels_last_3d)
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)

@@ -1,0 +1,90 @@
+"""Check a model folder and publish it to the Hugging Face Hub (a dry run unless --push).
+
+    python hub/publish.py hub/<name> --repo-id <org>/<name>           # check only
+    python hub/publish.py hub/<name> --repo-id <org>/<name> --push    # check, then upload
+
+Checks: config.json, model.safetensors and README.md are there; the folder loads through
+``local-dir:`` with every tensor used as saved; an eval forward on random input of the ROI size
+gives finite logits of the right shape; README.md has the Hub front matter (license, tags,
+library_name, datasets, metrics) and mentions the training command, the training data and each
+metric. With --push the three files are uploaded (veloxseg.hub.push_folder).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard
+
+import veloxseg
+from veloxseg import hub
+from veloxseg.metadata import ModelMetadata
+
+FRONT_MATTER = ("license", "tags", "library_name", "datasets", "metrics")
+
+
+def validate(folder: Path) -> list[str]:
+    """What keeps ``folder`` from being published; empty when nothing does."""
+    missing = [name for name in hub.REPO_FILES if not (folder / name).is_file()]
+    if missing:
+        return [f"missing {name}" for name in missing]
+    try:
+        model = veloxseg.create_model(f"local-dir:{folder}")
+        report = hub.load_pretrained(model)
+    except (ValueError, FileNotFoundError) as err:
+        return [f"does not load: {err}"]
+    problems = [] if report.exact else [f"the weights do not load as saved:\n{report}"]
+    cfg = model.config
+    with torch.no_grad():
+        logits = model.eval()(torch.randn(1, sum(cfg.in_ch), *cfg.roi_size))
+    if logits.shape != (1, cfg.n_classes, *cfg.roi_size) or not torch.isfinite(logits).all():
+        shape = tuple(logits.shape)
+        problems.append(f"a forward on random {list(cfg.roi_size)} input gives {shape} or non-finite logits")
+
+    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
+    card = ModelCard.load(folder / hub.CARD_NAME)
+    front = card.data.to_dict()
+    problems += [f"README.md front matter has no {key!r}" for key in FRONT_MATTER if not front.get(key)]
+    if front.get("license") != metadata.license:
+        problems.append(f"README.md license {front.get('license')!r} is not config.json's {metadata.license!r}")
+    mentions = {
+        "training command": metadata.training_command,
+        "training data": metadata.training_data,
+        **{f"metric {name!r}": name for name in metadata.metrics},
+    }
+    for what, text in mentions.items():
+        if not text:
+            problems.append(f"config.json records no {what}")
+        elif text not in card.text:
+            problems.append(f"README.md does not mention the {what}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="model folder: config.json, model.safetensors, README.md")
+    parser.add_argument("--repo-id", required=True, help="Hub repo to publish to, org/name")
+    parser.add_argument("--push", action="store_true", help="upload after the checks (default: dry run)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to upload to (default: main)")
+    args = parser.parse_args(argv)
+
+    problems = validate(args.folder)
+    if problems:
+        print(f"{args.folder}: not publishable:")
+        print("\n".join(f"  - {p}" for p in problems))
+        return 1
+    if not args.push:
+        print(f"{args.folder}: ready; dry run, nothing uploaded (add --push to upload to {args.repo_id})")
+        return 0
+    commit = hub.push_folder(
+        args.folder, args.repo_id, private=args.private or None, revision=args.revision,
+        commit_message=f"Publish {args.folder.name}",
+    )  # fmt: skip
+    print(f"{args.folder}: uploaded to {args.repo_id} ({commit})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

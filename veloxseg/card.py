@@ -1,0 +1,126 @@
+"""Model cards (the README.md of a Hub repo) generated from a model and its 3-D metadata."""
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .metadata import ModelMetadata
+from .model import VeloxSeg
+
+TAGS = ["veloxseg", "medical-imaging", "image-segmentation", "3d", "pytorch", "safetensors"]
+
+CITATION = """\
+@inproceedings{veloxseg2026,
+  title     = {VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2026}
+}"""
+
+
+def model_card(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None = None) -> ModelCard:
+    """The card of ``model``: Hub front matter (license, tags, library_name, datasets, metrics) and
+    sections on usage, architecture, preprocessing, labels, training, evaluation and limitations."""
+    data = ModelCardData(
+        license=metadata.license,
+        library_name="veloxseg",
+        tags=TAGS,
+        datasets=list(metadata.datasets),
+        metrics=sorted(metadata.metrics),
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(model, metadata, architecture, repo_id)}")
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
+
+
+def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None) -> str:
+    cfg = model.config
+    name = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
+    roi = ", ".join(map(str, cfg.roi_size))
+    model_rows = [
+        ["architecture", architecture],
+        ["parameters (inference path)", f"{model.inference_parameters():,}"],
+        ["parameters (with training-only teachers and heads)", f"{sum(p.numel() for p in model.parameters()):,}"],
+        ["ROI size (D, H, W voxels)", roi],
+        ["modality groups (channels per group)", list(cfg.in_ch)],
+        ["classes", cfg.n_classes],
+    ]
+    targets = ", ".join(k for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1]) if v != 0) or "-"
+    channels = ", ".join(c.name for c in metadata.channels)
+    spacing = " x ".join(f"{s:g}" for s in metadata.spacing) + " mm" if metadata.spacing else "native (no resampling)"
+    channel_rows = [
+        [i, c.name, c.group, c.normalisation, *("-" if v is None else v for v in (c.clip, c.mean, c.std))]
+        for i, c in enumerate(metadata.channels)
+    ]
+    label_rows = [[v, k] for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1])]
+    if metadata.metrics:
+        evaluation = _table(["metric", "value"], [[k, f"{v:.4g}"] for k, v in sorted(metadata.metrics.items())])
+    else:
+        evaluation = "No evaluation metrics were recorded for these weights."
+    command = f"```bash\n{metadata.training_command}\n```" if metadata.training_command else "Not recorded."
+    datasets = ", ".join(metadata.datasets) or "-"
+    return f"""# {repo_id or architecture}
+
+VeloxSeg ({architecture}) for 3-D segmentation of {targets} from {channels}. VeloxSeg (ICLR 2026) pairs a
+Johnson-Lindenstrauss-guided convolution stream with a paired-window attention stream per modality
+group; reconstruction teachers (SDKT) are used in training only.
+
+## Usage
+
+```python
+import torch
+import veloxseg
+
+model = veloxseg.create_model("{name}", pretrained=True).eval()
+x = torch.randn(1, {sum(cfg.in_ch)}, {roi})  # a scan preprocessed as below, cropped to the ROI size
+logits = model(x)  # (1, {cfg.n_classes}, {roi})
+```
+
+Whole scans go through sliding windows of the ROI size: `veloxseg predict --help`. To fine-tune on
+other channels, classes or ROI size, pass them as overrides (`in_ch=..., n_classes=..., roi_size=...`):
+compatible weights are kept and the rest adapted or re-initialised (see `veloxseg.adapt`).
+
+## Model
+
+{_table(["", ""], model_rows)}
+
+## Preprocessing
+
+Orientation {metadata.orientation}, voxel spacing {spacing}. Channels, in input order:
+
+{_table(["channel", "name", "group", "normalisation", "clip", "mean", "std"], channel_rows)}
+
+## Labels
+
+{_table(["value", "name"], label_rows)}
+
+## Training
+
+Data: {metadata.training_data or "not recorded."}
+
+Datasets: {datasets}
+
+Command:
+
+{command}
+
+## Evaluation
+
+{evaluation}
+
+## Limitations
+
+- Research use only: not a medical device and not validated for clinical decisions.
+- Expect lower accuracy on scanners, protocols, populations or anatomy unlike the training data.
+- Inputs must be preprocessed exactly as above (orientation, spacing, per-channel normalisation).
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+
+## License
+
+{metadata.license}
+"""

@@ -1,0 +1,270 @@
+"""Hugging Face Hub I/O: save_pretrained, push_to_hub, pretrained=True, ``hf-hub:`` and ``local-dir:`` names.
+
+A model folder (and a Hub repo) holds three files:
+
+* ``config.json``, timm's layout: ``{"architecture": "veloxseg_small", "model_args": {every
+  VeloxSegConfig field}, "pretrained_cfg": {..., "veloxseg": {the 3-D metadata}}}``;
+* ``model.safetensors``: the state dict, teachers included (never a pickle);
+* ``README.md``: the model card (:mod:`veloxseg.card`).
+
+Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
+mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. Weights are loaded into a model
+whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from huggingface_hub import CommitInfo, HfApi, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapt import AdaptationReport, adapt_state_dict
+from .card import model_card
+from .config import VeloxSegConfig, json_ready
+from .metadata import ModelMetadata
+from .model import VeloxSeg
+from .registry import VARIANTS, VeloxSegPretrainedCfg
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+# pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
+_LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag"}
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """A checked config.json: the registered architecture, the network's config, the pretrained_cfg
+    entries (metadata included, under ``veloxseg``) and the parsed 3-D metadata."""
+
+    architecture: str
+    config: VeloxSegConfig
+    pretrained_cfg: dict[str, Any]
+    metadata: ModelMetadata
+
+
+def read_config(path: str | Path) -> HubConfig:
+    """Parse a VeloxSeg config.json. Raises ``ValueError`` naming the file when it is not valid JSON,
+    comes from another architecture or library, or its fields do not make a valid VeloxSeg."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a valid JSON file ({err})") from None
+    architecture = values.get("architecture") if isinstance(values, dict) else None
+    if architecture not in VARIANTS:
+        raise ValueError(
+            f"{path}: architecture {architecture!r} is not a VeloxSeg model (one of {', '.join(VARIANTS)}); "
+            f"this config.json belongs to another model or library"
+        )
+    for key in ("model_args", "pretrained_cfg"):
+        if not isinstance(values.get(key), dict):
+            raise ValueError(f"{path}: {key!r} must be a JSON object (timm's config.json layout)")
+    pretrained_cfg = values["pretrained_cfg"]
+    if not isinstance(pretrained_cfg.get("veloxseg"), dict):
+        raise ValueError(f"{path}: pretrained_cfg has no 'veloxseg' block (the 3-D metadata)")
+    try:
+        config = VeloxSegConfig(**VARIANTS[architecture]).replace(**values["model_args"])
+        VeloxSegPretrainedCfg(**pretrained_cfg)  # unknown keys are an error
+        metadata = ModelMetadata.from_dict(pretrained_cfg["veloxseg"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path}: {type(err).__name__}: {err}") from None
+    problems = metadata.problems(config.in_ch, config.n_classes)
+    if problems:
+        raise ValueError(f"{path}: the 'veloxseg' metadata does not fit model_args: {'; '.join(problems)}")
+    return HubConfig(architecture, config, pretrained_cfg, metadata)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file. Raises ``ValueError`` naming the file when it is corrupt or truncated."""
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file, corrupt or truncated ({err}); download or save it again"
+        ) from None
+
+
+def save_pretrained(
+    model: VeloxSeg, save_directory: str | Path, *, metadata: ModelMetadata | None = None, repo_id: str | None = None
+) -> Path:
+    """Write config.json, model.safetensors and README.md into ``save_directory`` (created if needed).
+
+    Each file is written to a temporary file in the same folder, then renamed into place (config.json last).
+    metadata: the 3-D metadata to record; default: the model's ``pretrained_cfg["veloxseg"]`` when it
+        fits the model's config, else generic metadata. Raises ``ValueError`` when it does not fit.
+    repo_id: the Hub repo the folder is meant for (used in the card's usage example).
+    Returns the folder.
+    """
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if metadata is None:
+        metadata = ModelMetadata.fitting(model.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes)
+    problems = metadata.problems(cfg.in_ch, cfg.n_classes)
+    if problems:
+        raise ValueError(f"the metadata does not describe this model: {'; '.join(problems)}")
+    architecture = model.pretrained_cfg.get("architecture") or "veloxseg_small"  # model_args fix every field
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None and k not in _LOCATION_KEYS}
+    config = {
+        "architecture": architecture,
+        "model_args": cfg.to_dict(),
+        "pretrained_cfg": json_ready({**pretrained_cfg, "veloxseg": metadata.to_dict()}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    card = str(model_card(model, metadata, architecture, repo_id))
+    _write_atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomic(folder / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
+    _write_atomic(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    return folder
+
+
+def push_to_hub(
+    model: VeloxSeg,
+    repo_id: str,
+    *,
+    metadata: ModelMetadata | None = None,
+    commit_message: str = "Upload VeloxSeg model",
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Save ``model`` (as :func:`save_pretrained` does) and upload it to Hub repo ``repo_id``."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(model, folder, metadata=metadata, repo_id=repo_id)
+        return push_folder(
+            folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
+            create_pr=create_pr,
+        )  # fmt: skip
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload VeloxSeg model",
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Upload a model folder's config.json, model.safetensors and README.md (nothing else) to Hub repo
+    ``repo_id``, creating the repo when it does not exist."""
+    folder = Path(folder)
+    missing = [name for name in REPO_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: not a model folder, missing {', '.join(missing)}")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, allow_patterns=list(REPO_FILES), commit_message=commit_message,
+        revision=revision, create_pr=create_pr,
+    )  # fmt: skip
+
+
+def load_pretrained(model: VeloxSeg, cache_dir: str | Path | None = None) -> AdaptationReport:
+    """Load the weights ``model.pretrained_cfg`` names into ``model``, adapted to its config.
+
+    The source is ``hf_hub_id`` ("org/name[@revision]", downloaded through the Hub cache, file
+    ``hf_hub_filename`` or model.safetensors) or ``file`` (a local model folder). Its config.json
+    gives the config the weights were trained with; :func:`veloxseg.adapt.adapt_state_dict` fits them
+    to ``model.config``. Sets ``pretrained_cfg["veloxseg"]`` to the downloaded metadata when it still
+    describes the model. Returns the adaptation report. Raises ``ValueError`` when the tag has no
+    published weights or a file is invalid, ``FileNotFoundError`` when a file cannot be had.
+    """
+    cfg = model.pretrained_cfg
+    if not (cfg.get("hf_hub_id") or cfg.get("file")):
+        name = ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or "this model"
+        raise ValueError(
+            f"no trained weights are published for {name} yet (its pretrained config names no Hub repo): create "
+            f"it with pretrained=False, or load trained weights with create_model('hf-hub:org/name', "
+            f"pretrained=True) or create_model('local-dir:/path/to/folder', pretrained=True)"
+        )
+    weights_name = cfg.get("hf_hub_filename") or WEIGHTS_NAME
+    if not weights_name.endswith(".safetensors"):
+        raise ValueError(f"{weights_name}: VeloxSeg loads safetensors weights only, never pickled checkpoints")
+    source = read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
+    weights_path = _fetch(cfg, weights_name, cache_dir)
+    state_dict = read_weights(weights_path)
+    try:
+        adapted, report = adapt_state_dict(state_dict, source.config, model)
+    except ValueError as err:
+        raise ValueError(f"{weights_path}: {err}") from None
+    model.load_state_dict(adapted)
+    in_ch, n_classes = model.config.in_ch, model.config.n_classes
+    model.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
+    _logger.info("loaded %s", weights_path)
+    return report
+
+
+def create_from_hub(
+    name: str, pretrained: bool = False, cache_dir: str | Path | None = None, **overrides: Any
+) -> VeloxSeg:
+    """Build the model of ``hf-hub:org/name[@revision]`` or ``local-dir:/path/to/folder``.
+
+    Architecture and config come from its config.json (``overrides`` change config fields); with
+    ``pretrained`` its weights are loaded, adapted to the overrides (see :func:`load_pretrained`).
+    """
+    scheme, _, location = name.partition(":")
+    if scheme == "hf-hub":
+        source = {"hf_hub_id": location, "source": "hf-hub"}
+    elif scheme == "local-dir":
+        source = {"file": location, "source": "local-dir"}
+    else:
+        raise ValueError(f"{name!r}: expected 'hf-hub:org/name[@revision]' or 'local-dir:/path/to/folder'")
+    hub_config = read_config(_fetch(source, CONFIG_NAME, cache_dir))
+    return timm.create_model(
+        hub_config.architecture,
+        pretrained=pretrained,
+        pretrained_cfg={**hub_config.pretrained_cfg, **source},
+        cache_dir=cache_dir,
+        **{**hub_config.config.to_dict(), **overrides},
+    )
+
+
+def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Path:
+    """``filename`` of a local model folder (``file``) or, through the Hub cache, of a Hub repo (``hf_hub_id``)."""
+    if source.get("file"):
+        path = Path(source["file"]).expanduser() / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file in the local model folder")
+        return path
+    hub_id = source["hf_hub_id"]
+    repo_id, _, revision = hub_id.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
+    except LocalEntryNotFoundError:
+        cache = cache_dir or constants.HF_HUB_CACHE
+        why = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        raise FileNotFoundError(
+            f"{filename} of Hub repo {hub_id}: not in the Hub cache {cache} and {why}; download it once online"
+        ) from None
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError) as err:
+        raise FileNotFoundError(f"{filename} of Hub repo {hub_id}: {type(err).__name__}: {err}") from None
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file in its folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
