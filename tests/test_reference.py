@@ -113,3 +113,14 @@ def test_other_author_configs_build_and_run(reference, changes, tokens):
     x = torch.randn(1, sum(config.in_ch), *config.roi_size)
     with torch.no_grad():
         assert model(x).shape == (1, config.n_classes, *config.roi_size)
+
+
+def test_portable_conv_path_matches(reference, reference_model):
+    """The oneDNN head conv (default on CPU) and PyTorch's portable conv path compute the same logits."""
+    x = reference["tensors"]["input"][:1]
+    reference_model.eval()
+    with torch.no_grad():
+        fast = reference_model(x)
+        with torch.backends.mkldnn.flags(enabled=False):
+            portable = reference_model(x)
+    assert max(relative_errors(fast, portable)) < 1e-6
