@@ -86,7 +86,7 @@ def test_load_reference_is_strict(reference):
     extra = {**state, "encoder.not_a_layer.weight": torch.zeros(1)}
     with pytest.raises(KeyError, match="not_a_layer"):
         veloxseg.load_reference(extra, config)
-    with pytest.raises(ValueError, match=r"checkpoint \(16, 2, 7, 7, 7\) vs model \(16, 3, 7, 7, 7\)"):
+    with pytest.raises(ValueError, match=r"has shape \(16, 2, 7, 7, 7\), the model needs \(16, 3, 7, 7, 7\)"):
         veloxseg.load_reference(state, {**json.loads(config), "in_ch": [1, 2]})
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import VeloxSegConfig
-from .model import VeloxSeg
+from .model import VeloxSeg, state_dict_problems
 
 _logger = logging.getLogger(__name__)
 
@@ -135,14 +135,7 @@ def _check_structure(source: VeloxSegConfig, target: VeloxSegConfig) -> None:
 
 
 def _check_weights(state_dict: Mapping[str, torch.Tensor], source_model: VeloxSeg) -> None:
-    expected = source_model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state_dict]
-    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    problems = state_dict_problems(source_model, dict(state_dict))
     if problems:
         listed = "; ".join(problems[:10])
         raise ValueError(f"the weights do not match the config they came with ({len(problems)} problems): {listed}")

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import VeloxSegConfig
-from .model import VeloxSeg
+from .model import VeloxSeg, state_dict_problems
 
 _logger = logging.getLogger(__name__)
 
@@ -147,14 +147,7 @@ def load_reference(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, 
         ours = model.get_buffer(key)
         if ours.shape != converted[key].shape or not torch.equal(ours, converted.pop(key).to(ours.dtype)):
             raise ValueError(f"{key}: the checkpoint's relative position index differs from this config's windows")
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in converted]
-    problems += [f"unexpected {k}" for k in converted if k not in expected]
-    problems += [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in converted.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
+    problems = state_dict_problems(model, converted)
     if problems:
         raise ValueError(f"checkpoint does not fit the config ({len(problems)} problems): " + "; ".join(problems[:12]))
     model.load_state_dict(converted, strict=True)

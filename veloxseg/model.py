@@ -277,6 +277,20 @@ class VeloxSeg(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
 
+def state_dict_problems(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """What stops ``model.load_state_dict(state_dict, strict=True)``: missing, unexpected and
+    wrongly shaped tensors, one line each (empty when it loads)."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return problems
+
+
 def init_weights(module: nn.Module) -> None:
     """Kaiming normal (negative slope 0.01) conv weights, zero biases; truncated-normal bias tables."""
     if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
