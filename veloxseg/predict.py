@@ -6,7 +6,8 @@ resampled to the model's orientation and spacing (MONAI ``Orientation``/``Spacin
 per channel as the model's metadata says, and segmented with gaussian-blended sliding windows of
 the model's ROI (volumes smaller than the ROI are padded). The softmax probabilities are then
 mapped back onto the input's own voxel grid by MONAI's inverse of those spatial transforms
-(trilinear) and the label map is their argmax, so it has exactly the input's shape and affine.
+(trilinear) and the label map is their argmax (class index = label value, as the metadata's labels
+are 0..n_classes-1), so it has exactly the input's shape and affine.
 """
 
 import argparse
@@ -19,7 +20,6 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import nibabel as nib
 import numpy as np
@@ -33,7 +33,7 @@ from .metadata import ModelMetadata
 from .model import VeloxSeg
 from .preprocess import normalise_channels
 
-ImageInput = Union[str, os.PathLike, nib.spatialimages.SpatialImage]
+ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
@@ -58,10 +58,10 @@ class Scan:
 
 
 def model_metadata(model: VeloxSeg) -> ModelMetadata:
-    """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none."""
-    values = getattr(model, "pretrained_cfg", {}).get("veloxseg")
+    """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none
+    or it does not fit the model's channels and classes."""
     cfg = model.config
-    return ModelMetadata.from_dict(values) if values else ModelMetadata.default(cfg.in_ch, cfg.n_classes)
+    return ModelMetadata.fitting(getattr(model, "pretrained_cfg", {}).get("veloxseg"), cfg.in_ch, cfg.n_classes)
 
 
 def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
@@ -115,7 +115,7 @@ def spatial_transforms(metadata: ModelMetadata) -> Compose:
 
 
 @torch.inference_mode()
-def probabilities(
+def predict_probabilities(
     model: VeloxSeg,
     scan: Scan,
     *,
@@ -183,7 +183,7 @@ def predict(
         _check_outputs(targets, scan.sources, overwrite)
     elif save_probabilities:
         raise ValueError("save_probabilities needs an output path")
-    probs = probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device)
+    probs = predict_probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device)
     label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
     if targets:
@@ -213,6 +213,7 @@ def write_atomic(images: dict[Path, nib.Nifti1Image]) -> None:
             os.close(fd)
             temporary[target] = Path(name)
             nib.save(img, name)
+            os.chmod(name, 0o644)  # mkstemp's files are owner-only
         for target, path in temporary.items():
             os.replace(path, target)
     finally:
@@ -236,12 +237,16 @@ def group_cases(files: Sequence[Path]) -> dict[str, list[Path]]:
         match = CHANNEL_FILE.match(path.name)
         case, channel = (match["case"], int(match["channel"])) if match else (_stem(path), 0)
         if channel in channels.setdefault(case, {}):
-            raise ValueError(f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}")
+            raise ValueError(
+                f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}"
+            )
         channels[case][channel] = path
     for case, found in channels.items():
         if sorted(found) != list(range(len(found))):
             numbers = ", ".join(f"{c:04d}" for c in sorted(found))
-            raise ValueError(f"case {case!r}: channel files must be numbered 0000, 0001, ... without gaps, got {numbers}")
+            raise ValueError(
+                f"case {case!r}: channel files must be numbered 0000, 0001, ... without gaps, got {numbers}"
+            )
     return {case: [found[c] for c in sorted(found)] for case, found in sorted(channels.items())}
 
 
@@ -299,6 +304,8 @@ def run_predict(args: argparse.Namespace) -> int:
     for case, files in cases.items():
         _check_outputs(output_paths(targets[case], args.save_probabilities), files, args.overwrite)
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = model_from_args(args).to(device)
@@ -318,13 +325,16 @@ def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[P
     """(cases, output folder or None when ``output`` is the one case's label-map file)."""
     if len(inputs) == 1 and inputs[0].is_dir():
         if output.name.endswith(NIFTI_SUFFIXES):
-            raise ValueError(f"the input {inputs[0]} is a folder of cases, so the output must be a folder, got {output}")
+            raise ValueError(
+                f"the input {inputs[0]} is a folder of cases, so the output must be a folder, got {output}"
+            )
         if output.resolve() == inputs[0].resolve():
             raise ValueError(f"the output folder {output} is the input folder; write the label maps elsewhere")
         return find_cases(inputs[0]), output
     if len(inputs) == 1 and not inputs[0].exists():
         prefix = inputs[0]
-        files = sorted(prefix.parent.glob(f"{glob.escape(prefix.name)}_[0-9][0-9][0-9][0-9].nii*"))
+        channel_file = re.compile(re.escape(prefix.name) + r"_\d{4}\.nii(\.gz)?$")
+        files = sorted(p for p in prefix.parent.glob(f"{glob.escape(prefix.name)}_*") if channel_file.match(p.name))
         if not files:
             raise FileNotFoundError(f"{prefix}: no such file or folder, and no channel files {prefix}_0000.nii.gz ...")
         cases = group_cases(files)
@@ -367,9 +377,7 @@ def _check_channels(model: VeloxSeg, metadata: ModelMetadata, scan: Scan) -> Non
     if scan.data.shape[0] != expected:
         names = ", ".join(c.name for c in metadata.channels)
         source = f" from {', '.join(map(str, scan.sources))}" if scan.sources else ""
-        raise ValueError(
-            f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}"
-        )
+        raise ValueError(f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}")
 
 
 def _check_outputs(targets: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:

@@ -34,7 +34,9 @@ def normalise_channel(x: torch.Tensor, info: ChannelInfo) -> torch.Tensor:
         return convert_to_tensor(NormalizeIntensity(nonzero=True)(x), track_meta=False)
     if info.normalisation == "none":
         return x
-    raise ValueError(f"channel {info.name!r}: unknown normalisation {info.normalisation!r}; use one of {NORMALISATIONS}")
+    raise ValueError(
+        f"channel {info.name!r}: unknown normalisation {info.normalisation!r}; use one of {NORMALISATIONS}"
+    )
 
 
 def normalise_channels(image: torch.Tensor, channels: Sequence[ChannelInfo]) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""``veloxseg export``: a VeloxSeg model as ONNX or TorchScript, checked against PyTorch.
+
+The exported graph is the eval-mode forward, (B, sum(in_ch), *roi_size) -> logits
+(B, n_classes, *roi_size), with a free batch axis so sliding-window batches run through it. The
+model's config and data metadata travel inside the file (ONNX metadata properties
+``veloxseg_config``/``veloxseg_metadata``; TorchScript extra file ``veloxseg.json``) so a deployment
+can reproduce the preprocessing. Before the file is moved into place it is run (ONNX with
+onnxruntime on the CPU) on a fresh random input and compared with PyTorch.
+"""
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .model import VeloxSeg
+from .predict import add_model_arguments, model_from_args, model_metadata
+
+FORMATS = ("onnx", "torchscript")
+TOLERANCE = 1e-4
+CHECK_BATCH = 2  # batch size of the example and check inputs (> 1: the batch axis stays free)
+
+
+def export(
+    model: VeloxSeg, path: str | os.PathLike, format: str = "onnx", *, overwrite: bool = False,
+    tolerance: float = TOLERANCE,
+) -> float:  # fmt: skip
+    """Export a copy of ``model`` (eval mode, CPU) to ``path``, check it against PyTorch on a random
+    input and return the largest absolute difference of their logits.
+
+    Raises ValueError when the exported model differs from PyTorch by ``tolerance`` or more (nothing
+    is written then) and FileExistsError for an existing ``path`` without ``overwrite``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it")
+    model = copy.deepcopy(model).cpu().eval()
+    cfg = model.config
+    info = {
+        "veloxseg_config": json.dumps(cfg.to_dict()),
+        "veloxseg_metadata": json.dumps(model_metadata(model).to_dict()),
+    }
+    example = torch.randn(CHECK_BATCH, sum(cfg.in_ch), *cfg.roi_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        if format == "onnx":
+            _export_onnx(model, example, temporary, info)
+            run = _onnx_runner(temporary)
+        else:
+            _export_torchscript(model, example, temporary, info)
+            run = torch.jit.load(temporary, map_location="cpu")
+        check = torch.randn_like(example)
+        with torch.no_grad():
+            diff = (run(check) - model(check)).abs().max().item()
+        if not diff < tolerance:
+            raise ValueError(
+                f"the {format} export differs from PyTorch by {diff:.3g} (tolerance {tolerance}); not written"
+            )
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return diff
+
+
+def _export_onnx(model: VeloxSeg, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
+    """Write ONNX with PyTorch's dynamo exporter (one file, weights inside), ``info`` as metadata."""
+    torch.onnx.export(
+        model, (example,), path, dynamo=True, external_data=False, verbose=False,
+        input_names=["image"], output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+    )  # fmt: skip
+    import onnx
+
+    graph = onnx.load(path)
+    onnx.helper.set_model_props(graph, info)
+    onnx.save(graph, path)
+
+
+def _onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+def _export_torchscript(model: VeloxSeg, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
+    """Write a traced TorchScript module, ``info`` as the extra file ``veloxseg.json``."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input-shape checks, fixed by the trace
+        traced = torch.jit.trace(model, example, check_trace=False)
+    torch.jit.save(traced, path, _extra_files={"veloxseg.json": json.dumps(info)})
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a VeloxSeg model to ONNX or TorchScript",
+        description="Export the eval-mode model (free batch axis, the model's ROI) and check it against PyTorch.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: onnx")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.overwrite:  # before building or downloading the model
+        raise FileExistsError(f"output {args.output} exists; pass --overwrite to replace it")
+    diff = export(model_from_args(args), args.output, args.format, overwrite=args.overwrite)
+    print(
+        f"wrote {args.output} ({args.format}); max abs difference from PyTorch on random input: {diff:.2e} "
+        f"(tolerance {TOLERANCE:g})"
+    )
+    return 0
