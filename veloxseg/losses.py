@@ -47,7 +47,7 @@ class VeloxSegLoss(nn.Module):
         if self.seg_weight:
             if label is None:
                 raise ValueError("the segmentation loss needs labels: use seg_weight=0 (pretraining) without them")
-            terms["seg"] = torch.stack([self.dice_ce(logits, label) for logits in output.logits]).mean()
+            terms["seg"] = torch.stack([self.dice_ce(logits.float(), label) for logits in output.logits]).mean()
         if self.rc_weight:
             if output.reconstruction is None:
                 raise ValueError("the reconstruction loss needs the model's teachers (config teachers=True)")

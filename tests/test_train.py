@@ -1,0 +1,371 @@
+"""The trainer: loss, stages, resume after a kill, checkpoint safety, data checks, command line.
+
+Runs use veloxseg_tiny at a 64^3 ROI on a 4-case demo dataset of 40 x 40 x 32 voxels.
+"""
+
+import json
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+import veloxseg
+import veloxseg.train as trainer
+from veloxseg.data import DatasetError, make_demo_dataset
+from veloxseg.losses import VeloxSegLoss
+from veloxseg.model import VeloxSegOutput
+
+from .conftest import SMALL_ROI
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(model="veloxseg_tiny", roi=64, num_workers=0, progress=False, log_every=1, val_every=100)
+
+
+def small_demo(out: Path) -> Path:
+    return make_demo_dataset(out, num_train=4, num_test=0, shape=(40, 40, 32))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads spin-wait each other and run ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_demo(tmp_path_factory.mktemp("demo") / "Dataset001_Demo")
+
+
+def run(**kwargs) -> trainer.TrainResult:
+    """One training run in a fresh Accelerate state (it is a per-process singleton)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return trainer.train(trainer.TrainConfig(**{**FAST, **kwargs}))
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# The loss and the small pieces
+
+
+def fake_output(n_classes: int = 2, groups: int = 2) -> VeloxSegOutput:
+    shape = (2, n_classes, 8, 8, 8)
+    return VeloxSegOutput(
+        logits=[torch.randn(shape, requires_grad=True) for _ in range(4)],
+        reconstruction=torch.randn(2, groups, 8, 8, 8, requires_grad=True),
+        gram=torch.randn(2, 4, 4, requires_grad=True),
+        teacher_grams=[torch.randn(2, 4, 4, requires_grad=True) for _ in range(groups)],
+    )
+
+
+def test_loss_is_the_weighted_sum_of_its_terms() -> None:
+    out, image, label = fake_output(), torch.randn(2, 2, 8, 8, 8), torch.randint(0, 2, (2, 1, 8, 8, 8))
+    terms = VeloxSegLoss(seg_weight=1.0, rc_weight=0.5, sdkt_weight=2.0)(out, image, label)
+    assert torch.allclose(terms["loss"], terms["seg"] + 0.5 * terms["rc"] + 2.0 * terms["sdkt"])
+    assert torch.allclose(terms["rc"], ((out.reconstruction - image) ** 2).mean())
+    sdkt = sum(((out.gram - g) ** 2).mean() for g in out.teacher_grams) / 2
+    assert torch.allclose(terms["sdkt"], sdkt)
+    assert set(VeloxSegLoss(0.0, 1.0, 0.0)(out, image)) == {"rc", "loss"}  # pretraining: no labels needed
+
+
+def test_one_way_sdkt_sends_no_gradient_to_the_teachers() -> None:
+    for one_way in (False, True):
+        out = fake_output()
+        VeloxSegLoss(0.0, 0.0, 1.0, one_way_sdkt=one_way)(out, torch.zeros(2, 2, 8, 8, 8))["loss"].backward()
+        assert out.gram.grad.abs().sum() > 0
+        assert all((g.grad is None) == one_way for g in out.teacher_grams)
+
+
+def test_loss_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        VeloxSegLoss(seg_weight=-1.0)
+    with pytest.raises(ValueError, match="needs labels"):
+        VeloxSegLoss()(fake_output(), torch.zeros(2, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="teachers"):
+        VeloxSegLoss()(
+            VeloxSegOutput(logits=fake_output().logits), torch.zeros(2, 2, 8, 8, 8), torch.zeros(2, 1, 8, 8, 8)
+        )
+
+
+def test_mask_random_patches_zeroes_whole_cubes() -> None:
+    x = torch.ones(2, 2, 32, 32, 32)
+    masked = trainer.mask_random_patches(x, 0.5, 8)
+    cubes = masked[:, 0].reshape(2, 4, 8, 4, 8, 4, 8).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 64, -1)
+    assert ((cubes == 0).all(-1) | (cubes == 1).all(-1)).all()  # each cube kept or zeroed whole
+    assert torch.equal(masked[:, 0], masked[:, 1])  # the same cubes in every channel
+    assert 0.3 < (cubes[..., 0] == 0).float().mean() < 0.7
+    with pytest.raises(ValueError, match="must divide"):
+        trainer.mask_random_patches(torch.ones(1, 1, 20, 20, 20), 0.5, 8)
+
+
+def test_scaled_windows_follow_the_roi() -> None:
+    windows = veloxseg.VeloxSegConfig().big_windows  # built for 96^3
+    assert trainer.scaled_windows(windows, (96, 96, 96), (64, 64, 64)) == SMALL_ROI["big_windows"]
+    assert trainer.scaled_windows(windows, (96, 96, 96), (128, 96, 64))[1] == [8, 6, 4]
+    with pytest.raises(ValueError, match="multiples of"):
+        trainer.scaled_windows(windows, (96, 96, 96), (80, 80, 80))
+
+
+def test_schedule_warms_up_then_decays_to_min_lr() -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-4)
+    scheduler = trainer.build_scheduler(optimizer, trainer.TrainConfig(warmup_steps=10), total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(2.5e-5) and lrs[10] == pytest.approx(2.5e-4)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert scheduler.get_last_lr()[0] == pytest.approx(6e-6)
+
+
+def test_overfits_a_single_batch() -> None:
+    torch.manual_seed(0)
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI, attn_drop=0.0, proj_drop=0.0, conv_drop=0.0)
+    image = torch.randn(1, 2, 64, 64, 64)
+    label = torch.zeros(1, 1, 64, 64, 64)
+    label[:, :, 20:40, 24:44, 16:36] = 1
+    image[:, 1] += 2 * label[:, 0]  # the "lesion" is bright in the second channel
+    loss_fn, optimizer = VeloxSegLoss(), torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        terms = loss_fn(model(image), image, label)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append({k: v.item() for k, v in terms.items()})
+    for name in ("loss", "seg", "rc"):
+        assert losses[-1][name] < 0.5 * losses[0][name], (name, losses[0][name], losses[-1][name])
+
+
+# Whole runs
+
+
+def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) -> None:
+    # pretrain: the student decoder is frozen, the teachers learn
+    pretrain = tmp_path / "pretrain"
+    run(
+        stage="pretrain", data=str(demo_data), output_dir=str(pretrain), max_steps=2, checkpoint_every=1, mask_ratio=0.5
+    )
+    first, last = (tensors(pretrain / "checkpoints" / f"step_{s:08d}") for s in (1, 2))
+    assert all(torch.equal(first[k], last[k]) for k in first if k.startswith("decoder."))
+    assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("teachers."))
+    assert "val/dice" not in records(pretrain)[-1]
+
+    # segment from the pretrained teachers, one-way distillation, bf16 autocast on the CPU
+    segment = tmp_path / "segment"
+    result = run(
+        data=str(demo_data), output_dir=str(segment), model=f"local-dir:{pretrain}", pretrained=True,
+        one_way_sdkt=True, max_steps=2, mixed_precision="bf16", command="python examples/train.py --test",
+    )  # fmt: skip
+    assert result.step == 2 and 0.0 <= result.metrics["val/dice"] <= 1.0
+    assert {"val/dice", "val/dice_lesion", "val/hd95"} <= set(records(segment)[-1])
+    assert {"train/seg", "train/rc", "train/sdkt", "train/lr", "train/patches_per_s"} <= set(records(segment)[0])
+    for png in ("curves.png", "validation.png"):
+        assert (segment / png).read_bytes().startswith(b"\x89PNG")
+    model = veloxseg.create_model(f"local-dir:{segment}", pretrained=True)
+    assert model.config.roi_size == (64, 64, 64) and model.config.in_ch == (1, 1)
+    metadata = model.pretrained_cfg["veloxseg"]
+    assert [c["name"] for c in metadata["channels"]] == ["CT", "PET"]
+    assert metadata["channels"][0]["normalisation"] == "ct" and metadata["labels"] == {"background": 0, "lesion": 1}
+    assert metadata["metrics"]["val_dice"] == pytest.approx(result.metrics["val/dice"])
+    card = (segment / "README.md").read_text()
+    assert "python examples/train.py --test" in card
+    assert (segment / "best" / "model.safetensors").is_file()
+
+    # finetune onto a one-channel (PET only), three-class dataset
+    other = tmp_path / "pet_only"
+    shutil.copytree(demo_data, other)
+    for pet in list((other / "imagesTr").glob("*_0001.nii.gz")):
+        pet.replace(pet.with_name(pet.name.removesuffix("_0001.nii.gz") + "_0000.nii.gz"))
+    meta = json.loads((other / "dataset.json").read_text())
+    meta.update(channel_names={"0": "PET"}, labels={"background": 0, "lesion": 1, "organ": 2})
+    (other / "dataset.json").write_text(json.dumps(meta))
+    finetune = tmp_path / "finetune"
+    run(stage="finetune", data=str(other), output_dir=str(finetune), model=f"local-dir:{segment}", max_steps=1)
+    model = veloxseg.create_model(f"local-dir:{finetune}", pretrained=True)
+    assert model.config.in_ch == (1,) and model.config.n_classes == 3
+    weights = tensors(finetune)
+    assert "attention.patch_embeds.1.weight" not in weights and weights["decoder.head.weight"].shape[0] == 4**3 * 3
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No data given: the trainer makes the demo dataset (a small one here) in cache_dir, once.
+    monkeypatch.setattr(trainer, "make_demo_dataset", small_demo)
+    common = dict(max_steps=6, checkpoint_every=3, cache_dir=str(tmp_path / "cache"))
+    straight = tmp_path / "straight"
+    run(output_dir=str(straight), **common)
+    assert (tmp_path / "cache" / "demo" / "dataset.json").is_file()
+
+    # Killed while writing the step-6 checkpoint: steps 4-6 are logged, their checkpoint half-written.
+    real_save_state = Accelerator.save_state
+
+    def killed_save_state(self: Accelerator, output_dir: str, **kwargs) -> None:
+        real_save_state(self, output_dir, **kwargs)
+        if output_dir.endswith("step_00000006"):
+            (Path(output_dir) / "model.safetensors").write_bytes(b"truncated")
+            raise KeyError("killed")  # not an error train() could catch and handle
+
+    # The interrupted run loads its data in two worker processes: per-sample seeds make that no difference.
+    interrupted = tmp_path / "interrupted"
+    common.update(num_workers=2)
+    monkeypatch.setattr(Accelerator, "save_state", killed_save_state)
+    with pytest.raises(KeyError, match="killed"):
+        run(output_dir=str(interrupted), **common)
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    checkpoints = interrupted / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_00000006", "step_00000003"]
+    assert not (interrupted / "model.safetensors").exists()
+    assert trainer.latest_checkpoint(checkpoints).name == "step_00000003"
+
+    real_loss = trainer.VeloxSegLoss.forward
+    losses_computed = []
+
+    def counted_loss(self: VeloxSegLoss, *args, **kwargs) -> dict:
+        losses_computed.append(1)
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.VeloxSegLoss, "forward", counted_loss)
+    with pytest.raises(ValueError, match="belongs to a run of 6 steps, not 8"):
+        run(output_dir=str(interrupted), resume=True, **{**common, "max_steps": 8})
+    result = run(output_dir=str(interrupted), resume=True, **common)
+    assert result.step == 6 and len(losses_computed) == 3  # steps 4-6 only: it did resume
+    a, b = tensors(straight), tensors(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop_speed = [{k: v for k, v in r.items() if k != "train/patches_per_s"} for r in records(straight)]
+    assert drop_speed == [{k: v for k, v in r.items() if k != "train/patches_per_s"} for r in records(interrupted)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003", "step_00000006"]
+
+
+def test_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
+    for name, complete in (("step_00000003", True), ("step_00000010", False), (".tmp-step_00000020", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / trainer.TRAINER_STATE).write_text("{}")
+    assert trainer.latest_checkpoint(tmp_path).name == "step_00000003"
+    assert trainer.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path: Path) -> None:
+    (tmp_path / "a" / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    for output_dir in ("a", "b"):
+        with pytest.raises(FileExistsError, match="pass resume"):
+            run(output_dir=str(tmp_path / output_dir))
+
+
+# Data checks before training
+
+
+def _drop_pet(root: Path) -> None:
+    next((root / "imagesTr").glob("*_0001.nii.gz")).unlink()
+
+
+def _bad_label(root: Path) -> None:
+    path = next((root / "labelsTr").glob("*.nii.gz"))
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+
+
+def _gap_in_labels(root: Path) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, "lesion": 1, "metastasis": 3}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_drop_pet, r"missing channel 1 \(PET\) file"),
+        (_bad_label, r"has values \[3\] not in dataset.json labels"),
+        (_gap_in_labels, r"labels must be the values 0..N-1"),
+    ],
+)
+def test_bad_datasets_are_rejected_before_training(demo_data: Path, tmp_path: Path, corrupt, message: str) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    corrupt(data)
+    with pytest.raises(DatasetError, match=message):
+        run(data=str(data), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(stage="pretrain", seg_weight=1.0), "self-supervised"),
+        (dict(batch_size=3), "multiple of crops_per_volume"),
+        (dict(max_steps=5, epochs=2), "not both"),
+        (dict(roi=(64, 64)), "1 or 3 sizes"),
+        (dict(mixed_precision="fp16", cpu=True), "fp16 needs a CUDA GPU"),
+        (dict(hf_dataset="some/dataset"), "hf_image_columns"),
+        (dict(hf_dataset="some/dataset", data="some/folder"), "not both"),
+    ],
+)
+def test_bad_settings_are_rejected(tmp_path: Path, settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run(output_dir=str(tmp_path), **settings)
+
+
+def test_hugging_face_dataset(demo_data: Path, tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (demo_data / "labelsTr").iterdir())
+    columns = {
+        "ct": [str(demo_data / "imagesTr" / f"{c}_0000.nii.gz") for c in cases],
+        "pet": [str(demo_data / "imagesTr" / f"{c}_0001.nii.gz") for c in cases],
+        "mask": [str(demo_data / "labelsTr" / f"{c}.nii.gz") for c in cases],
+    }
+    Dataset.from_dict(columns).save_to_disk(tmp_path / "hf")
+    result = run(
+        hf_dataset=str(tmp_path / "hf"), hf_image_columns=("ct", "pet"), hf_label_column="mask",
+        hf_labels={"background": 0, "lesion": 1}, output_dir=str(tmp_path / "out"), max_steps=1,
+    )  # fmt: skip
+    assert "val/dice" in result.metrics
+    converted = json.loads(next((tmp_path / "out" / "data" / "hf").glob("*/dataset.json")).read_text())
+    assert converted["channel_names"] == {"0": "ct", "1": "pet"}
+
+
+def run_script(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """Run examples/train.py in this process (no second torch import); returns its exit code."""
+    monkeypatch.setattr(sys, "argv", ["examples/train.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "examples" / "train.py"), run_name="__main__")
+    return exit_info.value.code
+
+
+def test_command_line_help_documents_the_flags(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    assert run_script(monkeypatch, "--help") == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--model", "--pretrained", "--data", "--stage", "--max-steps", "--epochs", "--batch-size", "--roi",
+        "--lr", "--output-dir", "--resume", "--mixed-precision", "--seed", "--hf-dataset", "--one-way-sdkt",
+    ):  # fmt: skip
+        assert flag in out, flag
+    assert "{pretrain,segment,finetune}" in out
+
+
+def test_command_line_reports_bad_data_without_a_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    code = run_script(monkeypatch, "--data", str(tmp_path), "--output-dir", str(tmp_path / "out"))
+    assert "error:" in code and "dataset.json not found" in code  # sys.exit(message): printed, exit status 1
