@@ -30,7 +30,7 @@ def validate(folder: Path) -> list[str]:
     if missing:
         return [f"missing {name}" for name in missing]
     try:
-        model = veloxseg.create_model(f"local-dir:{folder}")
+        model = veloxseg.create_model(f"local-dir:{folder}", pretrained=False)
         report = hub.load_pretrained(model)
     except (ValueError, FileNotFoundError) as err:
         return [f"does not load: {err}"]

@@ -266,3 +266,9 @@ def test_publish_validates_then_pushes_only_when_asked(saved, tmp_path, monkeypa
     problems = capsys.readouterr().out
     assert "datasets" in problems and "metrics" in problems and "training command" in problems
     assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in (ROOT / "hub").iterdir() if p.is_dir()), ids=lambda p: p.name)
+def test_shipped_model_folders_are_publishable(folder):
+    """Every model folder under hub/ loads exactly as saved, runs, and has a complete card."""
+    assert load_publish().validate(folder) == []
