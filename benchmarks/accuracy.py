@@ -6,14 +6,14 @@
 Every setup trains from the same seed on the same cases with the same crops, augmentation and batch
 order (:mod:`veloxseg.data.transforms`, per-sample seeds as in :mod:`veloxseg.train`), the same AdamW
 settings and warm-up + cosine schedule (the trainer's ``resolve``d defaults, so its demo-run learning
-rate on the demo data, and ``build_scheduler``) and the same number of steps. Only the network and the loss terms differ: MONAI's networks train with L_seg
-(Dice + CE, as in ``VeloxSegLoss``), VeloxSeg with the loss of its row. Each whole test volume
-(imagesTs) is then segmented by sliding-window inference and scored against labelsTs by the
-trainer's ``validate``: Dice per class and its mean, HD95 in mm.
+rate on the demo data, and ``build_scheduler``) and the same number of steps. Only the network and
+the loss differ: MONAI's networks train with L_seg (Dice + CE, as in ``VeloxSegLoss``), VeloxSeg with
+the loss of its row. Each whole test volume (imagesTs) is then segmented by sliding-window inference
+and scored against labelsTs by the trainer's ``validate``: Dice per class and its mean, HD95 in mm.
 
 "Time per step" is the median compute time of one training step (forward, backward, optimiser; data
 loading excluded) on this run's device and load; ``benchmarks/speed.py`` measures speed properly.
-Results are written after every configuration, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
+Results are written after every setup, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 """
 
 import argparse
@@ -189,6 +189,7 @@ def run(
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (for step timings); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -242,7 +243,8 @@ def run_benchmark(
         "roi": list(config.roi),
         "batch_size": config.batch_size,
         "optimizer": f"AdamW (peak lr {config.lr}, weight decay {config.weight_decay}), linear warm-up over "
-        f"5 % of the steps, cosine decay to {config.min_lr}",
+        f"{'5 % of the' if config.warmup_steps is None else config.warmup_steps} steps, "
+        f"cosine decay to {config.min_lr}",
         "seed": config.seed,
         "device": torch.cuda.get_device_name(accelerator.device)
         if accelerator.device.type == "cuda"
@@ -294,7 +296,7 @@ def markdown(rows: list[dict[str, Any]], run_info: dict[str, Any]) -> str:
         f"Data: `{Path(info['data']).name}`, {info['train_cases']} training cases, {info['test_cases']} test cases "
         f"(whole volumes, sliding-window inference). Every model: {info['steps']} steps of batch {info['batch_size']} "
         f"patches of {'x'.join(map(str, info['roi']))}, {info['optimizer']}, seed {info['seed']}. "
-        f"Device: {info['device']} ({info['torch_threads']} torch threads), load average "
+        f"Device: {info['device']} (torch threads: {info['torch_threads']}), load average "
         f"{info['load_average_start']:.1f} at the start and {info['load_average_end']:.1f} at the end; "
         f"wall time {info['wall_min']:.0f} min.",
         "",
