@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NUM_LEVELS, VeloxSegConfig
-from .layers import JLCBlock, OneDNNConv3d, PatchMerging3d, PWABlock, pixel_shuffle_3d
+from .layers import JLCBlock, OneDNNConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Up(nn.Module):
         self.up = nn.ConvTranspose3d(in_ch, out_ch, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.instance_norm(self.up(x))
+        return instance_norm(self.up(x))
 
 
 def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
@@ -116,8 +116,8 @@ class ConvStream(nn.Module):
         super().__init__()
         p = cfg.patch_size
         widths = [cfg.conv_width(level) for level in range(1, NUM_LEVELS + 1)]
-        self.downs = nn.ModuleList([nn.Conv3d(sum(cfg.in_ch), widths[0], 2 * p - 1, stride=p, padding=p - 1)])
-        self.downs.extend(nn.Conv3d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        self.downs = nn.ModuleList([OneDNNConv3d(sum(cfg.in_ch), widths[0], 2 * p - 1, stride=p, padding=p - 1)])
+        self.downs.extend(OneDNNConv3d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
         self.mixers = nn.ModuleList(
             nn.Conv3d(cfg.num_groups * cfg.attn_width(level), widths[level - 1], 1)
             for level in range(1, NUM_LEVELS + 1)
@@ -127,7 +127,7 @@ class ConvStream(nn.Module):
     def forward(self, x: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         features = []
         for down, mixer, stage, attn in zip(self.downs, self.mixers, self.stages, attn_features):
-            x = F.instance_norm(down(x)) + F.instance_norm(mixer(channels_first(torch.cat(attn, -1))))
+            x = instance_norm(down(x)) + instance_norm(mixer(channels_first(torch.cat(attn, -1))))
             x = stage(x)
             features.append(x)
         return features
@@ -192,7 +192,7 @@ class ReconstructionTeacher(nn.Module):
 
     def forward(self, attn: list[torch.Tensor], conv: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (reconstruction (B, c_m, D, H, W), v_1 (B, C_1, ...))."""
-        r = [F.instance_norm(fuse(torch.cat([channels_first(a), e], 1))) for fuse, a, e in zip(self.fuse, attn, conv)]
+        r = [instance_norm(fuse(torch.cat([channels_first(a), e], 1))) for fuse, a, e in zip(self.fuse, attn, conv)]
         v1 = self.ladder(r)[0]
         return pixel_shuffle_3d(self.head(v1), self.patch_size), v1
 

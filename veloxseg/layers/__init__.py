@@ -5,6 +5,7 @@ channels-first (B, C, D, H, W) ones."""
 
 from .conv import OneDNNConv3d, PointwiseConv3d
 from .jlc import JLCBlock
+from .norm import instance_norm
 from .patch_merging import PatchMerging3d
 from .pixel_shuffle import pixel_shuffle_3d
 from .pwa import PairedWindowAttention, PWABlock, WindowScale, window_scales
@@ -17,6 +18,7 @@ __all__ = [
     "PointwiseConv3d",
     "PWABlock",
     "WindowScale",
+    "instance_norm",
     "pixel_shuffle_3d",
     "window_scales",
 ]

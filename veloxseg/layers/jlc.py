@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm import instance_norm
+
 
 class JLCBlock(nn.Module):
     """Multi-kernel grouped conv branch plus a 1x1x1 expansion MLP, both residual.
@@ -40,5 +42,5 @@ class JLCBlock(nn.Module):
         else:
             y = x
             for conv in self.spatial_convs:
-                y = y + F.gelu(F.instance_norm(conv(x)))
-        return y + self.drop(self.project(F.gelu(self.expand(F.instance_norm(y)))))
+                y = y + F.gelu(instance_norm(conv(x)))
+        return y + self.drop(self.project(F.gelu(self.expand(instance_norm(y)))))
