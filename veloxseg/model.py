@@ -159,7 +159,9 @@ class SegmentationDecoder(nn.Module):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.ladder = DecoderLadder(cfg)
-        self.head = OneDNNConv3d(cfg.conv_width(1), cfg.patch_size**3 * cfg.n_classes, 3, padding=1)
+        self.head = OneDNNConv3d(
+            cfg.conv_width(1), cfg.patch_size**3 * cfg.n_classes, 3, padding=1, channels_last_input=True
+        )
         self.aux_heads = nn.ModuleList(
             nn.Conv3d(cfg.conv_width(level), cfg.n_classes, 1) for level in range(2, NUM_LEVELS + 1)
         ) if cfg.deep_supervision else None  # fmt: skip
@@ -188,7 +190,7 @@ class ReconstructionTeacher(nn.Module):
             for level in range(1, NUM_LEVELS + 1)
         )
         self.ladder = DecoderLadder(cfg)
-        self.head = OneDNNConv3d(cfg.conv_width(1), cfg.patch_size**3 * out_ch, 3, padding=1)
+        self.head = OneDNNConv3d(cfg.conv_width(1), cfg.patch_size**3 * out_ch, 3, padding=1, channels_last_input=True)
 
     def forward(self, attn: list[torch.Tensor], conv: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (reconstruction (B, c_m, D, H, W), v_1 (B, C_1, ...))."""

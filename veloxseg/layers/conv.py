@@ -1,5 +1,7 @@
 """Convolutions tuned for CPU inference: oneDNN 3-D convs, and 1x1x1 convs on channels-last tensors."""
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,11 +21,20 @@ class OneDNNConv3d(nn.Conv3d):
     same input. Same parameters and outputs as ``nn.Conv3d``; other devices and dtypes use it, and so
     does CPU code under ``torch.backends.mkldnn.flags(enabled=False)`` (e.g. to count FLOPs) and code
     being compiled, exported or traced.
+
+    With ``channels_last_input=True`` oneDNN gets a channels-last copy of the input and writes a
+    channels-last output without reordering it: worth it when the output is much wider than the
+    input (the head's 128 output channels: 13 instead of 20 ms).
     """
+
+    def __init__(self, *args: Any, channels_last_input: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels_last_input = channels_last_input
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _eager():
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            if self.channels_last_input:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
