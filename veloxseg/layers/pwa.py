@@ -84,6 +84,34 @@ def relative_position_index(tokens: Size3) -> torch.Tensor:
     )
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(c) + bias) v`` in every window: q, k (N, h, T, c), v (N, h, T, c_v), bias
+    (h, T, T) -> (N, h, T, c_v), with dropout ``drop`` on the attention weights.
+
+    On GPUs this is PyTorch's fused attention. On CPUs its kernels are slow for these shapes (head widths
+    of 4-16, thousands of windows; with q/k and v of different widths only the math fallback, which checks
+    every score for -inf): the products are written out with v on the left, ``(v^T s^T)^T``, whose wide
+    output suits the BLAS kernels (level 1 of veloxseg_small: 3.0 ms vs 5.3 ms for the fused kernel).
+    Long windows (T >= 256) go one (window, head) at a time so each score matrix stays in cache.
+    """
+    scale = q.shape[-1] ** -0.5
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+    num, heads, length, width = v.shape
+    if length >= 256:
+        out = []
+        for window in range(num):
+            for head in range(heads):
+                scores = torch.addmm(bias[head], q[window, head], k[window, head].t(), alpha=scale)
+                weights = F.dropout(scores.softmax(-1), drop, training=drop > 0)
+                out.append(torch.mm(v[window, head].t(), weights.t()))
+        return torch.stack(out).view(num, heads, width, length).transpose(-2, -1)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    scores += bias
+    weights = F.dropout(scores.softmax(-1), drop, training=drop > 0)
+    return torch.matmul(v.transpose(-2, -1), weights.transpose(-2, -1)).transpose(-2, -1)
+
+
 class PairedWindowAttention(nn.Module):
     """Window attention over all modality groups at once, at several window scales.
 
@@ -175,13 +203,8 @@ class PairedWindowAttention(nn.Module):
         num_groups = len(xs)
         length = math.prod(self.tokens)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups).unsqueeze(0)
-        drop = self.attn_drop if self.training else 0.0
-        if self.head_dim == self.value_dim:  # PyTorch's fused kernel: no (M*L)^2 score tensor in memory
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        else:  # its math fallback would add -inf checks over all scores: cheaper written out
-            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
-            out = F.dropout(attn.softmax(dim=-1), drop, self.training) @ v
+        bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups)
+        out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
         return [
             x + self.proj_drop(proj(self._scatter(group_out, grid)))
