@@ -11,6 +11,7 @@ from .config import VeloxSegConfig
 from .convert import load_reference
 from .hub import push_to_hub, save_pretrained
 from .model import VeloxSeg, VeloxSegOutput, gram_matrix
+from .optimize import optimize
 from .registry import create_model, list_models
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "gram_matrix",
     "list_models",
     "load_reference",
+    "optimize",
     "predict",
     "push_to_hub",
     "save_pretrained",

@@ -32,9 +32,9 @@ class OneDNNConv3d(nn.Conv3d):
         self.channels_last_input = channels_last_input
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.channels_last_input and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _eager():
-            if self.channels_last_input:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 
