@@ -69,8 +69,8 @@ def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
 class AttentionStream(nn.Module):
     """Per-group patch embedding, then PWA levels with patch merging in between.
 
-    (B, sum(in_ch), D, H, W) -> per level i, a list of M channels-last tensors
-    (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i).
+    ``embed`` then ``forward``: (B, sum(in_ch), D, H, W) -> per level i, a list of M channels-last
+    tensors (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i).
     """
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
@@ -94,9 +94,13 @@ class AttentionStream(nn.Module):
             if level < NUM_LEVELS:
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1)."""
         parts = x.split(list(self.in_ch), 1)
-        xs = [self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) for embed, part in zip(self.patch_embeds, parts)]
+        return [self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) for embed, part in zip(self.patch_embeds, parts)]
+
+    def forward(self, xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Embedded tokens (see ``embed``) -> per level, per group features."""
         features = []
         for level, blocks in enumerate(self.levels):
             xs = blocks(xs)
@@ -109,7 +113,8 @@ class AttentionStream(nn.Module):
 class ConvStream(nn.Module):
     """JLC encoder fed by the attention features: s_i = IN(down_i(.)) + mix_i(a_i), e_i = JLC_i(s_i).
 
-    Returns [e_1, e_2, e_3, e_4], e_i of shape (B, C_i, D/(p 2^(i-1)), ...).
+    ``stem`` (down_1 on the input) then ``forward``: returns [e_1, e_2, e_3, e_4], e_i of shape
+    (B, C_i, D/(p 2^(i-1)), ...).
     """
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
@@ -124,10 +129,15 @@ class ConvStream(nn.Module):
         )
         self.stages = nn.ModuleList(jlc_stage(cfg, level) for level in range(1, NUM_LEVELS + 1))
 
-    def forward(self, x: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, sum(in_ch), D, H, W) -> (B, C_1, D/p, H/p, W/p), before its instance norm."""
+        return self.downs[0](x)
+
+    def forward(self, stem: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         features = []
-        for down, mixer, stage, attn in zip(self.downs, self.mixers, self.stages, attn_features):
-            x = instance_norm(down(x)) + instance_norm(mixer(channels_first(torch.cat(attn, -1))))
+        for level, (mixer, stage, attn) in enumerate(zip(self.mixers, self.stages, attn_features)):
+            x = stem if level == 0 else self.downs[level](x)
+            x = instance_norm(x) + instance_norm(mixer(channels_first(torch.cat(attn, -1))))
             x = stage(x)
             features.append(x)
         return features
@@ -237,18 +247,28 @@ class VeloxSeg(nn.Module):
                 f"create the model with roi_size=..."
             )
 
-    def forward_features(self, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    def embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The convs that read the input: per-group attention tokens and the conv stream's stem output."""
+        return self.attention.embed(x), self.encoder.stem(x)
+
+    def forward_features(
+        self, tokens: list[torch.Tensor], stem: torch.Tensor
+    ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Attention features (per level, per group, channels-last) and conv features [e_1..e_4]."""
-        attn = self.attention(x)
-        return attn, self.encoder(x, attn)
+        attn = self.attention(tokens)
+        return attn, self.encoder(stem, attn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
         self.check_input(x)
-        attn, conv = self.forward_features(x)
+        return self.forward_embedded(*self.embed(x))
+
+    def forward_embedded(self, tokens: list[torch.Tensor], stem: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
+        """``forward`` after ``embed``: the split lets ``veloxseg.optimize`` compile all but the input convs."""
+        attn, conv = self.forward_features(tokens, stem)
         logits, u1 = self.decoder(conv)
         if not self.training:
             return logits[0]
-        size = x.shape[2:]
+        size = self.config.roi_size
         logits[1:] = [F.interpolate(t, size=size, mode="trilinear", align_corners=True) for t in logits[1:]]
         out = VeloxSegOutput(logits=logits, gram=gram_matrix(u1))
         if self.teachers is not None:

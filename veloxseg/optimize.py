@@ -2,11 +2,11 @@
 
 The eager network spends most of its CPU time outside the convolutions, in many small memory-bound
 ops (layer norms, window gathers, residual adds, GELUs). Inductor with weight freezing fuses those
-into a few generated loops and runs every conv and linear on prepacked oneDNN/MKL weights with its
-bias and activation fused: on this project's 2-core EPYC, 1 thread, one 2 x 96^3 patch of
-veloxseg_small, about 0.8 of the eager time with the same outputs (relative error < 1e-6;
-``benchmarks/speed.py`` has the numbers). The price is a one-time compilation (about a minute on
-2 CPU cores, again for every new batch size) and a C++ compiler on the machine.
+into a few generated loops and runs every conv and linear on prepacked oneDNN/MKL weights with
+biases and activations fused: on this project's 2-core EPYC, 1 thread, one 2 x 96^3 patch of
+veloxseg_small, about 0.8 of the eager time with the same outputs (relative error ~2e-6 to the
+authors' vectors; ``benchmarks/speed.py`` has the numbers). The price is a one-time compilation
+(about a minute on 2 CPU cores) and a C++ compiler on the machine.
 """
 
 import copy
@@ -16,28 +16,51 @@ from torch import nn
 
 from .model import VeloxSeg
 
-__all__ = ["OptimizedVeloxSeg", "optimize"]
+__all__ = ["INDUCTOR_SETTINGS", "OptimizedVeloxSeg", "optimize"]
+
+# freezing: weights become constants, prepacked for oneDNN/MKL, with biases and activations fused;
+# no layout optimisation: channels-last everywhere measured slower; cpp_wrapper: no Python between kernels.
+INDUCTOR_SETTINGS = {"freezing": True, "layout_optimization": False, "cpp_wrapper": True}
 
 
 class OptimizedVeloxSeg(nn.Module):
-    """Inference-only VeloxSeg compiled by ``torch.compile`` with frozen weights.
+    """Inference-only VeloxSeg compiled by ``torch.compile`` with frozen weights, for one batch size.
 
-    (B, sum(in_ch), *roi_size) -> logits (B, n_classes, *roi_size), as ``VeloxSeg`` in eval mode. It
-    holds a private copy of the model: later changes to the original's weights do not reach it.
+    (B, sum(in_ch), *roi_size) -> logits (B, n_classes, *roi_size), as ``VeloxSeg`` in eval mode, for
+    any B: inputs are run ``batch_size`` at a time, the last chunk padded with zeros (samples are
+    independent: the network has no batch statistics), so only one graph is ever compiled. It holds
+    a private copy of the model: later changes to the original's weights do not reach it.
     """
 
-    def __init__(self, model: VeloxSeg) -> None:
+    def __init__(self, model: VeloxSeg, batch_size: int = 1) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.config = self.model.config
         self.pretrained_cfg = self.model.pretrained_cfg
-        self.compiled_forward = torch.compile(self.model.forward, dynamic=False)
+        self.compiled_forward = torch.compile(self.model.forward_embedded, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.check_input(x)  # a clear error before dynamo sees the tensor
-        # Freezing is read when a graph is compiled: a new batch size compiles under the same settings.
-        with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
-            return self.compiled_forward(x)
+        self.model.check_input(x)
+        if x.shape[0] == self.batch_size:
+            return self._forward_batch(x)
+        outputs = []
+        for chunk in x.split(self.batch_size):
+            padding = self.batch_size - chunk.shape[0]
+            padded = torch.cat([chunk, chunk.new_zeros(padding, *chunk.shape[1:])]) if padding else chunk
+            outputs.append(self._forward_batch(padded)[: chunk.shape[0]])
+        return torch.cat(outputs)
+
+    def _forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            # The input convs stay eager: inductor's prepacked convs want channels-last inputs, and
+            # transposing the full-resolution input costs more (5 ms) than those convs themselves.
+            tokens, stem = self.model.embed(x)
+            # The settings are read when the graph is compiled (on the first call).
+            with torch._inductor.config.patch(**INDUCTOR_SETTINGS):
+                return self.compiled_forward(tokens, stem)
 
     def train(self, mode: bool = True) -> "OptimizedVeloxSeg":
         if mode:
@@ -46,20 +69,20 @@ class OptimizedVeloxSeg(nn.Module):
 
 
 def optimize(model: VeloxSeg, batch_size: int = 1) -> OptimizedVeloxSeg:
-    """Compile ``model`` for inference and return the compiled copy, warmed up for ``batch_size``.
+    """Compile ``model`` for inference on batches of ``batch_size`` and return the compiled copy.
 
-    The compilation happens here (on an input of ``batch_size`` x the model's ROI), not on the first
+    Compilation happens here, on a zero input of ``batch_size`` x the model's ROI, not on the first
     real call. Raises ``RuntimeError`` naming the cause when torch.compile cannot run on this machine
-    (on CPU it needs a C++ compiler).
+    (on CPUs it needs a C++ compiler).
     """
     if not isinstance(model, VeloxSeg):
         raise TypeError(f"veloxseg.optimize expects a VeloxSeg model, got {type(model).__name__}")
-    optimized = OptimizedVeloxSeg(model)
+    optimized = OptimizedVeloxSeg(model, batch_size)
     cfg = model.config
     parameter = next(model.parameters())
     example = torch.zeros(batch_size, sum(cfg.in_ch), *cfg.roi_size, device=parameter.device, dtype=parameter.dtype)
     try:
         optimized(example)
-    except Exception as error:  # inductor raises many types (compiler missing, backend errors)
-        raise RuntimeError(f"veloxseg.optimize: torch.compile failed on this machine ({error})") from error
+    except Exception as error:  # inductor raises many types (no compiler, backend errors)
+        raise RuntimeError(f"veloxseg.optimize: torch.compile failed on this machine: {error}") from error
     return optimized
