@@ -214,3 +214,22 @@ def test_bad_window_settings_are_rejected(model, case_files):
         predict(model, case_files, overlap=1.0)
     with pytest.raises(ValueError, match="sw_batch_size"):
         predict(model, case_files, sw_batch_size=0)
+
+
+def test_cli_optimize_compiles_once_for_the_window_batch(model_dir, case_files, tmp_path, monkeypatch):
+    """``--optimize`` hands the loaded model to veloxseg.optimize with the sliding-window batch size (the
+    compiled path itself is tested in test_optimize.py); a rejected case compiles nothing."""
+    import veloxseg.predict as predict_module
+
+    calls = []
+
+    def spy(model, batch_size):
+        calls.append(batch_size)
+        return model
+
+    monkeypatch.setattr(predict_module, "optimize", spy)
+    command = ["predict", "--model", f"local-dir:{model_dir}", "--optimize", "--sw-batch-size", "3"]
+    assert main([*command, "-i", *map(str, case_files), "-o", str(tmp_path / "seg.nii.gz")]) == 0
+    assert calls == [3] and (tmp_path / "seg.nii.gz").exists()
+    assert main([*command, "-i", str(case_files[0]), "-o", str(tmp_path / "bad.nii.gz")]) == 2  # one channel for two
+    assert calls == [3]

@@ -31,9 +31,11 @@ from tqdm import tqdm
 
 from .metadata import ModelMetadata
 from .model import VeloxSeg
+from .optimize import OptimizedVeloxSeg, optimize
 from .preprocess import normalise_channels
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
+SegModel = VeloxSeg | OptimizedVeloxSeg
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
@@ -57,7 +59,7 @@ class Scan:
     sources: tuple[Path, ...]
 
 
-def model_metadata(model: VeloxSeg) -> ModelMetadata:
+def model_metadata(model: SegModel) -> ModelMetadata:
     """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none
     or it does not fit the model's channels and classes."""
     cfg = model.config
@@ -116,7 +118,7 @@ def spatial_transforms(metadata: ModelMetadata) -> Compose:
 
 @torch.inference_mode()
 def predict_probabilities(
-    model: VeloxSeg,
+    model: SegModel,
     scan: Scan,
     *,
     overlap: float = 0.5,
@@ -157,7 +159,7 @@ def predict_probabilities(
 
 
 def predict(
-    model: VeloxSeg,
+    model: SegModel,
     image: ImageInput | Sequence[ImageInput],
     output: str | os.PathLike | None = None,
     *,
@@ -290,6 +292,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:0, ...")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
+        "--optimize", action="store_true",
+        help="compile the model first (veloxseg.optimize: about a minute once, faster windows after)",
+    )  # fmt: skip
+    parser.add_argument(
         "--save-probabilities", action="store_true", help="also write <name>_probabilities.nii.gz (float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -309,9 +315,11 @@ def run_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = model_from_args(args).to(device)
-    if len(cases) > 1:  # a bad case late in a folder must not leave the earlier ones written
+    if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
         for files in cases.values():
             _check_channels(model, model_metadata(model), load_scan(files))
+    if args.optimize:
+        model = optimize(model, batch_size=args.sw_batch_size)
     for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=len(cases) == 1):
         predict(
             model, files, targets[case], overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=device,
@@ -372,7 +380,7 @@ def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
         raise ValueError(f"cannot read the voxels of {name}: {type(err).__name__}: {err}") from None
 
 
-def _check_channels(model: VeloxSeg, metadata: ModelMetadata, scan: Scan) -> None:
+def _check_channels(model: SegModel, metadata: ModelMetadata, scan: Scan) -> None:
     expected = sum(model.config.in_ch)
     if scan.data.shape[0] != expected:
         names = ", ".join(c.name for c in metadata.channels)
