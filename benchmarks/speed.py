@@ -5,9 +5,10 @@
 
 Every (model, threads) cell runs in a fresh subprocess, so thread pools and peak memory do not leak
 between rows. Latency is wall time of one eval forward of a (1, 2, 96, 96, 96) patch; "train" is one
-forward + backward in training mode with teachers and deep supervision (VeloxSeg only). The
-``veloxseg_small@<commit>`` row runs the package as it was at that commit (default: the first faithful
-network, a straightforward implementation) in the same run, for the ratio that matters.
+forward + backward in training mode with teachers and deep supervision (VeloxSeg only). With
+``--baseline-commit acdbd44`` a ``veloxseg_small@<commit>`` row runs the package as it was at that commit
+(acdbd44: the first faithful network, a straightforward implementation) in the same run, for the ratio
+that matters. ``veloxseg_small+optimize`` is ``veloxseg.optimize(veloxseg_small)``, compiled in its worker.
 Ratios are to veloxseg_small in the same run; absolute numbers depend on the machine and its load.
 """
 
@@ -30,10 +31,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 VELOXSEG = ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"]
+OPTIMIZED = "veloxseg_small+optimize"  # veloxseg.optimize(veloxseg_small): compiled once per worker
 MONAI = ["SegResNet", "UNet", "UNETR", "DynUNet", "MedNeXt-S", "SwinUNETR"]
 
 
 def build(name: str) -> torch.nn.Module:
+    if name.endswith("+optimize"):
+        import veloxseg
+
+        return veloxseg.optimize(build(name.removesuffix("+optimize")))
     if "@" in name:  # an older checkout: its default config is veloxseg_small
         from veloxseg.model import VeloxSeg
 
@@ -57,9 +63,10 @@ def worker(job: dict) -> dict:
     """Runs in the subprocess: time one model at one thread count."""
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
+    start = time.perf_counter()
     model = build(job["model"])
     x = torch.randn(1, 2, 96, 96, 96)
-    result = {"module": sys.modules[type(model).__module__].__file__}
+    result = {"module": sys.modules[type(model).__module__].__file__, "build_s": time.perf_counter() - start}
     model.eval()
     with torch.inference_mode():
         model(x)
@@ -90,7 +97,7 @@ def count(name: str) -> tuple[int, float]:
     """(parameters used at inference, GFLOP of one eval forward) via torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build(name).eval()
+    model = build(name.removesuffix("+optimize")).eval()
     params = model.inference_parameters() if hasattr(model, "inference_parameters") else sum(
         p.numel() for p in model.parameters()
     )  # fmt: skip
@@ -128,7 +135,7 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=VELOXSEG + MONAI)
+    parser.add_argument("--models", nargs="+", default=VELOXSEG + [OPTIMIZED] + MONAI)
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per cell (3 for models over 1 s)")
     parser.add_argument("--baseline-commit", default=None, help="commit of the straightforward implementation")
@@ -150,7 +157,8 @@ def main() -> None:
             row = {"model": name, "params": params, "gflop": gflop}
             for threads in args.threads:
                 repeats = args.repeats if name.startswith("veloxseg") or name in ("UNet", "SegResNet") else 3
-                job = {"model": name, "threads": threads, "repeats": repeats, "train": name.startswith("veloxseg")}
+                train = name.startswith("veloxseg") and not name.endswith("+optimize")
+                job = {"model": name, "threads": threads, "repeats": repeats, "train": train}
                 row[threads] = run_job(job, path)
                 print(name, threads, "thread(s):", spread(row[threads]["eval_ms"]), "ms", flush=True)
             rows.append(row)
@@ -162,7 +170,10 @@ def main() -> None:
     header.append("peak mem MB (1st thr)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["model"], f"{row['params'] / 1e6:.2f}" if row["params"] else "-",
+        name = row["model"]
+        if name.endswith("+optimize"):
+            name += f" (compiled in {row[args.threads[0]]['build_s']:.0f} s)"
+        cells = [name, f"{row['params'] / 1e6:.2f}" if row["params"] else "-",
                  f"{row['gflop']:.2f}" if row["gflop"] else "-"]  # fmt: skip
         for t in args.threads:
             ratio = statistics.median(row[t]["eval_ms"]) / statistics.median(small[t]["eval_ms"])
