@@ -143,8 +143,14 @@ class PairedWindowAttention(nn.Module):
         self.attn_drop = attn_drop
 
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
-        # q, k and v of a group in one 1x1x1 conv: channels [q | k | v].
+        # q, k and v of a group in one 1x1x1 conv: channels [q | k | v] (the authors' layout).
         self.qkv = nn.ModuleList(PointwiseConv3d(dim, 2 * self.qk_dim + self.v_dim) for _ in range(num_groups))
+        # The same rows scale-major, [q_1 k_1 v_1 | q_2 k_2 v_2 | ...]: one projection, one pool and one
+        # window copy per scale serve q, k and v together.
+        self.scale_width = num_heads * (2 * head_dim + self.value_dim)
+        parts = [(0, num_heads * head_dim), (self.qk_dim, num_heads * head_dim), (2 * self.qk_dim, num_heads * self.value_dim)]
+        order = [i for j in range(num_scales) for start, size in parts for i in range(start + j * size, start + (j + 1) * size)]
+        self.register_buffer("scale_major_rows", torch.tensor(order), persistent=False)
         self.projs = nn.ModuleList(PointwiseConv3d(self.v_dim, dim) for _ in range(num_groups))
         self.proj_drop = nn.Dropout(proj_drop)
         table_size = math.prod(2 * n - 1 for n in self.tokens)
@@ -157,19 +163,34 @@ class PairedWindowAttention(nn.Module):
         self.resize_matrices = [fn(m) for m in self.resize_matrices]
         return self
 
-    def _gather(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        """(B, D, H, W, S*h*width) -> (B, N, h, L, width): max-pooled windows of every scale."""
-        b = x.shape[0]
-        n1, n2, n3 = self.tokens
-        windows = []
-        for part, scale in zip(x.chunk(len(self.scales), dim=-1), self.scales):
-            if scale.pool != (1, 1, 1):  # pooling the channels-last view directly, without a copy
-                part = F.max_pool3d(part.permute(0, 4, 1, 2, 3), scale.pool, scale.pool).permute(0, 2, 3, 4, 1)
-            d, h, w = part.shape[1:4]
-            part = part.reshape(b, d // n1, n1, h // n2, n2, w // n3, n3, self.num_heads, width)
-            part = part.permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
-            windows.append(part.reshape(b, -1, self.num_heads, n1 * n2 * n3, width))
-        return torch.cat(windows, dim=1)
+    def _gather(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M groups (B, D, H, W, A) -> q, k (B*N, h, M*L, head_dim) and v (B*N, h, M*L, value_dim): every
+        group's tokens of every max-pooled window (windows scale by scale, groups in order per window)."""
+        b, n = xs[0].shape[0], math.prod(self.tokens)
+        grid = xs[0].shape[1:4]
+        counts = [[g // w for g, w in zip(grid, scale.window)] for scale in self.scales]
+        width = self.scale_width
+        windows = xs[0].new_empty(b, sum(math.prod(c) for c in counts), len(xs), n, width)
+        for group, (x, norm, qkv) in enumerate(zip(xs, self.norms, self.qkv)):
+            tokens = norm(x)
+            weight, bias = qkv.weight.flatten(1)[self.scale_major_rows], qkv.bias[self.scale_major_rows]
+            start = 0
+            for j, (scale, count) in enumerate(zip(self.scales, counts)):
+                part = F.linear(tokens, weight[j * width : (j + 1) * width], bias[j * width : (j + 1) * width])
+                if scale.pool != (1, 1, 1):  # a contiguous channels-last tensor: pooled without a copy
+                    part = F.max_pool3d(part.permute(0, 4, 1, 2, 3), scale.pool, scale.pool).permute(0, 2, 3, 4, 1)
+                part = part.view(b, count[0], self.tokens[0], count[1], self.tokens[1], count[2], self.tokens[2], width)
+                target = windows[:, start : start + math.prod(count), group]
+                target.view(b, *count, *self.tokens, width).copy_(part.permute(0, 1, 3, 5, 2, 4, 6, 7))
+                start += math.prod(count)
+        windows = windows.view(-1, len(xs) * n, width)
+        qk, v = self.num_heads * self.head_dim, self.num_heads * self.value_dim
+        q, k, v = windows.split([qk, qk, v], dim=-1)
+        return (
+            q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2),
+            k.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2),
+            v.unflatten(-1, (self.num_heads, self.value_dim)).transpose(1, 2),
+        )
 
     def _scatter(self, tokens: torch.Tensor, grid: Size3) -> torch.Tensor:
         """(B, N, h, L, c) -> (B, D, H, W, S*h*c): each window's tokens resized back in place."""
@@ -192,14 +213,8 @@ class PairedWindowAttention(nn.Module):
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         grid: Size3 = tuple(xs[0].shape[1:4])
-        queries, keys, values = [], [], []
-        for x, norm, qkv in zip(xs, self.norms, self.qkv):
-            q, k, v = qkv(norm(x)).split([self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
-            queries.append(self._gather(q, self.head_dim))
-            keys.append(self._gather(k, self.head_dim))
-            values.append(self._gather(v, self.value_dim))
         # Modal interaction: the groups' tokens of a window attend to each other.
-        q, k, v = (torch.cat(t, dim=3).flatten(0, 1) for t in (queries, keys, values))  # (B*N, h, M*L, c)
+        q, k, v = self._gather(xs)
         num_groups = len(xs)
         length = math.prod(self.tokens)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
