@@ -193,23 +193,26 @@ class PairedWindowAttention(nn.Module):
         )
 
     def _scatter(self, tokens: torch.Tensor, grid: Size3) -> torch.Tensor:
-        """(B, N, h, L, c) -> (B, D, H, W, S*h*c): each window's tokens resized back in place."""
+        """(B, N, h, M*L, c) -> (M, B, D, H, W, S*h*c): each window's tokens resized back in place, per group."""
         b, _, heads, _, c = tokens.shape
-        out, start = [], 0
-        for scale, resize in zip(self.scales, self.resize_matrices):
-            w1, w2, w3 = scale.window
-            counts = (grid[0] // w1, grid[1] // w2, grid[2] // w3)
-            num = math.prod(counts)
-            part = tokens[:, start : start + num]
-            start += num
+        groups = tokens.shape[3] // math.prod(self.tokens)
+        tokens = tokens.unflatten(3, (groups, -1))  # (B, N, h, M, L, c)
+        out = tokens.new_empty(groups, b, *grid, len(self.scales), heads, c)
+        start = 0
+        for j, (scale, resize) in enumerate(zip(self.scales, self.resize_matrices)):
+            counts = [g // w for g, w in zip(grid, scale.window)]
+            part = tokens[:, start : start + math.prod(counts)]
+            start += math.prod(counts)
             if scale.pool != (1, 1, 1):
-                # (L, B*N_j*h*c) layout: one plain GEMM resizes every window of the scale at once.
-                part = resize @ part.permute(3, 0, 1, 2, 4).reshape(part.shape[3], -1)
-                part = part.view(w1, w2, w3, b, *counts, heads, c).permute(3, 4, 0, 5, 1, 6, 2, 7, 8)
+                # (L, B*N_j*h*M*c) layout: one plain GEMM resizes every window of the scale at once.
+                part = resize @ part.permute(4, 0, 1, 2, 3, 5).reshape(part.shape[4], -1)
+                part = part.view(*scale.window, b, *counts, heads, groups, c).permute(8, 3, 4, 0, 5, 1, 6, 2, 7, 9)
             else:
-                part = part.reshape(b, *counts, heads, w1, w2, w3, c).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
-            out.append(part.reshape(b, *grid, heads * c))
-        return torch.cat(out, dim=-1)
+                part = part.reshape(b, *counts, heads, groups, *scale.window, c).permute(5, 0, 1, 6, 2, 7, 3, 8, 4, 9)
+            target = out[..., j, :, :].view(groups, b, counts[0], scale.window[0], counts[1], scale.window[1],
+                                            counts[2], scale.window[2], heads, c)  # fmt: skip
+            target.copy_(part)
+        return out.flatten(-3)
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         grid: Size3 = tuple(xs[0].shape[1:4])
@@ -222,8 +225,8 @@ class PairedWindowAttention(nn.Module):
         out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
         return [
-            x + self.proj_drop(proj(self._scatter(group_out, grid)))
-            for x, proj, group_out in zip(xs, self.projs, out.split(length, dim=3))
+            x + self.proj_drop(proj(scattered))
+            for x, proj, scattered in zip(xs, self.projs, self._scatter(out, grid))
         ]
 
 
