@@ -97,7 +97,10 @@ class AttentionStream(nn.Module):
     def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1)."""
         parts = x.split(list(self.in_ch), 1)
-        return [self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) for embed, part in zip(self.patch_embeds, parts)]
+        return [
+            self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous())
+            for embed, part in zip(self.patch_embeds, parts)
+        ]
 
     def forward(self, xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Embedded tokens (see ``embed``) -> per level, per group features."""

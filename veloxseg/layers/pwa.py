@@ -84,7 +84,9 @@ def relative_position_index(tokens: Size3) -> torch.Tensor:
     )
 
 
-def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, drop: float = 0.0
+) -> torch.Tensor:
     """``softmax(q k^T / sqrt(c) + bias) v`` in every window: q, k (N, h, T, c), v (N, h, T, c_v), bias
     (h, T, T) -> (N, h, T, c_v), with dropout ``drop`` on the attention weights.
 
@@ -147,9 +149,10 @@ class PairedWindowAttention(nn.Module):
         self.qkv = nn.ModuleList(PointwiseConv3d(dim, 2 * self.qk_dim + self.v_dim) for _ in range(num_groups))
         # The same rows scale-major, [q_1 k_1 v_1 | q_2 k_2 v_2 | ...]: one projection, one pool and one
         # window copy per scale serve q, k and v together.
-        self.scale_width = num_heads * (2 * head_dim + self.value_dim)
-        parts = [(0, num_heads * head_dim), (self.qk_dim, num_heads * head_dim), (2 * self.qk_dim, num_heads * self.value_dim)]
-        order = [i for j in range(num_scales) for start, size in parts for i in range(start + j * size, start + (j + 1) * size)]
+        qk_width, v_width = num_heads * head_dim, num_heads * self.value_dim
+        self.scale_width = 2 * qk_width + v_width
+        parts = [(0, qk_width), (self.qk_dim, qk_width), (2 * self.qk_dim, v_width)]  # (first row, rows per scale)
+        order = [first + j * rows + i for j in range(num_scales) for first, rows in parts for i in range(rows)]
         self.register_buffer("scale_major_rows", torch.tensor(order), persistent=False)
         self.projs = nn.ModuleList(PointwiseConv3d(self.v_dim, dim) for _ in range(num_groups))
         self.proj_drop = nn.Dropout(proj_drop)
@@ -166,11 +169,11 @@ class PairedWindowAttention(nn.Module):
     def _gather(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """M groups (B, D, H, W, A) -> q, k (B*N, h, M*L, head_dim) and v (B*N, h, M*L, value_dim): every
         group's tokens of every max-pooled window (windows scale by scale, groups in order per window)."""
-        b, n = xs[0].shape[0], math.prod(self.tokens)
+        b, length = xs[0].shape[0], math.prod(self.tokens)
         grid = xs[0].shape[1:4]
         counts = [[g // w for g, w in zip(grid, scale.window)] for scale in self.scales]
         width = self.scale_width
-        windows = xs[0].new_empty(b, sum(math.prod(c) for c in counts), len(xs), n, width)
+        windows = xs[0].new_empty(b, sum(math.prod(c) for c in counts), len(xs), length, width)
         for group, (x, norm, qkv) in enumerate(zip(xs, self.norms, self.qkv)):
             tokens = norm(x)
             weight, bias = qkv.weight.flatten(1)[self.scale_major_rows], qkv.bias[self.scale_major_rows]
@@ -183,7 +186,7 @@ class PairedWindowAttention(nn.Module):
                 target = windows[:, start : start + math.prod(count), group]
                 target.view(b, *count, *self.tokens, width).copy_(part.permute(0, 1, 3, 5, 2, 4, 6, 7))
                 start += math.prod(count)
-        windows = windows.view(-1, len(xs) * n, width)
+        windows = windows.view(-1, len(xs) * length, width)
         qk, v = self.num_heads * self.head_dim, self.num_heads * self.value_dim
         q, k, v = windows.split([qk, qk, v], dim=-1)
         return (
