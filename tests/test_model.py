@@ -6,7 +6,7 @@ import torch
 
 import veloxseg
 from veloxseg.layers import pixel_shuffle_3d, window_scales
-from veloxseg.layers.pwa import relative_position_index
+from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
 
@@ -135,3 +135,19 @@ def test_gram_matrix():
     flat = f.flatten(2)
     expected = torch.einsum("bcn,bdn->bcd", flat, flat) / (4 * 27)
     assert torch.allclose(veloxseg.gram_matrix(f), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "windows, heads, length, width, value_width",
+    [(585, 1, 54, 4, 4), (3, 2, 432, 8, 8), (9, 2, 54, 8, 16)],  # level 1, level 2 (one window at a time), level 3
+)
+def test_window_attention_is_softmax_attention(windows, heads, length, width, value_width):
+    q, k = torch.randn(2, windows, heads, length, width).unbind(0)
+    v, bias = torch.randn(windows, heads, length, value_width), torch.randn(heads, length, length)
+    q.requires_grad_()
+    expected = torch.softmax(q @ k.transpose(-2, -1) / width**0.5 + bias, -1) @ v
+    out = window_attention(q, k, v, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.square().sum(), q)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), q)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
