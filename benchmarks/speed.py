@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,17 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def worker(job: dict) -> dict:
     """Runs in the subprocess: time one model at one thread count."""
     torch.set_num_threads(job["threads"])
@@ -69,14 +79,17 @@ def worker(job: dict) -> dict:
     result = {"module": sys.modules[type(model).__module__].__file__, "build_s": time.perf_counter() - start}
     model.eval()
     with torch.inference_mode():
-        model(x)
+        # From before the first forward, and not counting the model's build (or compilation): the
+        # peak RSS of the forwards over the RSS of the built model.
         rss_before = current_rss_mb()
+        reset_peak_rss()
+        model(x)
         times = []
         for _ in range(job["repeats"]):
             start = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - start)
-    result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+    result["peak_mem_mb"] = peak_rss_mb() - rss_before
     result["eval_ms"] = [t * 1000 for t in times]
     if job["train"]:
         model.train()
