@@ -3,6 +3,8 @@
 One compilation (the reference model, batches of 2) serves the whole module: it takes about a minute.
 """
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -57,6 +59,31 @@ def test_is_a_private_inference_only_copy(reference, reference_model, optimized)
     with pytest.raises(RuntimeError, match="inference-only"):
         optimized.train()
     optimized.eval()
+
+
+def test_warns_before_compiling_for_a_new_thread_count(reference, reference_model):
+    """Dynamo recompiles when torch's thread count changes (its global-state guard): each new count is
+    announced once. The eager forward stands in for the compiled one here (no minute of compiling)."""
+    optimized = veloxseg.OptimizedVeloxSeg(reference_model)
+    optimized.compiled_forward = optimized.model.forward_embedded
+    x = reference["tensors"]["input"][:1]
+    threads = torch.get_num_threads()
+    other = threads + 1 if threads == 1 else threads - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized(x)  # the first compilation: optimize() itself, nothing to say
+    try:
+        torch.set_num_threads(other)
+        with pytest.warns(UserWarning, match=f"compiled for \\[{threads}\\] CPU thread.*uses {other}"):
+            optimized(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            optimized(x)
+    finally:
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimized(x)  # back to a compiled count
 
 
 def test_bad_input_is_rejected_before_compiling(optimized):

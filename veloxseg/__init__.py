@@ -11,13 +11,14 @@ from .config import VeloxSegConfig
 from .convert import load_reference
 from .hub import push_to_hub, save_pretrained
 from .model import VeloxSeg, VeloxSegOutput, gram_matrix
-from .optimize import optimize
+from .optimize import OptimizedVeloxSeg, optimize
 from .registry import create_model, list_models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptationReport",
+    "OptimizedVeloxSeg",
     "VeloxSeg",
     "VeloxSegConfig",
     "VeloxSegOutput",

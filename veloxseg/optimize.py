@@ -10,6 +10,7 @@ authors' vectors; ``benchmarks/speed.py`` has the numbers). The price is a one-t
 """
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -29,7 +30,9 @@ class OptimizedVeloxSeg(nn.Module):
     (B, sum(in_ch), *roi_size) -> logits (B, n_classes, *roi_size), as ``VeloxSeg`` in eval mode, for
     any B: inputs are run ``batch_size`` at a time, the last chunk padded with zeros (samples are
     independent: the network has no batch statistics), so only one graph is ever compiled. It holds
-    a private copy of the model: later changes to the original's weights do not reach it.
+    a private copy of the model: later changes to the original's weights do not reach it. On CPUs the
+    generated code is fixed to a thread count: after ``torch.set_num_threads`` the next call compiles
+    again (about a minute, once per thread count), with a warning.
     """
 
     def __init__(self, model: VeloxSeg, batch_size: int = 1) -> None:
@@ -41,9 +44,18 @@ class OptimizedVeloxSeg(nn.Module):
         self.config = self.model.config
         self.pretrained_cfg = self.model.pretrained_cfg
         self.compiled_forward = torch.compile(self.model.forward_embedded, dynamic=False)
+        self.compiled_threads: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.model.check_input(x)
+        threads = torch.get_num_threads()
+        if x.device.type == "cpu" and self.compiled_threads and threads not in self.compiled_threads:
+            warnings.warn(
+                f"this VeloxSeg was compiled for {sorted(self.compiled_threads)} CPU thread(s); torch now uses "
+                f"{threads}: compiling again for them (about a minute, once)",
+                stacklevel=2,
+            )
+        self.compiled_threads.add(threads)
         if x.shape[0] == self.batch_size:
             return self._forward_batch(x)
         outputs = []
