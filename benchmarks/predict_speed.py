@@ -8,7 +8,8 @@ Every network segments the same random scan (already at the model's spacing) wit
 sliding-window settings: the model's 96^3 ROI, gaussian blending, ``--overlap``, ``--sw-batch-size``;
 a row's time is MONAI's sliding-window inference plus the argmax. The ``veloxseg_small (predict)``
 row is the whole ``veloxseg.predict`` pipeline on the scan as a NIfTI image (normalisation,
-inference, softmax, mapping back). Each network first runs one window to warm up; ``--repeats``
+inference, softmax, mapping back); ``veloxseg_small (optimized)`` is ``veloxseg.optimize`` of the same
+model, compiled for each thread count before its rows (compilation not timed). Each network first runs one window to warm up; ``--repeats``
 keeps the fastest of several runs. Absolute numbers depend on the machine and its load; the table
 and JSON go to benchmarks/results/predict_speed.*.
 """
@@ -85,6 +86,10 @@ def main() -> None:
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)
+            optimized = veloxseg.optimize(veloxseg_small, batch_size=args.sw_batch_size)
+            runs["veloxseg_small (optimized)"] = lambda net=optimized: sliding_window_inference(
+                scan, predictor=net, **sw
+            ).argmax(1)
             for network in networks.values():  # warm-up
                 network(window)
             for name, run in runs.items():
@@ -93,7 +98,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
 
     params = {name: sum(p.numel() for p in n.parameters()) / 1e6 for name, n in networks.items()}
-    params["veloxseg_small"] = params["veloxseg_small (predict)"] = veloxseg_small.inference_parameters() / 1e6
+    for name in ("veloxseg_small", "veloxseg_small (predict)", "veloxseg_small (optimized)"):
+        params[name] = veloxseg_small.inference_parameters() / 1e6
     count, full_count = windows(spatial, ROI, args.overlap), windows(FULL_SIZE[1:], ROI, args.overlap)
     machine = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}"
