@@ -65,6 +65,7 @@ def test_warns_before_compiling_for_a_new_thread_count(reference, reference_mode
     """Dynamo recompiles when torch's thread count changes (its global-state guard): each new count is
     announced once. The eager forward stands in for the compiled one here (no minute of compiling)."""
     optimized = veloxseg.OptimizedVeloxSeg(reference_model)
+    assert not optimized.training  # callers that restore the mode afterwards (predict) must not train it
     optimized.compiled_forward = optimized.model.forward_embedded
     x = reference["tensors"]["input"][:1]
     threads = torch.get_num_threads()

@@ -4,7 +4,7 @@ The eager network spends most of its CPU time outside the convolutions, in many 
 ops (layer norms, window gathers, residual adds, GELUs). Inductor with weight freezing fuses those
 into a few generated loops and runs every conv and linear on prepacked oneDNN/MKL weights with
 biases and activations fused: on this project's 2-core EPYC, 1 thread, one 2 x 96^3 patch of
-veloxseg_small, about 0.8 of the eager time with the same outputs (relative error ~2e-6 to the
+veloxseg_small, about 0.85 of the eager time with the same outputs (relative error ~2e-6 to the
 authors' vectors; ``benchmarks/speed.py`` has the numbers). The price is a one-time compilation
 (about a minute on 2 CPU cores) and a C++ compiler on the machine.
 """
@@ -45,6 +45,7 @@ class OptimizedVeloxSeg(nn.Module):
         self.pretrained_cfg = self.model.pretrained_cfg
         self.compiled_forward = torch.compile(self.model.forward_embedded, dynamic=False)
         self.compiled_threads: set[int] = set()
+        self.train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.model.check_input(x)
