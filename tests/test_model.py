@@ -84,6 +84,8 @@ def test_input_errors_name_the_problem():
         model(torch.randn(1, 2, 64, 64, 48))
     with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
         model(torch.randn(2, 64, 64, 64))
+    with pytest.raises(ValueError, match="empty batch"):
+        model(torch.randn(0, 2, 64, 64, 64))
 
 
 @pytest.mark.parametrize(

@@ -238,6 +238,8 @@ class VeloxSeg(nn.Module):
         cfg = self.config
         if x.ndim != 5:
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"VeloxSeg got an empty batch, shape {tuple(x.shape)}")
         if x.shape[1] != sum(cfg.in_ch):
             raise ValueError(
                 f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}), "
