@@ -5,7 +5,7 @@ import timm
 import torch
 
 import veloxseg
-from veloxseg.layers import pixel_shuffle_3d, window_scales
+from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
 from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
@@ -153,3 +153,27 @@ def test_window_attention_is_softmax_attention(windows, heads, length, width, va
     (grad,) = torch.autograd.grad(out.square().sum(), q)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), q)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_sizes", [(1, 3, 5), (3,), (5, 7)])
+def test_folded_jlc_block_is_the_plain_one(kernel_sizes):
+    """Narrow groups run on the width-folded input: same outputs and gradients as the plain convs."""
+    torch.manual_seed(0)
+    block = JLCBlock(16, 4, kernel_sizes)
+    for conv in block.spatial_convs:
+        torch.nn.init.normal_(conv.bias, std=0.5)
+    x = torch.randn(2, 16, 6, 4, 8, requires_grad=True)
+    assert block.narrow_groups
+    folded = block(x)
+    folded_grads = torch.autograd.grad(folded.square().sum(), [x, *block.parameters()])
+    block.narrow_groups = False
+    plain = block(x)
+    plain_grads = torch.autograd.grad(plain.square().sum(), [x, *block.parameters()])
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in plain_grads)  # conv biases before a norm have ~0 gradient: absolute check
+    for got, expected in zip(folded_grads, plain_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    odd = torch.randn(1, 16, 4, 4, 5)  # an odd width cannot be folded: the plain convs run
+    plain = block(odd)
+    block.narrow_groups = True
+    assert torch.equal(block(odd), plain)
