@@ -125,6 +125,20 @@ def test_pixel_shuffle_3d_layout():
     assert y[0, c, d * f + s1, h * f + s2, w * f + s3] == x[0, c * f**3 + s1 * f**2 + s2 * f + s3, d, h, w]
 
 
+@pytest.mark.parametrize(
+    "dtype, f", [(torch.float32, 4), (torch.float32, 2), (torch.bfloat16, 4), (torch.float64, 2), (torch.float64, 4)]
+)
+def test_pixel_shuffle_3d_channels_last_input(dtype, f):
+    """The head's channels-last output (moved in f-channel chunks where a wide dtype exists) shuffles
+    bit for bit like the channels-first layout, NaN payloads included."""
+    x = torch.randn(2, 3 * f**3, 3, 2, 5).to(dtype)
+    x[0, 5, 1, 1, 2] = float("nan")
+    expected = pixel_shuffle_3d(x, f)
+    got = pixel_shuffle_3d(x.contiguous(memory_format=torch.channels_last_3d), f)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_relative_position_index_formula():
     index = relative_position_index((3, 3, 3))
     # query token (0, 0, 0) vs key token (2, 1, 0): offset (-2, -1, 0)
