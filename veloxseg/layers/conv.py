@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _eager() -> bool:
-    """False while torch.compile, torch.export or TorchScript tracing records the graph: they get the
-    portable ``conv3d`` op and pick their own kernel."""
+def eager() -> bool:
+    """False while torch.compile, torch.export or TorchScript tracing records the graph: CPU shortcuts
+    that they cannot record (or that inductor does better itself) step aside for the portable ops."""
     return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
 
 
@@ -34,7 +34,7 @@ class OneDNNConv3d(nn.Conv3d):
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.channels_last_input and x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and _eager():
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and eager():
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
         return super()._conv_forward(x, weight, bias)
 

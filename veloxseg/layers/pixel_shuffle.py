@@ -2,6 +2,8 @@
 
 import torch
 
+from .conv import eager
+
 # Integer or complex dtypes as wide as ``factor`` elements of the input, keyed by byte width.
 _CHUNK_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
@@ -25,7 +27,7 @@ def pixel_shuffle_3d(x: torch.Tensor, factor: int) -> torch.Tensor:
         chunk is not None
         and x.is_contiguous(memory_format=torch.channels_last_3d)
         and not (x.requires_grad and torch.is_grad_enabled())  # dtype views are not differentiable
-        and not torch.compiler.is_compiling()  # inductor writes its own loop for the plain permute
+        and eager()
     ):
         runs = x.permute(0, 2, 3, 4, 1).view(chunk).view(b, d, h, w, c // f**3, f, f)  # (.., C, s1, s2)
         out = torch.empty(b, c // f**3, d, f, h, f, w, dtype=chunk, device=x.device)
