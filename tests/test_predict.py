@@ -233,3 +233,23 @@ def test_cli_optimize_compiles_once_for_the_window_batch(model_dir, case_files, 
     assert calls == [3] and (tmp_path / "seg.nii.gz").exists()
     assert main([*command, "-i", str(case_files[0]), "-o", str(tmp_path / "bad.nii.gz")]) == 2  # one channel for two
     assert calls == [3]
+
+
+@pytest.mark.parametrize("channel_names", [["PET", "CT"], ["CT"], ["T1", "FLAIR"]])
+def test_prediction_normalises_like_training(channel_names):
+    """The trainer normalises with MONAI transforms and records it in the metadata; prediction
+    normalises from that metadata: both must give the same network input."""
+    from veloxseg.data.transforms import normalisation_transforms
+    from veloxseg.preprocess import normalise_channels
+    from veloxseg.train import channel_metadata
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(len(channel_names), 6, 5, 4, generator=generator) * 800 + 100
+    image[:, 0] = 0  # background the z-score must skip
+    data = {"image": image.clone()}
+    for transform in normalisation_transforms(channel_names):
+        data = transform(data)
+    trained = torch.as_tensor(data["image"])
+    predicted = normalise_channels(image, channel_metadata(channel_names))
+    torch.testing.assert_close(predicted, trained, rtol=1e-5, atol=1e-5)
+    assert predicted.abs().max() > 0.1  # a real mapping, not all zeros

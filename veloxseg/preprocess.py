@@ -1,8 +1,10 @@
-"""Per-channel intensity normalisation from a model's metadata, shared by training and inference.
+"""Per-channel intensity normalisation from a model's metadata, for inference.
 
-The trainer and ``veloxseg predict`` both call :func:`normalise_channels` so a scan is
-preprocessed the same way at both ends; the spatial part (orientation, spacing) is MONAI's
-``Orientation``/``Spacing`` with the metadata's ``orientation`` and ``spacing``.
+The trainer normalises with MONAI transforms (``veloxseg.data.transforms``) and records what they do
+in the metadata it saves (``veloxseg.train.channel_metadata``); ``veloxseg predict`` applies
+:func:`normalise_channels` from that metadata, so a scan is preprocessed the same way at both ends
+(``tests/test_predict.py`` checks that the two agree). The spatial part (orientation, spacing) is
+MONAI's ``Orientation``/``Spacing`` with the metadata's ``orientation`` and ``spacing``.
 """
 
 from collections.abc import Sequence
