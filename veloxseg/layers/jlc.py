@@ -36,10 +36,9 @@ def folded_conv3d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     k = conv.kernel_size[2]
     reach = (k // 2 + 1) // 2  # folded columns on each side
     taps = 2 * reach + 1
-    pad = 2 * reach + 1
-    w = F.pad(conv.weight, (pad, pad))
+    w = F.pad(conv.weight, (taps, taps))  # zeros for the taps that fall outside [0, k)
     # folded[o, s, i, r, ..., u] = weight[o, i, ..., 2(u - reach) + r - s + k//2]
-    start = pad + k // 2 - 2 * reach
+    start = taps + k // 2 - 2 * reach
     rows = [torch.stack([w[..., start + r - s :][..., : 2 * taps : 2] for r in range(2)], 2) for s in range(2)]
     weight = torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)  # (2 C_out, 2 C_in / groups, kd, kh, taps)
     bias = None if conv.bias is None else conv.bias.repeat_interleave(2)
