@@ -9,9 +9,9 @@ sliding-window settings: the model's 96^3 ROI, gaussian blending, ``--overlap``,
 a row's time is MONAI's sliding-window inference plus the argmax. The ``veloxseg_small (predict)``
 row is the whole ``veloxseg.predict`` pipeline on the scan as a NIfTI image (normalisation,
 inference, softmax, mapping back); ``veloxseg_small (optimized)`` is ``veloxseg.optimize`` of the same
-model, compiled for each thread count before its rows (compilation not timed). Each network first runs one window to warm up; ``--repeats``
-keeps the fastest of several runs. Absolute numbers depend on the machine and its load; the table
-and JSON go to benchmarks/results/predict_speed.*.
+model, compiled for each thread count before its rows (compilation not timed). Each network first
+runs one window to warm up; ``--repeats`` keeps the fastest of several runs. Absolute numbers depend
+on the machine and its load; the table and JSON go to benchmarks/results/predict_speed.*.
 """
 
 import argparse

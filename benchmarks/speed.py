@@ -115,8 +115,10 @@ def count(name: str) -> tuple[int, float]:
         p.numel() for p in model.parameters()
     )  # fmt: skip
     # The network's arithmetic: width-folded JLC convs also multiply structural zeros (small: 3.73 GFLOP).
+    from veloxseg.layers import JLCBlock
+
     for module in model.modules():
-        if hasattr(module, "narrow_groups"):
+        if isinstance(module, JLCBlock):
             module.narrow_groups = False
     # oneDNN's conv op is not in FlopCounterMode's table: count on the plain aten path.
     with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
