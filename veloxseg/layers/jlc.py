@@ -25,31 +25,30 @@ def unfold_width(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c2 // 2, 2, d, h, w2).permute(0, 1, 3, 4, 5, 2).reshape(b, c2 // 2, d, h, 2 * w2)
 
 
-def folded_conv3d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-    """``fold_width(conv(unfold_width(x)))`` for a stride-1, odd-kernel, same-padded grouped conv, computed
-    on the folded input directly: group widths double, the W taps halve.
+def folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``fold_width(F.conv3d(unfold_width(x), weight, bias, padding=k // 2, groups=groups))`` for an odd,
+    stride-1 kernel, computed on the folded input directly: group widths double, the W taps halve.
 
     Output voxel 2j + s reads input 2j + s + t - k//2 through tap t, i.e. folded column j + u - reach at
     parity r where t = 2(u - reach) + r - s + k//2; folded taps whose t falls outside [0, k) are zero.
     Shapes: (B, 2C, D, H, W/2) -> (B, 2C_out, D, H, W/2).
     """
-    k = conv.kernel_size[2]
+    kd, kh, k = weight.shape[2:]
     reach = (k // 2 + 1) // 2  # folded columns on each side
     taps = 2 * reach + 1
-    w = F.pad(conv.weight, (taps, taps))  # zeros for the taps that fall outside [0, k)
+    w = F.pad(weight, (taps, taps))  # zeros for the taps that fall outside [0, k)
     # folded[o, s, i, r, ..., u] = weight[o, i, ..., 2(u - reach) + r - s + k//2]
     start = taps + k // 2 - 2 * reach
     rows = [torch.stack([w[..., start + r - s :][..., : 2 * taps : 2] for r in range(2)], 2) for s in range(2)]
-    weight = torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)  # (2 C_out, 2 C_in / groups, kd, kh, taps)
-    bias = None if conv.bias is None else conv.bias.repeat_interleave(2)
-    padding = (conv.padding[0], conv.padding[1], reach)
-    return F.conv3d(x, weight, bias, padding=padding, groups=conv.groups)
+    folded = torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)  # (2 C_out, 2 C_in / groups, kd, kh, taps)
+    bias = None if bias is None else bias.repeat_interleave(2)
+    return F.conv3d(x, folded, bias, padding=(kd // 2, kh // 2, reach), groups=groups)
 
 
-def folded_instance_norm(x: torch.Tensor) -> torch.Tensor:
-    """``fold_width(instance_norm(unfold_width(x)))``: both parities of a channel share its statistics."""
-    b, c2, d, h, w2 = x.shape
-    return F.layer_norm(x.view(b, c2 // 2, 2, d, h, w2), (2, d, h, w2)).view_as(x)
+def width_folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=k // 2, groups=groups)`` for an odd, stride-1 kernel, computed on
+    ``fold_width(x)`` (W even). Shapes: (B, C, D, H, W) -> (B, C_out, D, H, W)."""
+    return unfold_width(folded_conv3d(fold_width(x), weight, bias, groups))
 
 
 class JLCBlock(nn.Module):
@@ -59,10 +58,11 @@ class JLCBlock(nn.Module):
     kernel size), then ``z = y + Dropout(project(GELU(expand(IN(y)))))``. Every conv is grouped with
     ``groups`` groups, each ``dim // groups`` channels wide: the JL lemma bounds how narrow a random
     projection may be and still keep distances, hence a minimum group width instead of depth-wise.
-    With groups of ``NARROW_GROUP`` channels or fewer the conv branch runs on the width-folded input
-    (:func:`folded_conv3d`), the same function on twice as wide groups, except under ``torch.compile``:
-    inductor lays the folded tensors out channels-last, where un-folding becomes a scalar gather (the
-    compiled block ran 2x slower).
+    With groups of ``NARROW_GROUP`` channels or fewer the 3^3 and 5^3 convs run on the width-folded
+    input (:func:`width_folded_conv3d`), the same function on twice as wide groups, except under
+    ``torch.compile``: inductor lays the folded tensors out channels-last, where un-folding becomes a
+    scalar gather (the compiled block ran 2x slower; as an opaque custom op the fold ran at full speed,
+    but inductor's norms then read channels-first conv outputs, slower by as much as the fold saved).
 
     Shapes: (B, dim, D, H, W) -> (B, dim, D, H, W).
     """
@@ -85,24 +85,21 @@ class JLCBlock(nn.Module):
         self.narrow_groups = dim // groups <= NARROW_GROUP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fold = self.narrow_groups and x.shape[-1] % 2 == 0 and not torch.compiler.is_compiling()
-        y = self._folded_conv_branch(x) if fold else self._conv_branch(x)
+        y = self._conv_branch(x)
         return y + self.drop(self.project(F.gelu(self.expand(instance_norm(y)))))
 
     def _conv_branch(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.spatial_convs) == 1:
-            return x + self.spatial_convs[0](x)
+        outputs = [self._spatial_conv(conv, x) for conv in self.spatial_convs]
+        if len(outputs) == 1:
+            return x + outputs[0]
         y = x
-        for conv in self.spatial_convs:
-            y = y + F.gelu(instance_norm(conv(x)))
+        for out in outputs:
+            y = y + F.gelu(instance_norm(out))
         return y
 
-    def _folded_conv_branch(self, x: torch.Tensor) -> torch.Tensor:
-        """``_conv_branch`` computed on ``fold_width(x)``."""
-        folded = fold_width(x)
-        if len(self.spatial_convs) == 1:
-            return x + unfold_width(folded_conv3d(folded, self.spatial_convs[0]))
-        y = folded
-        for conv in self.spatial_convs:
-            y = y + F.gelu(folded_instance_norm(folded_conv3d(folded, conv)))
-        return unfold_width(y)
+    def _spatial_conv(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)``; with narrow groups and more than one W tap, computed on the width-folded input."""
+        fold = self.narrow_groups and conv.kernel_size[-1] > 1 and x.shape[-1] % 2 == 0
+        if fold and not torch.compiler.is_compiling():
+            return width_folded_conv3d(x, conv.weight, conv.bias, conv.groups)
+        return conv(x)
