@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import nn
 
+from .layers import PairedWindowAttention
+from .layers.fused_attention import load_window_attention
 from .model import VeloxSeg
 
 __all__ = ["INDUCTOR_SETTINGS", "OptimizedVeloxSeg", "optimize"]
@@ -41,6 +43,11 @@ class OptimizedVeloxSeg(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if next(self.model.parameters()).device.type == "cpu":
+            load_window_attention()
+            for module in self.model.modules():
+                if isinstance(module, PairedWindowAttention):
+                    module.fused_kernel = True
         self.config = self.model.config
         self.pretrained_cfg = self.model.pretrained_cfg
         self.compiled_forward = torch.compile(self.model.forward_embedded, dynamic=False)

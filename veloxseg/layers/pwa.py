@@ -160,6 +160,8 @@ class PairedWindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(self.tokens), persistent=False)
         self.resize_matrices = [trilinear_resize_matrix(self.tokens, s.window) for s in self.scales]
+        # Set by veloxseg.optimize once torch.ops.veloxseg.window_attention is built (CPU, inference only).
+        self.fused_kernel = False
 
     def _apply(self, fn, recurse=True):  # keep the resize matrices on the module's device and dtype
         super()._apply(fn, recurse)
@@ -223,9 +225,15 @@ class PairedWindowAttention(nn.Module):
         q, k, v = self._gather(xs)
         num_groups = len(xs)
         length = math.prod(self.tokens)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        fused = self.fused_kernel and q.device.type == "cpu" and not self.training
+        # The fused kernel reads the bias keys-major: built that way, its transposed view costs nothing.
+        index = self.relative_position_index.t() if fused else self.relative_position_index
+        bias = self.relative_position_bias_table[index.reshape(-1)]
         bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups)
-        out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
+        if fused:
+            out = torch.ops.veloxseg.window_attention(q, k, v, bias.transpose(1, 2), self.head_dim**-0.5)
+        else:
+            out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
         return [
             x + self.proj_drop(proj(scattered))

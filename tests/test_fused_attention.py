@@ -1,0 +1,61 @@
+"""The CPU window-attention kernel that veloxseg.optimize builds (csrc/window_attention.cpp)."""
+
+import pytest
+import torch
+
+from veloxseg.layers import PairedWindowAttention, window_scales
+from veloxseg.layers.fused_attention import load_window_attention
+from veloxseg.layers.pwa import window_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    load_window_attention()
+    return torch.ops.veloxseg.window_attention
+
+
+def window_views(windows, heads, length, width, value_width):
+    """q, k, v as the model passes them: strided views of one (N, T, 2hc + hcv) window buffer."""
+    buffer = torch.randn(windows, length, heads * (2 * width + value_width))
+    q, k, v = buffer.split([heads * width, heads * width, heads * value_width], -1)
+    return [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize(
+    "windows, heads, length, width, value_width",
+    [(7, 1, 54, 4, 4), (3, 2, 100, 8, 8), (2, 2, 27, 8, 16), (1, 4, 54, 16, 32), (2, 3, 17, 6, 10), (1, 1, 1, 4, 4)],
+)
+def test_kernel_is_softmax_attention(kernel, windows, heads, length, width, value_width):
+    """Every compiled width pair and the generic path, lengths off the SIMD width, strided inputs."""
+    torch.manual_seed(0)
+    q, k, v = window_views(windows, heads, length, width, value_width)
+    bias = 3 * torch.randn(heads, length, length)
+    expected = window_attention(q, k, v, bias)
+    torch.testing.assert_close(kernel(q, k, v, bias, width**-0.5), expected, rtol=1e-5, atol=1e-5)
+    keys_major = bias.transpose(1, 2).contiguous().transpose(1, 2)  # the layout the model passes
+    torch.testing.assert_close(kernel(q, k, v, keys_major, width**-0.5), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_what_it_cannot_compute(kernel):
+    q, k, v = window_views(2, 1, 10, 4, 4)
+    bias = torch.zeros(1, 10, 10)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(q.double(), k.double(), v.double(), bias.double(), 0.5)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        kernel(q, k, v, torch.zeros(1, 10, 9), 0.5)
+    with pytest.raises(RuntimeError, match="q and k"):
+        kernel(q, k[:1], v, bias, 0.5)
+
+
+def test_paired_window_attention_with_the_kernel_is_unchanged(kernel):
+    """Two modality groups, four window scales (veloxseg_small's level 1 on a smaller grid)."""
+    torch.manual_seed(0)
+    attention = PairedWindowAttention(16, 2, window_scales((12, 12, 12), (3, 3, 3), (1, 1, 1)), 1, 4).eval()
+    torch.nn.init.normal_(attention.relative_position_bias_table, std=1.0)
+    xs = [torch.randn(1, 12, 12, 12, 16) for _ in range(2)]
+    with torch.inference_mode():
+        expected = attention(xs)
+        attention.fused_kernel = True
+        got = attention(xs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
