@@ -15,8 +15,8 @@ import warnings
 import torch
 from torch import nn
 
-from .layers import PairedWindowAttention
-from .layers.fused_attention import load_window_attention
+from .layers import JLCBlock, PairedWindowAttention
+from .layers.cpu_kernels import load_cpu_kernels
 from .model import VeloxSeg
 
 __all__ = ["INDUCTOR_SETTINGS", "OptimizedVeloxSeg", "optimize"]
@@ -51,9 +51,9 @@ class OptimizedVeloxSeg(nn.Module):
         self.batch_size = batch_size
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         if next(self.model.parameters()).device.type == "cpu":
-            load_window_attention()
+            load_cpu_kernels()
             for module in self.model.modules():
-                if isinstance(module, PairedWindowAttention):
+                if isinstance(module, (JLCBlock, PairedWindowAttention)):
                     module.fused_kernel = True
         self.config = self.model.config
         self.pretrained_cfg = self.model.pretrained_cfg

@@ -7,7 +7,7 @@
 // every score matrix and runs a batched GEMM per window. Here a block of queries (one SIMD vector) goes
 // through all keys twice, scores in a cache-resident buffer: the softmax and the product with v are
 // elementwise vector operations, with no score matrix in memory and no horizontal reductions.
-// Built by veloxseg/layers/fused_attention.py with torch.utils.cpp_extension; at::vec picks the SIMD width.
+// Built by veloxseg/layers/cpu_kernels.py with torch.utils.cpp_extension; at::vec picks the SIMD width.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -129,7 +129,7 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 }  // namespace
 
-TORCH_LIBRARY(veloxseg, m) {
+TORCH_LIBRARY_FRAGMENT(veloxseg, m) {
   m.def("window_attention(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> Tensor");
 }
 

@@ -25,24 +25,32 @@ def unfold_width(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, c2 // 2, 2, d, h, w2).permute(0, 1, 3, 4, 5, 2).reshape(b, c2 // 2, d, h, 2 * w2)
 
 
-def folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """``fold_width(F.conv3d(unfold_width(x), weight, bias, padding=k // 2, groups=groups))`` for an odd,
-    stride-1 kernel, computed on the folded input directly: group widths double, the W taps halve.
+def fold_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight of a stride-1, odd-kernel, same-padded conv re-laid out for the width-folded input:
+    (C_out, C_in / g, kd, kh, k) -> (2 C_out, 2 C_in / g, kd, kh, taps), taps = 2 * ((k // 2 + 1) // 2) + 1,
+    so that ``fold_width(conv(x)) == conv3d(fold_width(x), folded, padding=(kd // 2, kh // 2, taps // 2))``.
 
     Output voxel 2j + s reads input 2j + s + t - k//2 through tap t, i.e. folded column j + u - reach at
     parity r where t = 2(u - reach) + r - s + k//2; folded taps whose t falls outside [0, k) are zero.
-    Shapes: (B, 2C, D, H, W/2) -> (B, 2C_out, D, H, W/2).
     """
-    kd, kh, k = weight.shape[2:]
+    k = weight.shape[-1]
     reach = (k // 2 + 1) // 2  # folded columns on each side
     taps = 2 * reach + 1
     w = F.pad(weight, (taps, taps))  # zeros for the taps that fall outside [0, k)
     # folded[o, s, i, r, ..., u] = weight[o, i, ..., 2(u - reach) + r - s + k//2]
     start = taps + k // 2 - 2 * reach
     rows = [torch.stack([w[..., start + r - s :][..., : 2 * taps : 2] for r in range(2)], 2) for s in range(2)]
-    folded = torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)  # (2 C_out, 2 C_in / groups, kd, kh, taps)
+    return torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)
+
+
+def folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``fold_width(F.conv3d(unfold_width(x), weight, bias, padding=k // 2, groups=groups))`` for an odd,
+    stride-1 kernel, computed on the folded input directly: group widths double, the W taps halve.
+    Shapes: (B, 2C, D, H, W/2) -> (B, 2C_out, D, H, W/2).
+    """
+    folded = fold_conv_weight(weight)
     bias = None if bias is None else bias.repeat_interleave(2)
-    return F.conv3d(x, folded, bias, padding=(kd // 2, kh // 2, reach), groups=groups)
+    return F.conv3d(x, folded, bias, padding=tuple(k // 2 for k in folded.shape[2:]), groups=groups)
 
 
 def width_folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
@@ -83,12 +91,19 @@ class JLCBlock(nn.Module):
         self.project = nn.Conv3d(dim * expansion, dim, kernel_size=1)
         self.drop = nn.Dropout(drop)
         self.narrow_groups = dim // groups <= NARROW_GROUP
+        # Set by veloxseg.optimize once torch.ops.veloxseg.jlc_folded_branch is built (CPU, inference only).
+        self.fused_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_branch(x)
         return y + self.drop(self.project(F.gelu(self.expand(instance_norm(y)))))
 
     def _conv_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernel and self.narrow_groups and len(self.spatial_convs) > 1 and x.shape[-1] % 2 == 0:
+            if x.device.type == "cpu" and not self.training:
+                weights = [fold_conv_weight(conv.weight) for conv in self.spatial_convs]
+                biases = [conv.bias.repeat_interleave(2) for conv in self.spatial_convs]
+                return torch.ops.veloxseg.jlc_folded_branch(x, weights, biases, self.spatial_convs[0].groups)
         outputs = [self._spatial_conv(conv, x) for conv in self.spatial_convs]
         if len(outputs) == 1:
             return x + outputs[0]

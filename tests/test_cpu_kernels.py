@@ -1,16 +1,16 @@
-"""The CPU window-attention kernel that veloxseg.optimize builds (csrc/window_attention.cpp)."""
+"""The CPU kernels that veloxseg.optimize builds (veloxseg/csrc)."""
 
 import pytest
 import torch
 
 from veloxseg.layers import PairedWindowAttention, window_scales
-from veloxseg.layers.fused_attention import load_window_attention
+from veloxseg.layers.cpu_kernels import load_cpu_kernels
 from veloxseg.layers.pwa import window_attention
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    load_window_attention()
+    load_cpu_kernels()
     return torch.ops.veloxseg.window_attention
 
 
@@ -59,3 +59,28 @@ def test_paired_window_attention_with_the_kernel_is_unchanged(kernel):
         got = attention(xs)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_sizes, shape", [((1, 3, 5), (2, 16, 6, 5, 8)), ((3, 5), (1, 8, 4, 4, 6)), ((1, 3), (1, 16, 3, 3, 34))])
+def test_folded_jlc_branch_is_the_plain_block(kernel, kernel_sizes, shape):
+    """The fused conv branch (folded convs, norms, GELU, sum, un-fold) leaves the block's output unchanged;
+    odd widths, a single kernel size and training keep the Python path."""
+    from veloxseg.layers import JLCBlock
+
+    torch.manual_seed(0)
+    block = JLCBlock(shape[1], shape[1] // 4, kernel_sizes).eval()
+    for conv in block.spatial_convs:
+        torch.nn.init.normal_(conv.bias, std=0.5)
+    x = 2 + torch.randn(shape)  # an offset: the norms' mean matters
+    with torch.inference_mode():
+        expected = block(x)
+        block.fused_kernel = True
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_jlc_branch_rejects_what_it_cannot_compute(kernel):
+    weight = torch.zeros(32, 8, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="width must be even"):
+        torch.ops.veloxseg.jlc_folded_branch(torch.zeros(1, 16, 4, 4, 5), [weight], [torch.zeros(32)], 4)
+    with pytest.raises(RuntimeError, match="not a folded conv weight"):
+        torch.ops.veloxseg.jlc_folded_branch(torch.zeros(1, 16, 4, 4, 4), [weight[:16]], [torch.zeros(16)], 4)

@@ -1,0 +1,54 @@
+"""Hand-written CPU kernels (``veloxseg/csrc``) for ``veloxseg.optimize``, built on first use.
+
+``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch`` (inference only,
+no backward). Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about
+20 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
+"""
+
+import functools
+from pathlib import Path
+
+import torch
+
+SOURCES = sorted((Path(__file__).resolve().parent.parent / "csrc").glob("*.cpp"))
+
+# at::vec chooses its SIMD width from these macros; the flags let the compiler emit those instructions.
+_ISA_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@functools.cache
+def load_cpu_kernels() -> None:
+    """Build (or load from the cache) the kernels and register their ops. Raises RuntimeError when they
+    cannot be built.
+
+    - ``window_attention(q, k, v, bias, scale)``: q, k (N, h, T, c), v (N, h, T, cv), bias (h, T, T) ->
+      ``softmax(scale * q k^T + bias) v``, (N, h, T, cv).
+    - ``jlc_folded_branch(x, weights, biases, groups)``: a JLC block's conv branch on x (B, C, D, H, W), W
+      even, with the conv weights re-laid out by ``jlc.fold_conv_weight`` (biases repeated twice).
+    """
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    try:
+        load(
+            name=f"veloxseg_cpu_kernels_{capability.lower()}",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O3", *_ISA_FLAGS.get(capability, [])],
+            is_python_module=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a compiler error: all raise different types
+        raise RuntimeError(
+            f"could not build veloxseg's CPU kernels ({', '.join(s.name for s in SOURCES)}; they need a C++ "
+            f"compiler and ninja): {error}"
+        ) from error
+
+    @torch.library.register_fake("veloxseg::window_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+        return v.new_empty(q.shape[:3] + v.shape[3:])
+
+    @torch.library.register_fake("veloxseg::jlc_folded_branch")
+    def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], groups: int) -> torch.Tensor:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
