@@ -3,10 +3,13 @@
 The eager network spends most of its CPU time outside the convolutions, in many small memory-bound
 ops (layer norms, window gathers, residual adds, GELUs). Inductor with weight freezing fuses those
 into a few generated loops and runs every conv and linear on prepacked oneDNN/MKL weights with
-biases and activations fused: on this project's 2-core EPYC, 1 thread, one 2 x 96^3 patch of
-veloxseg_small, about 0.85 of the eager time with the same outputs (relative error ~2e-6 to the
-authors' vectors; ``benchmarks/speed.py`` has the numbers). The price is a one-time compilation
-(about a minute on 2 CPU cores) and a C++ compiler on the machine.
+biases and activations fused. Two parts that inductor compiles poorly run as hand-written CPU kernels
+(``veloxseg/csrc``, built once with ``torch.utils.cpp_extension``): the window attention of every PWA
+block, and the conv branch of the JLC blocks with 4-channel groups. On this project's 2-core EPYC,
+1 thread, one 2 x 96^3 patch of veloxseg_small: about 0.75 of the eager time and 0.48 of a
+straightforward implementation's, with the same outputs (relative error ~2e-6 to the authors'
+vectors; ``benchmarks/speed.py`` and ``benchmarks/results/speed_notes.md`` have the numbers). The
+price is a one-time compilation (about a minute on 2 CPU cores) and a C++ compiler on the machine.
 """
 
 import copy
@@ -41,7 +44,8 @@ class OptimizedVeloxSeg(nn.Module):
     independent: the network has no batch statistics), so only one graph is ever compiled. It holds
     a private copy of the model: later changes to the original's weights do not reach it. On CPUs the
     generated code is fixed to a thread count: after ``torch.set_num_threads`` the next call compiles
-    again (about a minute, once per thread count), with a warning.
+    again (about a minute, once per thread count), with a warning. A float32 model on the CPU runs its
+    window attention and narrow JLC conv branches on veloxseg's own kernels (built on first use).
     """
 
     def __init__(self, model: VeloxSeg, batch_size: int = 1) -> None:
@@ -50,7 +54,8 @@ class OptimizedVeloxSeg(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        if next(self.model.parameters()).device.type == "cpu":
+        parameter = next(self.model.parameters())
+        if parameter.device.type == "cpu" and parameter.dtype == torch.float32:  # what the kernels compute
             load_cpu_kernels()
             for module in self.model.modules():
                 if isinstance(module, (JLCBlock, PairedWindowAttention)):

@@ -69,8 +69,8 @@ class JLCBlock(nn.Module):
     With groups of ``NARROW_GROUP`` channels or fewer the 3^3 and 5^3 convs run on the width-folded
     input (:func:`width_folded_conv3d`), the same function on twice as wide groups, except under
     ``torch.compile``: inductor lays the folded tensors out channels-last, where un-folding becomes a
-    scalar gather (the compiled block ran 2x slower; as an opaque custom op the fold ran at full speed,
-    but inductor's norms then read channels-first conv outputs, slower by as much as the fold saved).
+    scalar gather (the compiled block ran 2x slower). ``veloxseg.optimize`` sets ``fused_kernel``: the
+    whole conv branch then runs as one CPU kernel (``csrc/jlc_branch.cpp``), folded convs included.
 
     Shapes: (B, dim, D, H, W) -> (B, dim, D, H, W).
     """
@@ -99,11 +99,11 @@ class JLCBlock(nn.Module):
         return y + self.drop(self.project(F.gelu(self.expand(instance_norm(y)))))
 
     def _conv_branch(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_kernel and self.narrow_groups and len(self.spatial_convs) > 1 and x.shape[-1] % 2 == 0:
-            if x.device.type == "cpu" and not self.training:
-                weights = [fold_conv_weight(conv.weight) for conv in self.spatial_convs]
-                biases = [conv.bias.repeat_interleave(2) for conv in self.spatial_convs]
-                return torch.ops.veloxseg.jlc_folded_branch(x, weights, biases, self.spatial_convs[0].groups)
+        fused = self.fused_kernel and x.device.type == "cpu" and not self.training
+        if fused and self.narrow_groups and len(self.spatial_convs) > 1 and x.shape[-1] % 2 == 0:
+            weights = [fold_conv_weight(conv.weight) for conv in self.spatial_convs]
+            biases = [conv.bias.repeat_interleave(2) for conv in self.spatial_convs]
+            return torch.ops.veloxseg.jlc_folded_branch(x, weights, biases, self.spatial_convs[0].groups)
         outputs = [self._spatial_conv(conv, x) for conv in self.spatial_convs]
         if len(outputs) == 1:
             return x + outputs[0]
