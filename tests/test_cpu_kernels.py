@@ -61,7 +61,9 @@ def test_paired_window_attention_with_the_kernel_is_unchanged(kernel):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_sizes, shape", [((1, 3, 5), (2, 16, 6, 5, 8)), ((3, 5), (1, 8, 4, 4, 6)), ((1, 3), (1, 16, 3, 3, 34))])
+@pytest.mark.parametrize(
+    "kernel_sizes, shape", [((1, 3, 5), (2, 16, 6, 5, 8)), ((3, 5), (1, 8, 4, 4, 6)), ((1, 3), (1, 16, 3, 3, 34))]
+)
 def test_folded_jlc_branch_is_the_plain_block(kernel, kernel_sizes, shape):
     """The fused conv branch (folded convs, norms, GELU, sum, un-fold) leaves the block's output unchanged;
     odd widths, a single kernel size and training keep the Python path."""
@@ -84,3 +86,16 @@ def test_folded_jlc_branch_rejects_what_it_cannot_compute(kernel):
         torch.ops.veloxseg.jlc_folded_branch(torch.zeros(1, 16, 4, 4, 5), [weight], [torch.zeros(32)], 4)
     with pytest.raises(RuntimeError, match="not a folded conv weight"):
         torch.ops.veloxseg.jlc_folded_branch(torch.zeros(1, 16, 4, 4, 4), [weight[:16]], [torch.zeros(16)], 4)
+
+
+def test_a_failed_build_names_the_kernels_and_what_they_need(monkeypatch):
+    """No compiler (or no ninja): a RuntimeError that says what could not be built and why."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    message = r"CPU kernels \(jlc_branch.cpp, window_attention.cpp.*C\+\+ compiler.*not found"
+    with pytest.raises(RuntimeError, match=message):
+        load_cpu_kernels.__wrapped__()  # past the cache: the real build may already have run in this process

@@ -54,16 +54,19 @@ Vec gelu(const Vec& z) {  // exact (erf) GELU
 // weights and biases: already re-laid out for the folded input (veloxseg.layers.jlc.fold_conv_weight),
 // (2 C, 2 C / groups, kd, kh, taps) and (2 C,); x: (B, C, D, H, W) float32, W even.
 at::Tensor jlc_folded_branch(const at::Tensor& x_in, at::TensorList weights, at::TensorList biases, int64_t groups) {
-  TORCH_CHECK(x_in.dim() == 5 && x_in.scalar_type() == at::kFloat, "jlc_folded_branch: x must be a float32 (B, C, D, H, W)");
+  TORCH_CHECK(x_in.dim() == 5 && x_in.scalar_type() == at::kFloat,
+              "jlc_folded_branch: x must be a float32 (B, C, D, H, W)");
   TORCH_CHECK(x_in.size(4) % 2 == 0, "jlc_folded_branch: the width must be even");
   TORCH_CHECK(!weights.empty() && weights.size() == biases.size(), "jlc_folded_branch: one bias per weight");
   const at::Tensor x = x_in.contiguous();
   const int64_t b = x.size(0), c = x.size(1), d = x.size(2), h = x.size(3), w2 = x.size(4) / 2;
-  const at::Tensor folded = x.view({b, c, d, h, w2, 2}).permute({0, 1, 5, 2, 3, 4}).reshape({b, 2 * c, d, h, w2}).contiguous();
+  const at::Tensor folded =  // fold_width: channel 2c + s holds the voxels w = 2j + s
+      x.view({b, c, d, h, w2, 2}).permute({0, 1, 5, 2, 3, 4}).reshape({b, 2 * c, d, h, w2}).contiguous();
   std::vector<at::Tensor> outputs;
   for (size_t k = 0; k < weights.size(); ++k) {
     const at::Tensor& weight = weights[k];
-    TORCH_CHECK(weight.dim() == 5 && weight.size(0) == 2 * c, "jlc_folded_branch: weight ", k, " is not a folded conv weight");
+    TORCH_CHECK(weight.dim() == 5 && weight.size(0) == 2 * c, "jlc_folded_branch: weight ", k,
+                " is not a folded conv weight");
     const std::vector<int64_t> padding = {weight.size(2) / 2, weight.size(3) / 2, weight.size(4) / 2};
     outputs.push_back(at::mkldnn_convolution(folded, weight.contiguous(), biases[k].contiguous(), padding, {1, 1, 1},
                                              {1, 1, 1}, groups)

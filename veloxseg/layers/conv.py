@@ -35,7 +35,9 @@ class OneDNNConv3d(nn.Conv3d):
         if self.channels_last_input and x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled and eager():
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+            return torch.ops.aten.mkldnn_convolution(
+                x, weight, bias, self.padding, self.stride, self.dilation, self.groups
+            )
         return super()._conv_forward(x, weight, bias)
 
 
