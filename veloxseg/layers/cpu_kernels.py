@@ -5,7 +5,12 @@ no backward). Building needs a C++ compiler and ninja (as inductor needs the com
 20 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
 
+import contextlib
 import functools
+import os
+import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,6 +22,19 @@ _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
 }
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's extension builder runs ``ninja`` from PATH; the pip-installed one sits beside this
+    interpreter, which is not on PATH when its environment is not activated (``.venv/bin/python ...``)."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 @functools.cache
@@ -33,12 +51,13 @@ def load_cpu_kernels() -> None:
 
     capability = torch.backends.cpu.get_cpu_capability()
     try:
-        load(
-            name=f"veloxseg_cpu_kernels_{capability.lower()}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", *_ISA_FLAGS.get(capability, [])],
-            is_python_module=False,
-        )
+        with _ninja_on_path():
+            load(
+                name=f"veloxseg_cpu_kernels_{capability.lower()}",
+                sources=[str(source) for source in SOURCES],
+                extra_cflags=["-O3", *_ISA_FLAGS.get(capability, [])],
+                is_python_module=False,
+            )
     except Exception as error:  # no compiler, no ninja, a compiler error: all raise different types
         raise RuntimeError(
             f"could not build veloxseg's CPU kernels ({', '.join(s.name for s in SOURCES)}; they need a C++ "
