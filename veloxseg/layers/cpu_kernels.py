@@ -2,7 +2,7 @@
 
 ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch`` (inference only,
 no backward). Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about
-20 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
+15 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
 
 import contextlib
