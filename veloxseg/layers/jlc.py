@@ -43,20 +43,14 @@ def fold_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, 1).flatten(0, 1).flatten(1, 2)
 
 
-def folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """``fold_width(F.conv3d(unfold_width(x), weight, bias, padding=k // 2, groups=groups))`` for an odd,
-    stride-1 kernel, computed on the folded input directly: group widths double, the W taps halve.
-    Shapes: (B, 2C, D, H, W/2) -> (B, 2C_out, D, H, W/2).
+def width_folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, padding=k // 2, groups=groups)`` for an odd, stride-1 kernel, computed on
+    ``fold_width(x)`` (W even): group widths double, the W taps halve. Shapes: (B, C, D, H, W) -> (B, C_out, D, H, W).
     """
     folded = fold_conv_weight(weight)
     bias = None if bias is None else bias.repeat_interleave(2)
-    return F.conv3d(x, folded, bias, padding=tuple(k // 2 for k in folded.shape[2:]), groups=groups)
-
-
-def width_folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """``F.conv3d(x, weight, bias, padding=k // 2, groups=groups)`` for an odd, stride-1 kernel, computed on
-    ``fold_width(x)`` (W even). Shapes: (B, C, D, H, W) -> (B, C_out, D, H, W)."""
-    return unfold_width(folded_conv3d(fold_width(x), weight, bias, groups))
+    padding = tuple(k // 2 for k in folded.shape[2:])
+    return unfold_width(F.conv3d(fold_width(x), folded, bias, padding=padding, groups=groups))
 
 
 class JLCBlock(nn.Module):
