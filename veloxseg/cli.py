@@ -3,6 +3,7 @@
 import argparse
 import importlib
 import sys
+import warnings
 
 # (module, function adding its subcommand to the subparsers). Imported lazily: each pulls in
 # its own heavy dependencies only when the command line is built.
@@ -23,11 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"veloxseg {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    prefix = f"veloxseg {args.command}"
+    with warnings.catch_warnings():  # a warning is one line, like an error
+        warnings.showwarning = lambda message, *_: print(f"{prefix}: warning: {message}", file=sys.stderr)
+        try:
+            return args.func(args) or 0
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 import dataclasses
 import difflib
+import json
 import math
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from .layers.pwa import WindowScale, window_scales
 
@@ -14,6 +16,43 @@ NUM_LEVELS = 4
 def _tuple(value: Any) -> Any:
     """Lists (from JSON) to tuples, recursively, so configs compare and hash the same."""
     return tuple(_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# The expected form of a field, where its default is not the clearest example.
+_EXAMPLES = {"in_ch": "[1, 1] (two single-channel modality groups) or [4] (one 4-channel group)"}
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (lists already tuples) has the type ``annotation`` (a config field's type hint)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation in (int, float):  # bool is an int to Python, never to a config; an int is a fine float
+        return isinstance(value, (int, annotation)) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_matches, value, args))
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _describe(annotation: Any, plural: bool = False) -> str:
+    """``annotation`` in words: "an int", "a list of 3 ints", "a list of lists of 3 ints"."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is tuple:
+        count = "" if len(args) == 2 and args[1] is Ellipsis else f"{len(args)} "
+        return ("lists" if plural else "a list") + f" of {count}{_describe(args[0], plural=True)}"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    names = {
+        int: ("an int", "ints"),
+        float: ("a number", "numbers"),
+        bool: ("a bool", "bools"),
+        str: ("a string", "strings"),
+    }
+    return names[annotation][plural] if annotation in names else str(annotation)
 
 
 @dataclass(frozen=True)
@@ -46,10 +85,20 @@ class VeloxSegConfig:
     conv_drop: float = 0.1
     deep_supervision: bool = True
     teachers: bool = True  # build the reconstruction teachers (training only; SDKT)
+    detail_ch: int = 0  # width of the half-resolution detail path (layers/detail.py); 0: none, as in the paper
 
     def __post_init__(self) -> None:
+        if isinstance(self.roi_size, int) and not isinstance(self.roi_size, bool):  # a cube, as MONAI takes it
+            object.__setattr__(self, "roi_size", (self.roi_size,) * 3)
         for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _tuple(getattr(self, field.name)))
+            value = _tuple(getattr(self, field.name))
+            object.__setattr__(self, field.name, value)
+            if not _matches(value, field.type):
+                example = _EXAMPLES.get(field.name) or json.dumps(json_ready(field.default))
+                raise TypeError(
+                    f"config field {field.name} must be {_describe(field.type)}, e.g. {example}; "
+                    f"got {json_ready(value)!r}"
+                )
         self._validate()
 
     @classmethod
@@ -111,8 +160,13 @@ class VeloxSegConfig:
             raise ValueError(f"roi_size must be three positive ints (D, H, W), got {self.roi_size}")
         if not self.in_ch or any(not isinstance(c, int) or c <= 0 for c in self.in_ch):
             raise ValueError(f"in_ch must list the channels of each modality group, e.g. [1, 1] or [4]; got {self.in_ch}")
-        if self.n_classes < 1:
-            raise ValueError(f"n_classes must be >= 1, got {self.n_classes}")
+        if self.n_classes < 2:
+            raise ValueError(
+                f"n_classes must be >= 2, got {self.n_classes}: "
+                "n_classes counts the background: use 2 for one structure"
+            )
+        if not isinstance(self.detail_ch, int) or self.detail_ch < 0:
+            raise ValueError(f"detail_ch must be an int >= 0 (0: no detail path), got {self.detail_ch!r}")
         if not self.kernel_sizes or any(k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError(f"kernel_sizes must be odd (same-size padding), got {list(self.kernel_sizes)}")
         for level in range(1, NUM_LEVELS + 1):

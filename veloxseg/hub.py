@@ -12,6 +12,8 @@ mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. Weights a
 whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -32,8 +34,10 @@ from .adapt import AdaptationReport, adapt_state_dict
 from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .metadata import ModelMetadata
-from .model import VeloxSeg
-from .registry import VARIANTS, VeloxSegPretrainedCfg
+from .variants import VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
+
+if TYPE_CHECKING:  # the model imports this module for its save_pretrained / push_to_hub
+    from .model import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def read_config(path: str | Path) -> HubConfig:
     if not isinstance(pretrained_cfg.get("veloxseg"), dict):
         raise ValueError(f"{path}: pretrained_cfg has no 'veloxseg' block (the 3-D metadata)")
     try:
-        config = VeloxSegConfig(**VARIANTS[architecture]).replace(**values["model_args"])
+        config = VeloxSegConfig(**VARIANTS[architecture]).replace(**translate_timm_args(values["model_args"]))
         VeloxSegPretrainedCfg(**pretrained_cfg)  # unknown keys are an error
         metadata = ModelMetadata.from_dict(pretrained_cfg["veloxseg"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:
@@ -117,7 +121,13 @@ def save_pretrained(
     problems = metadata.problems(cfg.in_ch, cfg.n_classes)
     if problems:
         raise ValueError(f"the metadata does not describe this model: {'; '.join(problems)}")
-    architecture = model.pretrained_cfg.get("architecture") or "veloxseg_small"  # model_args fix every field
+    # The variant the widths are, else the registry entrypoint the model was built with (model_args fix every field).
+    architecture = variant_of(cfg) or model.pretrained_cfg.get("architecture")
+    if architecture is None:
+        raise ValueError(
+            "this VeloxSeg has the widths of no registered variant and was not built through the registry: build "
+            f"it with veloxseg.create_model(<variant>, **overrides) (variants: {', '.join(VARIANTS)})"
+        )
     pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None and k not in _LOCATION_KEYS}
     config = {
         "architecture": architecture,
@@ -220,6 +230,11 @@ def create_from_hub(
     ``pretrained`` its weights are loaded, adapted to the overrides (see :func:`load_pretrained`).
     """
     scheme, _, location = name.partition(":")
+    if scheme in ("hf-hub", "local-dir") and not location.strip():
+        what = "Hub repo" if scheme == "hf-hub" else "folder"
+        raise ValueError(
+            f"{name!r} names no {what}: expected 'hf-hub:org/name[@revision]' or 'local-dir:/path/to/folder'"
+        )
     if scheme == "hf-hub":
         source = {"hf_hub_id": location, "source": "hf-hub"}
     elif scheme == "local-dir":

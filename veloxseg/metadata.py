@@ -9,6 +9,19 @@ from typing import Any
 
 from .config import json_ready
 
+NORMALISATIONS = ("ct", "zscore", "none")
+AXIS_CODES = ("LR", "PA", "IS")  # one letter of each pair, in any order: "RAS", "LPS", ...
+
+
+def check_spacing(spacing: Any, name: str = "spacing") -> tuple[float, float, float]:
+    """``spacing`` as three floats (mm), or ValueError naming ``name`` when it is not three numbers > 0."""
+    numbers = isinstance(spacing, (list, tuple)) and all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in spacing
+    )
+    if not numbers or len(spacing) != 3 or not all(0 < s < float("inf") for s in spacing):
+        raise ValueError(f"{name} must be three numbers > 0 (mm per voxel along X, Y, Z), got {spacing!r}")
+    return tuple(float(s) for s in spacing)
+
 
 @dataclass
 class ChannelInfo:
@@ -21,6 +34,28 @@ class ChannelInfo:
     clip: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
+
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the channel when the normalisation cannot be applied."""
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(
+                f"channel {self.name!r}: unknown normalisation {self.normalisation!r}; use one of {NORMALISATIONS}"
+            )
+        if self.normalisation == "ct" and not (_is_number(self.mean) and _is_number(self.std) and self.std):
+            raise ValueError(
+                f"channel {self.name!r}: 'ct' normalisation needs the dataset's mean and a nonzero std, "
+                f"got mean={self.mean!r}, std={self.std!r}"
+            )
+        if self.clip is not None:
+            if not (isinstance(self.clip, (list, tuple)) and len(self.clip) == 2 and all(map(_is_number, self.clip))):
+                raise ValueError(f"channel {self.name!r}: clip must be two numbers [low, high], got {self.clip!r}")
+            if self.clip[0] >= self.clip[1]:
+                raise ValueError(f"channel {self.name!r}: clip [low, high] needs low < high, got {list(self.clip)}")
+            self.clip = tuple(self.clip)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -37,6 +72,18 @@ class ModelMetadata:
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids or dataset names (model card)
     training_command: str = ""  # the command that trained the weights (model card)
 
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""
+        if self.spacing is not None:
+            self.spacing = check_spacing(self.spacing, "metadata spacing")
+        codes = self.orientation if isinstance(self.orientation, str) else ""
+        axes = sorted(axis for c in codes for axis, pair in enumerate(AXIS_CODES) if c in pair)
+        if len(codes) != 3 or axes != [0, 1, 2]:
+            raise ValueError(
+                f"metadata orientation must be three axis codes, one of each of L/R, P/A, I/S (e.g. 'RAS'), "
+                f"got {self.orientation!r}"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return json_ready(asdict(self))
 
@@ -44,10 +91,7 @@ class ModelMetadata:
     def from_dict(cls, values: dict[str, Any]) -> "ModelMetadata":
         values = dict(values)
         channels = [ChannelInfo(**c) for c in values.pop("channels")]
-        for c in channels:
-            c.clip = tuple(c.clip) if c.clip is not None else None
-        spacing = values.pop("spacing", None)
-        return cls(channels=channels, spacing=tuple(spacing) if spacing else None, **values)
+        return cls(channels=channels, **values)
 
     @classmethod
     def default(cls, in_ch: tuple[int, ...], n_classes: int) -> "ModelMetadata":

@@ -5,10 +5,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from torch import nn
 
+from . import hub
 from .config import NUM_LEVELS, VeloxSegConfig
-from .layers import JLCBlock, OneDNNConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d
+from .layers import DetailPath, JLCBlock, OneDNNConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d
 
 
 @dataclass
@@ -166,7 +168,8 @@ class DecoderLadder(nn.Module):
 
 
 class SegmentationDecoder(nn.Module):
-    """Student decoder: ladder, full-resolution head via 3-D pixel shuffle, deep-supervision heads."""
+    """Student decoder: ladder, full-resolution head via 3-D pixel shuffle, deep-supervision heads,
+    and with ``detail_ch`` a :class:`DetailPath` whose corrections are added to the full-resolution logits."""
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
         super().__init__()
@@ -178,11 +181,19 @@ class SegmentationDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(
             nn.Conv3d(cfg.conv_width(level), cfg.n_classes, 1) for level in range(2, NUM_LEVELS + 1)
         ) if cfg.deep_supervision else None  # fmt: skip
+        self.detail = (
+            DetailPath(sum(cfg.in_ch), cfg.conv_width(1), cfg.detail_ch, cfg.n_classes) if cfg.detail_ch else None
+        )
 
-    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """[e_1..e_4] -> (logits list [full, u_2, u_3, e_4 heads at their own scale], u_1)."""
+    def forward(
+        self, features: list[torch.Tensor], detail_stem: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """[e_1..e_4] (and the detail path's stem output) -> (logits list [full, u_2, u_3, e_4 heads at
+        their own scale], u_1)."""
         u = self.ladder(features)
         logits = [pixel_shuffle_3d(self.head(u[0]), self.patch_size)]
+        if self.detail is not None:
+            logits[0] = logits[0] + self.detail(detail_stem, u[0])
         if self.training and self.aux_heads is not None:
             logits += [head(f) for head, f in zip(self.aux_heads, [u[1], u[2], features[3]])]
         return logits, u[0]
@@ -225,6 +236,11 @@ class VeloxSeg(nn.Module):
         cfg = (config or VeloxSegConfig()).replace(**overrides) if overrides else (config or VeloxSegConfig())
         self.config = cfg
         self.pretrained_cfg: dict[str, Any] = {}
+        # timm's description of the encoder levels that forward_intermediates returns
+        self.feature_info = [
+            dict(num_chs=cfg.conv_width(level), reduction=cfg.patch_size * 2 ** (level - 1), module=f"encoder.stages.{level - 1}")
+            for level in range(1, NUM_LEVELS + 1)
+        ]
         self.attention = AttentionStream(cfg)
         self.encoder = ConvStream(cfg)
         self.decoder = SegmentationDecoder(cfg)
@@ -232,10 +248,18 @@ class VeloxSeg(nn.Module):
             nn.ModuleList(ReconstructionTeacher(cfg, c) for c in cfg.in_ch) if cfg.teachers else None
         )
         self.apply(init_weights)
+        if self.decoder.detail is not None:
+            self.decoder.detail.reset_output()
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError naming the problem when ``x`` cannot go through the network."""
-        cfg = self.config
+        cfg, dtype = self.config, next(self.parameters()).dtype
+        if not isinstance(x, torch.Tensor) or x.dtype != dtype:
+            got = f"a {type(x).__module__}.{type(x).__name__}" if not isinstance(x, torch.Tensor) else str(x.dtype)
+            raise ValueError(
+                f"VeloxSeg takes a torch.Tensor of its weights' dtype {dtype}, got {got}; "
+                f"convert it first, e.g. torch.as_tensor(x).to({dtype})"
+            )
         if x.ndim != 5:
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -252,25 +276,83 @@ class VeloxSeg(nn.Module):
                 f"create the model with roi_size=..."
             )
 
-    def embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The convs that read the input: per-group attention tokens and the conv stream's stem output."""
-        return self.attention.embed(x), self.encoder.stem(x)
+    def embed(self, x: torch.Tensor) -> tuple[Any, ...]:
+        """The convs that read the input: (per-group attention tokens, the conv stream's stem output),
+        plus the detail path's stem output when the model has one; ``forward_embedded`` takes them."""
+        embedded = self.attention.embed(x), self.encoder.stem(x)
+        detail = self.decoder.detail
+        return embedded if detail is None else (*embedded, detail.stem(x))
 
-    def forward_features(
+    @property
+    def num_classes(self) -> int:
+        """timm's name for ``config.n_classes``."""
+        return self.config.n_classes
+
+    @property
+    def num_features(self) -> int:
+        """timm's width of the features the head reads: C_1, of the last decoder feature u_1."""
+        return self.config.conv_width(1)
+
+    def encode(
         self, tokens: list[torch.Tensor], stem: torch.Tensor
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-        """Attention features (per level, per group, channels-last) and conv features [e_1..e_4]."""
+        """Embedded input (see ``embed``) -> attention features (per level, per group, channels-last)
+        and conv features [e_1..e_4], e_i (B, C_i, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)))."""
         attn = self.attention(tokens)
         return attn, self.encoder(stem, attn)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCDHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature API (``features_only=True``): (B, sum(in_ch), D, H, W) -> the encoder features
+        e_i (B, C_i, D/r_i, H/r_i, W/r_i), r_i = p 2^(i-1), of the levels ``indices`` (timm's meaning: None
+        all four, n the last n, or a list of levels 0..3), channels first; with ``intermediates_only=False``
+        also the deepest computed level first, as (e_last, [e_i, ...]).
+
+        e_i is the conv stream's output at level i, which already holds the attention stream's level-i
+        features of every modality group (added through the level's 1x1 mixer before the JLC blocks);
+        the per-group attention features themselves are not returned. The encoder has no final norm
+        (``norm`` changes nothing) and runs the levels it has: ``prune_intermediate_layers`` stops it
+        early (``stop_early`` changes nothing); ``output_fmt`` is always channels first.
+        """
+        take, _ = feature_take_indices(len(self.feature_info), indices)
+        self.check_input(x)
+        _, conv = self.encode(self.attention.embed(x), self.encoder.stem(x))
+        intermediates = [conv[i] for i in take]
+        return intermediates if intermediates_only else (conv[-1], intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = NUM_LEVELS, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Keep the encoder up to the deepest level of ``indices`` (and with ``prune_head`` drop the
+        decoder and the teachers): the model then serves ``forward_intermediates`` only. Returns the
+        level indices to take (timm's feature API)."""
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        levels = max_index + 1
+        self.attention.levels, self.attention.merges = self.attention.levels[:levels], self.attention.merges[:max_index]
+        self.encoder.mixers, self.encoder.stages = self.encoder.mixers[:levels], self.encoder.stages[:levels]
+        self.encoder.downs = self.encoder.downs[:levels]
+        self.feature_info = self.feature_info[:levels]
+        if prune_head:
+            self.decoder = self.teachers = None
+        return take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
         self.check_input(x)
         return self.forward_embedded(*self.embed(x))
 
-    def forward_embedded(self, tokens: list[torch.Tensor], stem: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
+    def forward_embedded(
+        self, tokens: list[torch.Tensor], stem: torch.Tensor, detail_stem: torch.Tensor | None = None
+    ) -> torch.Tensor | VeloxSegOutput:
         """``forward`` after ``embed``: the split lets ``veloxseg.optimize`` compile all but the input convs."""
-        attn, conv = self.forward_features(tokens, stem)
-        logits, u1 = self.decoder(conv)
+        attn, conv = self.encode(tokens, stem)
+        logits, u1 = self.decoder(conv, detail_stem)
         if not self.training:
             return logits[0]
         size = self.config.roi_size
@@ -287,35 +369,17 @@ class VeloxSeg(nn.Module):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
         """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""
-        from .hub import save_pretrained
-
-        return save_pretrained(self, save_directory, **kwargs)
+        return hub.save_pretrained(self, save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload this model to the Hugging Face Hub. See veloxseg.hub.push_to_hub."""
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
     def inference_parameters(self) -> int:
         """Parameters used by an eval-mode forward (no teachers, no deep-supervision heads)."""
         training_only = [self.teachers, self.decoder.aux_heads]
         skip = {id(p) for m in training_only if m is not None for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
-
-
-def state_dict_problems(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """What stops ``model.load_state_dict(state_dict, strict=True)``: missing, unexpected and
-    wrongly shaped tensors, one line each (empty when it loads)."""
-    expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state_dict]
-    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    return problems
 
 
 def init_weights(module: nn.Module) -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+LABEL_LIKE_VALUES = 8  # a channel of at most this many distinct integer values looks like a label map
+LABEL_CHECK_VOXELS = 1_000_000  # voxels sampled per channel for that check
 
 
 @dataclass
@@ -134,8 +137,10 @@ def predict_probabilities(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    device = resolve_device(device)
     metadata = model_metadata(model)
     _check_channels(model, metadata, scan)
+    _warn_label_like_channels(metadata, scan)
     spatial = spatial_transforms(metadata)
     image = spatial(MetaTensor(torch.from_numpy(scan.data), affine=torch.from_numpy(scan.affine)))
     x = normalise_channels(image.as_tensor(), metadata.channels)[None]
@@ -156,6 +161,27 @@ def predict_probabilities(
         model.train(was_training)
     probs = MetaTensor(logits[0].softmax(0), affine=image.affine, applied_operations=image.applied_operations)
     return spatial.inverse(probs).as_tensor()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a torch.device ("auto": CUDA when available, else the CPU; None stays None).
+    Raises ValueError when it is not a device name or this machine does not have it."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device ({err}); use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no usable CUDA GPU; use cpu (or auto)")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: this machine has no usable Apple GPU (MPS); use cpu (or auto)")
+    return resolved
 
 
 def predict(
@@ -285,8 +311,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "case prefix <case>, or a folder of cases",
     )  # fmt: skip
     parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="label map file (.nii.gz) for one case, or a folder"
-    )
+        "-o", "--output", required=True, type=Path,
+        help="label map file (.nii.gz or .nii) for one case, or a folder (an existing one, or a name without "
+        "a file extension)",
+    )  # fmt: skip
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:0, ...")
@@ -313,7 +341,7 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model = model_from_args(args).to(device)
     if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
         for files in cases.values():
@@ -331,8 +359,10 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[Path]], Path | None]:
     """(cases, output folder or None when ``output`` is the one case's label-map file)."""
+    # A name with a file extension is a file (refused by output_paths unless .nii/.nii.gz), as in the API.
+    names_a_file = output.name.endswith(NIFTI_SUFFIXES) or (bool(output.suffix) and not output.is_dir())
     if len(inputs) == 1 and inputs[0].is_dir():
-        if output.name.endswith(NIFTI_SUFFIXES):
+        if names_a_file:
             raise ValueError(
                 f"the input {inputs[0]} is a folder of cases, so the output must be a folder, got {output}"
             )
@@ -352,7 +382,7 @@ def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[P
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
         match = CHANNEL_FILE.match(inputs[0].name)
         cases = {match["case"] if match else _stem(inputs[0]): list(inputs)}
-    return cases, None if output.name.endswith(NIFTI_SUFFIXES) else output
+    return cases, None if names_a_file else output
 
 
 def _stem(path: Path) -> str:
@@ -386,6 +416,18 @@ def _check_channels(model: SegModel, metadata: ModelMetadata, scan: Scan) -> Non
         names = ", ".join(c.name for c in metadata.channels)
         source = f" from {', '.join(map(str, scan.sources))}" if scan.sources else ""
         raise ValueError(f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}")
+
+
+def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:
+    """Warn about each channel that holds a few integer values only (a label map given as an image?)."""
+    for index, (channel, info) in enumerate(zip(scan.data, metadata.channels)):
+        values = np.unique(channel.ravel()[:: max(1, channel.size // LABEL_CHECK_VOXELS)])
+        if len(values) <= LABEL_LIKE_VALUES and np.array_equal(values, np.round(values)):
+            source = f" ({scan.sources[index]})" if len(scan.sources) == len(scan.data) else ""
+            warnings.warn(
+                f"input channel {index} ({info.name}){source} holds only the values {values.astype(int).tolist()}: "
+                f"it looks like a label map, but the model reads it as the {info.name} image; check the input files"
+            )
 
 
 def _check_outputs(targets: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:

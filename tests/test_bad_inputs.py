@@ -1,0 +1,196 @@
+"""Issue 15: bad inputs through the API and the ``veloxseg`` command each get an error naming the problem
+(no traceback: the command exits 2) and write nothing."""
+
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import veloxseg
+from veloxseg.cli import main
+from veloxseg.config import VeloxSegConfig
+from veloxseg.hub import read_config
+from veloxseg.metadata import ChannelInfo, ModelMetadata
+from veloxseg.predict import predict
+
+from .conftest import SMALL_ROI
+
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def model() -> veloxseg.VeloxSeg:
+    torch.manual_seed(0)
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    channels = [ChannelInfo("PET", 0), ChannelInfo("CT", 1, "ct", (-1000.0, 1000.0), 0.0, 1000.0)]
+    model.pretrained_cfg["veloxseg"] = ModelMetadata(channels, {"background": 0, "lesion": 1}).to_dict()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def case(tmp_path) -> list[Path]:
+    """A two-channel case of smooth random images, ``in/scan_0000.nii.gz`` and ``in/scan_0001.nii.gz``."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    files = []
+    for channel in range(2):
+        path = tmp_path / "in" / f"scan_{channel:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.normal(size=(20, 22, 18)).astype(np.float32), AFFINE), path)
+        files.append(path)
+    return files
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*"))
+
+
+def predict_cli(model_name: str, inputs: list[Path], output: Path, *options: str) -> int:
+    return main(["predict", "--model", model_name, "-i", *map(str, inputs), "-o", str(output), *options])
+
+
+# --- configuration fields ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("n_classes", "two", "config field n_classes must be an int, e.g. 2; got 'two'"),
+        ("base_ch", 16.5, "config field base_ch must be an int"),
+        ("deep_supervision", "yes", "config field deep_supervision must be a bool"),
+        ("attn_drop", "high", "config field attn_drop must be a number"),
+        ("in_ch", 2, "config field in_ch must be a list of ints, e.g. [1, 1] (two single-channel modality groups) "
+                     "or [4]"),
+        ("big_windows", [2, 2, 2, 2], "config field big_windows must be a list of lists of 3 ints"),
+        ("roi_size", [64, 64], "config field roi_size must be a list of 3 ints"),
+        ("n_classes", 1, "n_classes counts the background: use 2 for one structure"),
+    ],
+)  # fmt: skip
+def test_bad_config_field_is_named(model_dir, case, tmp_path, capsys, field, value, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        veloxseg.create_model("veloxseg_tiny", **{field: value})
+    folder = tmp_path / "edited"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json"):
+        read_config(folder / "config.json")
+    before = files_under(tmp_path)
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "out" / "seg.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert message in err and "config.json" in err and "Traceback" not in err
+    assert files_under(tmp_path) == before
+
+
+def test_roi_size_int_is_a_cube():
+    assert VeloxSegConfig(roi_size=64, big_windows=SMALL_ROI["big_windows"]).roi_size == (64, 64, 64)
+
+
+# --- model inputs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "make, got",
+    [
+        (lambda: torch.zeros(1, 2, 64, 64, 64, dtype=torch.float64), "got torch.float64"),
+        (lambda: torch.zeros(1, 2, 64, 64, 64, dtype=torch.float16), "got torch.float16"),
+        (lambda: torch.zeros(1, 2, 64, 64, 64, dtype=torch.int64), "got torch.int64"),
+        (lambda: np.zeros((1, 2, 64, 64, 64), dtype=np.float32), "got a numpy.ndarray"),
+    ],
+)
+def test_model_names_the_input_it_takes(model, make, got):
+    with pytest.raises(ValueError, match=f"takes a torch.Tensor of its weights' dtype torch.float32, {got}"):
+        model(make())
+
+
+# --- metadata -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"channels": [{"name": "PET", "group": 0, "normalisation": "zcore"}, {"name": "CT", "group": 1}]},
+         "channel 'PET': unknown normalisation 'zcore'"),
+        ({"channels": [{"name": "PET", "group": 0}, {"name": "CT", "group": 1, "normalisation": "ct"}]},
+         "channel 'CT': 'ct' normalisation needs the dataset's mean and a nonzero std"),
+        ({"spacing": [0, 2, 3]}, "metadata spacing must be three numbers > 0"),
+        ({"spacing": [1.5, -2, 3]}, "metadata spacing must be three numbers > 0"),
+        ({"orientation": "RAA"}, "metadata orientation must be three axis codes"),
+    ],
+)  # fmt: skip
+def test_bad_metadata_is_refused_when_the_folder_loads(model_dir, case, tmp_path, capsys, change, message):
+    folder = tmp_path / "edited"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["veloxseg"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        veloxseg.create_model(f"local-dir:{folder}")
+    before = files_under(tmp_path)
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "out" / "seg.nii.gz") == 2
+    assert message in capsys.readouterr().err
+    assert files_under(tmp_path) == before
+
+
+# --- predict: model names, outputs, devices, inputs -------------------------------------------------
+
+@pytest.mark.parametrize("name", ["local-dir:", "hf-hub:", "local-dir:  "])
+def test_empty_model_location_is_named(case, tmp_path, capsys, name):
+    with pytest.raises(ValueError, match="names no"):
+        veloxseg.create_model(name)
+    before = files_under(tmp_path)
+    assert predict_cli(name, case, tmp_path / "seg.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "names no" in err and "local-dir:/path/to/folder" in err
+    assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("output", ["out/seg.png", "seg.nii.gz.bak"])
+def test_non_nifti_output_refused_by_cli_and_api_alike(model, model_dir, case, tmp_path, capsys, output):
+    before = files_under(tmp_path)
+    with pytest.raises(ValueError, match="must be a .nii or .nii.gz file"):
+        predict(model, case, tmp_path / output)
+    assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / output) == 2
+    assert "must be a .nii or .nii.gz file" in capsys.readouterr().err
+    assert predict_cli(f"local-dir:{model_dir}", [case[0].parent], tmp_path / output) == 2  # a folder of cases
+    assert "the output must be a folder" in capsys.readouterr().err
+    assert files_under(tmp_path) == before
+
+
+def test_output_folder_without_extension_still_works(model_dir, case, tmp_path):
+    assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / "predictions", "--device", "cpu") == 0
+    assert [p.name for p in (tmp_path / "predictions").iterdir()] == ["scan.nii.gz"]
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "no usable CUDA GPU"), ("gpu0", "is not a torch device")])
+def test_unavailable_device_is_named(model, model_dir, case, tmp_path, capsys, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=message):
+        predict(model, case, device=device)
+    before = files_under(tmp_path)
+    assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / "out" / "seg.nii.gz", "--device", device) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert files_under(tmp_path) == before
+
+
+def test_label_map_given_as_a_channel_is_warned_about(model, model_dir, case, tmp_path, capsys):
+    label = tmp_path / "in" / "label.nii.gz"
+    mask = np.zeros((20, 22, 18), dtype=np.uint8)
+    mask[5:10, 5:10, 5:10] = 1
+    nib.save(nib.Nifti1Image(mask, AFFINE), label)
+    with pytest.warns(UserWarning, match=r"input channel 1 \(CT\) .*label.nii.gz.* holds only the values \[0, 1\]"):
+        predict(model, [case[0], label])
+    assert predict_cli(f"local-dir:{model_dir}", [case[0], label], tmp_path / "seg.nii.gz") == 0
+    assert "veloxseg predict: warning: input channel 1 (CT)" in capsys.readouterr().err
+    with warnings.catch_warnings():  # real images: no warning
+        warnings.simplefilter("error", UserWarning)
+        predict(model, case)
