@@ -15,6 +15,8 @@ import torch
 import veloxseg
 from veloxseg.cli import main
 from veloxseg.config import VeloxSegConfig
+from veloxseg.data.datasets import DatasetError, read_dataset, validate_dataset
+from veloxseg.data.demo import make_demo_dataset
 from veloxseg.hub import read_config
 from veloxseg.metadata import ChannelInfo, ModelMetadata
 from veloxseg.predict import predict
@@ -194,3 +196,17 @@ def test_label_map_given_as_a_channel_is_warned_about(model, model_dir, case, tm
     with warnings.catch_warnings():  # real images: no warning
         warnings.simplefilter("error", UserWarning)
         predict(model, case)
+
+
+# --- datasets -----------------------------------------------------------------------------------------
+
+def test_labels_without_foreground_are_refused_for_segmentation(tmp_path):
+    root = make_demo_dataset(tmp_path / "Dataset001_Empty", num_train=3, num_test=0, shape=(24, 24, 24))
+    spec = read_dataset(root)
+    validate_dataset(spec, require_foreground=True)  # the demo labels hold lesions
+    for case in spec.training:
+        img = nib.load(case.label)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), case.label)
+    validate_dataset(spec)  # a valid dataset, for self-supervised pretraining
+    with pytest.raises(DatasetError, match="no training label holds class 'lesion' \\(value 1\\)"):
+        validate_dataset(spec, require_foreground=True)

@@ -91,7 +91,11 @@ def read_dataset(root: str | Path) -> DatasetSpec:
 
 
 def validate_dataset(
-    spec: DatasetSpec, check_geometry: bool = True, check_values: bool = True, affine_tol: float = 1e-3
+    spec: DatasetSpec,
+    check_geometry: bool = True,
+    check_values: bool = True,
+    affine_tol: float = 1e-3,
+    require_foreground: bool = False,
 ) -> None:
     """Check every case on disk and raise one :class:`DatasetError` listing all problems found.
 
@@ -99,16 +103,27 @@ def validate_dataset(
     ``channel_names``. ``check_geometry``: every image has the label's spatial shape and an affine
     equal within ``affine_tol`` (mm). ``check_values`` (reads the voxel data, one file at a time):
     the data decompresses (truncated files fail here), images hold no NaN/inf, and label values are
-    integers listed in ``labels``.
+    integers listed in ``labels``. ``require_foreground`` (with ``check_values``; for segmentation):
+    every foreground class appears in at least one training label.
     """
     problems: list[str] = []
+    seen: set[float] = set()  # label values found in the training cases
     if not spec.training:
         problems.append("no training cases found")
     if spec.num_training is not None and spec.num_training != len(spec.training):
         problems.append(f"dataset.json says numTraining={spec.num_training} but {len(spec.training)} cases were found")
-    for case in spec.training + spec.test:
+    for cases, found in ((spec.training, seen), (spec.test, set())):
+        for case in cases:
+            problems += [
+                f"{case.case_id}: {p}"
+                for p in _case_problems(spec, case, check_geometry, check_values, affine_tol, found)
+            ]
+    if require_foreground and check_values and spec.training and not problems:
         problems += [
-            f"{case.case_id}: {p}" for p in _case_problems(spec, case, check_geometry, check_values, affine_tol)
+            f"no training label holds class {name!r} (value {value}): segmentation has nothing to learn for it "
+            f"(its Dice would be NaN); fix the labels or remove the class from dataset.json"
+            for name, value in spec.labels.items()
+            if value > 0 and value not in seen
         ]
     if problems:
         raise DatasetError(spec.root, problems)
@@ -340,9 +355,9 @@ def _msd_case_id(path: str) -> str:
 
 
 def _case_problems(
-    spec: DatasetSpec, case: Case, check_geometry: bool, check_values: bool, affine_tol: float
+    spec: DatasetSpec, case: Case, check_geometry: bool, check_values: bool, affine_tol: float, seen: set[float]
 ) -> list[str]:
-    """Problems of one case, each a short sentence naming the file concerned."""
+    """Problems of one case, each a short sentence naming the file concerned; its label values are added to ``seen``."""
     problems: list[str] = []
 
     def rel(path: Path) -> str:
@@ -396,6 +411,7 @@ def _case_problems(
             data = _read_data(label, rel(case.label), problems)
             if data is not None:
                 values = np.unique(data)
+                seen.update(values.tolist())
                 bad = [v.item() for v in values if v not in spec.labels.values() or v != np.round(v)]
                 if bad:
                     problems.append(
