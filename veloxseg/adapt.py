@@ -16,17 +16,23 @@ The 3-D, per-modality-group counterpart of timm's ``adapt_input_conv`` and head 
 Every other difference between the two configs is an error, never a silent partial load.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import VeloxSegConfig
-from .model import VeloxSeg, state_dict_problems
+
+if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
+    from .model import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ def adapt_state_dict(
     """
     _check_structure(source, model.config)
     with torch.device("meta"):  # shapes and window layouts of the pretrained network, no memory
-        source_model = VeloxSeg(source)
+        source_model = type(model)(source)
     _check_weights(state_dict, source_model)
     adapted, report, used = {}, AdaptationReport(), set()
     for key, init in model.state_dict().items():
@@ -132,6 +138,20 @@ def _check_structure(source: VeloxSegConfig, target: VeloxSegConfig) -> None:
             f"the pretrained weights cannot be adapted to this model: {'; '.join(differences)} (only "
             f"{', '.join(ADAPTABLE_FIELDS)} may differ from the pretrained config)"
         )
+
+
+def state_dict_problems(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """What stops ``model.load_state_dict(state_dict, strict=True)``: missing, unexpected and
+    wrongly shaped tensors, one line each (empty when it loads)."""
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected {k}" for k in state_dict if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return problems
 
 
 def _check_weights(state_dict: Mapping[str, torch.Tensor], source_model: VeloxSeg) -> None:

@@ -1,9 +1,15 @@
 """Model cards (the README.md of a Hub repo) generated from a model and its 3-D metadata."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from huggingface_hub import ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
-from .model import VeloxSeg
+
+if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
+    from .model import VeloxSeg
 
 TAGS = ["veloxseg", "medical-imaging", "image-segmentation", "3d", "pytorch", "safetensors"]
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from .adapt import state_dict_problems
 from .config import VeloxSegConfig
-from .model import VeloxSeg, state_dict_problems
+from .model import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 

@@ -208,7 +208,13 @@ def load_pretrained(model: VeloxSeg, cache_dir: str | Path | None = None) -> Ada
     if not weights_name.endswith(".safetensors"):
         raise ValueError(f"{weights_name}: VeloxSeg loads safetensors weights only, never pickled checkpoints")
     source = read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
-    weights_path = _fetch(cfg, weights_name, cache_dir)
+    try:
+        weights_path = _fetch(cfg, weights_name, cache_dir)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. VeloxSeg reads safetensors weights only (timm.models.save_for_hf writes them with "
+            f"safe_serialization=True)"
+        ) from None
     state_dict = read_weights(weights_path)
     try:
         adapted, report = adapt_state_dict(state_dict, source.config, model)

@@ -238,8 +238,8 @@ class VeloxSeg(nn.Module):
         self.pretrained_cfg: dict[str, Any] = {}
         # timm's description of the encoder levels that forward_intermediates returns
         self.feature_info = [
-            dict(num_chs=cfg.conv_width(level), reduction=cfg.patch_size * 2 ** (level - 1), module=f"encoder.stages.{level - 1}")
-            for level in range(1, NUM_LEVELS + 1)
+            dict(num_chs=cfg.conv_width(i), reduction=cfg.patch_size * 2 ** (i - 1), module=f"encoder.stages.{i - 1}")
+            for i in range(1, NUM_LEVELS + 1)
         ]
         self.attention = AttentionStream(cfg)
         self.encoder = ConvStream(cfg)

@@ -1,4 +1,4 @@
-"""Model zoo: VeloxSeg variants registered in timm's registry, with their pretrained configs.
+"""Model zoo: the VeloxSeg variants (:mod:`veloxseg.variants`) registered in timm's registry.
 
 After ``import veloxseg``, ``timm.create_model("veloxseg_small")`` and ``timm.list_models("veloxseg*")``
 work as well as :func:`create_model` / :func:`list_models` here.
@@ -6,94 +6,48 @@ work as well as :func:`create_model` / :func:`list_models` here.
 
 import difflib
 import fnmatch
-from dataclasses import dataclass
 from typing import Any
 
 import timm
-from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
+from torch import nn
 
-from .metadata import ChannelInfo, ModelMetadata
+from .config import NUM_LEVELS
+from .hub import create_from_hub, load_pretrained
+from .metadata import ModelMetadata
 from .model import VeloxSeg
+from .variants import VARIANTS, default_cfgs, timm_input_size, translate_timm_args, variant_cfg
 
-# Width settings per variant; everything else is the paper's configuration (VeloxSegConfig defaults).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "veloxseg_tiny": dict(
-        base_ch=8, attn_base_ch=8, min_dim_group=(4, 4, 8, 8), num_heads=(1, 1, 2, 2), min_dim_head=(4, 4, 8, 8)
-    ),
-    "veloxseg_small": dict(),  # the paper's AutoPET-II network
-    "veloxseg_base": dict(
-        base_ch=32, attn_base_ch=32, min_dim_group=(8, 16, 16, 32), num_heads=(2, 4, 4, 8), min_dim_head=(8, 16, 16, 32)
-    ),
-}
+# timm's register_model reads the pretrained configs from ``default_cfgs`` of the entrypoints' module.
+__all__ = ["create_model", "default_cfgs", "list_models"]
 
 
-@dataclass
-class VeloxSegPretrainedCfg(PretrainedCfg):
-    """timm's pretrained config plus the 3-D metadata (:class:`ModelMetadata` as a dict) under ``veloxseg``."""
-
-    veloxseg: dict[str, Any] | None = None
-
-
-def _cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
-    """A pretrained config. timm's fields are 2-D classification ones (a 3-long input_size, ImageNet
-    mean/std, a classifier name): ours leave them unset and keep the 3-D metadata under ``veloxseg``.
-    Weights come from ``hf_hub_id`` ("org/name" or "org/name@revision"), file ``hf_hub_filename``
-    (default model.safetensors; safetensors only), or from a local folder in ``file``.
-    """
-    return VeloxSegPretrainedCfg(
-        **{
-            "num_classes": -1,  # -1: timm does not pass num_classes to the model (ours is n_classes)
-            "input_size": None,  # timm asserts a 3-long (C, H, W) input_size; ours lives in roi_size
-            "mean": None,  # no ImageNet statistics: normalisation is per channel, in the 3-D metadata
-            "std": None,
-            "license": "apache-2.0",
-            "first_conv": "attention.patch_embeds.0",
-            "classifier": "decoder.head",
-            "paper_name": "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation",
-            **kwargs,
-        }
-    )
-
-
-# The paper's AutoPET-II task (the variants' default config: PET and CT as two single-channel groups,
-# 96^3 ROI). The trainer's config.json replaces spacing and normalisation when weights are published.
-AUTOPET2 = ModelMetadata(
-    channels=[ChannelInfo("PET", group=0), ChannelInfo("CT", group=1)],
-    labels={"background": 0, "lesion": 1},
-    training_data="AutoPET-II (MICCAI 2023 autoPET challenge): whole-body FDG-PET/CT with lesion masks",
-)
-
-# Pretrained tags. A tag gets an hf_hub_id only once the trainer's weights for it are on the Hub
-# (hub/publish.py); until then pretrained=True says that none are published. The first tag with
-# weights becomes the variant's default; while none has any, the default is ``untrained``.
-default_cfgs = generate_default_cfgs(
-    {
-        "veloxseg_tiny.untrained": _cfg(),
-        "veloxseg_small.untrained": _cfg(),
-        "veloxseg_base.untrained": _cfg(),
-        "veloxseg_small.autopet2": _cfg(veloxseg=AUTOPET2.to_dict()),
-    }
-)
-
-
-def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> VeloxSeg:
+def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``variant`` through timm's builder. timm's argument names ``num_classes`` and ``in_chans``
+    are translated (:func:`veloxseg.variants.translate_timm_args`); with ``features_only`` the model is
+    timm's feature wrapper of the encoder (:meth:`VeloxSeg.forward_intermediates`), pruned after the
+    deepest level in ``out_indices``, with the encoder's part of the pretrained weights."""
     cache_dir = kwargs.pop("cache_dir", None)
+    features_only = kwargs.get("features_only", False)
     if isinstance(kwargs.get("pretrained_cfg"), dict):  # a config.json's (hf-hub:/local-dir: names)
-        kwargs["pretrained_cfg"] = _cfg(**kwargs["pretrained_cfg"])
-    # timm fills in_chans / num_classes / global_pool from the 2-D pretrained config: drop them.
+        kwargs["pretrained_cfg"] = variant_cfg(**kwargs["pretrained_cfg"])
+    # timm fills in_chans / num_classes / global_pool / img_size from its 2-D pretrained config: dropped.
     model = build_model_with_cfg(
         VeloxSeg,
         variant,
         pretrained=False,  # timm's loader adapts 2-D stems and classifiers only; ours is in veloxseg.hub
-        kwargs_filter=("num_classes", "in_chans", "global_pool"),
-        **{**VARIANTS[variant], **kwargs},
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_LEVELS))),
+        kwargs_filter=("num_classes", "in_chans", "global_pool", "img_size"),
+        **{**VARIANTS[variant], **translate_timm_args(kwargs)},
     )
-    cfg, metadata = model.config, model.pretrained_cfg.get("veloxseg")
-    model.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
+    network = model.model if features_only else model
+    cfg, metadata = network.config, network.pretrained_cfg.get("veloxseg")
+    network.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
+    network.pretrained_cfg["input_size"] = timm_input_size(cfg)
     if pretrained:
-        from .hub import load_pretrained
-
-        load_pretrained(model, cache_dir=cache_dir)
+        load_pretrained(network, cache_dir=cache_dir)
+    if features_only:
+        model.pretrained_cfg.update(veloxseg=network.pretrained_cfg["veloxseg"], input_size=timm_input_size(cfg))
     return model
 
 
@@ -126,8 +80,6 @@ def create_model(name: str, pretrained: bool | None = None, **overrides: Any) ->
     local folders, whose weights are the reason to name them; pass False for the architecture only.
     """
     if name.startswith(("hf-hub:", "local-dir:")):
-        from .hub import create_from_hub
-
         return create_from_hub(name, pretrained=pretrained is not False, **overrides)
     pretrained = bool(pretrained)
     arch = name.split(".", 1)[0]

@@ -1,0 +1,98 @@
+"""VeloxSeg through timm's own entry points: features_only backbones, timm's argument names, and
+timm's Hub helpers (save_for_hf, push_to_hf_hub) loaded back by both libraries."""
+
+import shutil
+from pathlib import Path
+from unittest.mock import create_autospec
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, RepoUrl
+from timm.models import push_to_hf_hub, save_for_hf
+
+import veloxseg
+
+from .conftest import SMALL_ROI
+
+
+@pytest.fixture(scope="module")
+def model() -> veloxseg.VeloxSeg:
+    torch.manual_seed(5)
+    return timm.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(1, 2, *SMALL_ROI["roi_size"])
+
+
+@pytest.mark.parametrize("out_indices", [None, (1, 3), (0, 2)])
+def test_features_only_gives_the_encoder_levels_feature_info_describes(model, x, tmp_path, out_indices):
+    folder = model.save_pretrained(tmp_path / "model")
+    kwargs = {} if out_indices is None else {"out_indices": out_indices}
+    backbone = timm.create_model(f"local-dir:{folder}", pretrained=True, features_only=True, **kwargs).eval()
+    with torch.no_grad():
+        features = backbone(x)
+        _, expected = model.encode(model.attention.embed(x), model.encoder.stem(x))
+    levels = list(out_indices or range(4))
+    assert list(backbone.feature_info.out_indices) == levels
+    assert backbone.feature_info.channels() == [t.shape[1] for t in features] == [8 * 2**i for i in levels]
+    for tensor, reduction in zip(features, backbone.feature_info.reduction()):
+        assert tensor.ndim == 5 and tuple(tensor.shape[2:]) == tuple(s // reduction for s in SMALL_ROI["roi_size"])
+    for tensor, level in zip(features, levels):
+        assert torch.equal(tensor, expected[level])  # the pretrained encoder weights were loaded
+    names = {name.split(".")[1] for name, _ in backbone.named_parameters()}
+    assert names == {"attention", "encoder"}  # decoder and teachers pruned
+    assert len(backbone.model.encoder.stages) == levels[-1] + 1  # nothing computed past the deepest level
+
+
+def test_features_only_through_veloxseg_create_model(x):
+    backbone = veloxseg.create_model("veloxseg_tiny", features_only=True, out_indices=[-1], **SMALL_ROI)
+    assert backbone.feature_info.channels() == [64] and backbone.feature_info.reduction() == [32]
+    assert backbone(x)[0].shape == (1, 64, 2, 2, 2)
+
+
+def test_timm_argument_names():
+    model = timm.create_model("veloxseg_tiny", num_classes=3, in_chans=4, **SMALL_ROI)
+    assert model.config.n_classes == model.num_classes == 3 and model.config.in_ch == (4,)
+    assert veloxseg.create_model("veloxseg_tiny", in_chans=2, in_ch=[1, 1], **SMALL_ROI).config.in_ch == (1, 1)
+    with pytest.raises(ValueError, match=r"in_chans=3 disagrees with in_ch=\[1, 1\].*in_ch=\[4\] for one 4-channel"):
+        timm.create_model("veloxseg_tiny", in_chans=3, in_ch=[1, 1])
+    with pytest.raises(ValueError, match="num_classes=3 and n_classes=2 disagree"):
+        timm.create_model("veloxseg_tiny", num_classes=3, n_classes=2)
+
+
+def loads_back(folder: Path, expected: veloxseg.VeloxSeg, x: torch.Tensor) -> None:
+    """Both libraries rebuild ``expected`` from ``folder`` with its config and outputs."""
+    ours = veloxseg.create_model(f"local-dir:{folder}").eval()
+    theirs = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        want = expected(x)
+        for loaded in (ours, theirs):
+            assert loaded.config == expected.config
+            assert torch.equal(loaded(x), want)
+            assert loaded.pretrained_cfg["veloxseg"] == expected.pretrained_cfg["veloxseg"]
+
+
+def test_save_for_hf_round_trip(model, x, tmp_path):
+    save_for_hf(model, tmp_path / "a", safe_serialization=True)
+    loads_back(tmp_path / "a", model, x)
+    four = timm.create_model("veloxseg_tiny", num_classes=3, in_chans=4, **SMALL_ROI).eval()
+    save_for_hf(four, tmp_path / "b", safe_serialization=True)
+    loads_back(tmp_path / "b", four, torch.randn(1, 4, *SMALL_ROI["roi_size"]))
+    save_for_hf(model, tmp_path / "c")  # timm's default: a pickle only, which VeloxSeg never loads
+    with pytest.raises(FileNotFoundError, match="safetensors weights only.*safe_serialization=True"):
+        veloxseg.create_model(f"local-dir:{tmp_path / 'c'}")
+
+
+def test_push_to_hf_hub_uploads_a_folder_both_libraries_load(model, x, tmp_path, monkeypatch):
+    api_class = create_autospec(HfApi)  # HfApi's real signatures: a misspelt argument fails
+    api = api_class.return_value
+    api.create_repo.return_value = RepoUrl("https://huggingface.co/org/veloxseg-tiny")
+    api.file_exists.return_value = False
+    api.upload_folder.side_effect = lambda **kwargs: shutil.copytree(kwargs["folder_path"], tmp_path / "uploaded")
+    monkeypatch.setattr(timm.models._hub, "HfApi", api_class)
+    push_to_hf_hub(model, "org/veloxseg-tiny")
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "org/veloxseg-tiny"
+    loads_back(tmp_path / "uploaded", model, x)

@@ -1,0 +1,113 @@
+"""The registered VeloxSeg variants and their pretrained configs.
+
+A leaf module (it imports nothing of veloxseg but the config and the metadata), so that the model,
+the registry, the Hub I/O and the card read one table without importing each other.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from timm.models import PretrainedCfg, generate_default_cfgs
+
+from .config import VeloxSegConfig
+from .metadata import ChannelInfo, ModelMetadata
+
+# Width settings per variant; everything else is the paper's configuration (VeloxSegConfig defaults).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "veloxseg_tiny": dict(
+        base_ch=8, attn_base_ch=8, min_dim_group=(4, 4, 8, 8), num_heads=(1, 1, 2, 2), min_dim_head=(4, 4, 8, 8)
+    ),
+    "veloxseg_small": dict(),  # the paper's AutoPET-II network
+    "veloxseg_base": dict(
+        base_ch=32, attn_base_ch=32, min_dim_group=(8, 16, 16, 32), num_heads=(2, 4, 4, 8), min_dim_head=(8, 16, 16, 32)
+    ),
+}
+
+
+@dataclass
+class VeloxSegPretrainedCfg(PretrainedCfg):
+    """timm's pretrained config plus the 3-D metadata (:class:`ModelMetadata` as a dict) under ``veloxseg``."""
+
+    veloxseg: dict[str, Any] | None = None
+
+
+def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
+    """A pretrained config. timm's fields are 2-D classification ones: ours say that the model takes
+    inputs already normalised (mean 0, std 1: the per-channel normalisation is in the 3-D metadata
+    under ``veloxseg``) and has no ImageNet classifier; each model's ``input_size`` is set when it is
+    built (:func:`timm_input_size`). Weights come from ``hf_hub_id`` ("org/name" or
+    "org/name@revision"), file ``hf_hub_filename`` (default model.safetensors; safetensors only), or
+    from a local folder in ``file``.
+    """
+    return VeloxSegPretrainedCfg(
+        **{
+            "num_classes": -1,  # -1: timm does not pass its default num_classes to the model
+            "input_size": None,
+            "mean": (0.0,),
+            "std": (1.0,),
+            "license": "apache-2.0",
+            "first_conv": "attention.patch_embeds.0",
+            "classifier": "decoder.head",
+            "paper_name": "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation",
+            **kwargs,
+        }
+    )
+
+
+# The paper's AutoPET-II task (the variants' default config: PET and CT as two single-channel groups,
+# 96^3 ROI). The trainer's config.json replaces spacing and normalisation when weights are published.
+AUTOPET2 = ModelMetadata(
+    channels=[ChannelInfo("PET", group=0), ChannelInfo("CT", group=1)],
+    labels={"background": 0, "lesion": 1},
+    training_data="AutoPET-II (MICCAI 2023 autoPET challenge): whole-body FDG-PET/CT with lesion masks",
+)
+
+# Pretrained tags. A tag gets an hf_hub_id only once the trainer's weights for it are on the Hub
+# (hub/publish.py); until then pretrained=True says that none are published. The first tag with
+# weights becomes the variant's default; while none has any, the default is ``untrained``.
+default_cfgs = generate_default_cfgs(
+    {
+        "veloxseg_tiny.untrained": variant_cfg(),
+        "veloxseg_small.untrained": variant_cfg(),
+        "veloxseg_base.untrained": variant_cfg(),
+        "veloxseg_small.autopet2": variant_cfg(veloxseg=AUTOPET2.to_dict()),
+    }
+)
+
+
+def variant_of(config: VeloxSegConfig) -> str | None:
+    """The registered variant whose settings (the fields the variants set) are ``config``'s, or None
+    for a custom network."""
+    fields = {name for settings in VARIANTS.values() for name in settings}
+    for name, settings in VARIANTS.items():
+        variant = VeloxSegConfig(**settings)
+        if all(getattr(config, f) == getattr(variant, f) for f in fields):
+            return name
+    return None
+
+
+def timm_input_size(config: VeloxSegConfig) -> tuple[int, int, int]:
+    """timm's 2-D ``input_size`` (C, H, W) for ``config``: all input channels and the ROI's last two
+    axes. timm's Hub helpers read it; the full 3-D ROI is ``roi_size`` in the model's arguments."""
+    return (sum(config.in_ch), *config.roi_size[1:])
+
+
+def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
+    ``in_chans`` -> ``in_ch=[in_chans]`` (one modality group) or, with ``in_ch`` given, a check that
+    they agree. Raises ``ValueError`` when both names of a pair are given and disagree."""
+    kwargs = dict(kwargs)
+    if "num_classes" in kwargs:
+        num_classes = kwargs.pop("num_classes")
+        if kwargs.setdefault("n_classes", num_classes) != num_classes:
+            raise ValueError(f"num_classes={num_classes} and n_classes={kwargs['n_classes']} disagree; give one")
+    if "in_chans" in kwargs:
+        in_chans = kwargs.pop("in_chans")
+        in_ch = kwargs.setdefault("in_ch", [in_chans])
+        if sum(in_ch) != in_chans:
+            raise ValueError(
+                f"in_chans={in_chans} disagrees with in_ch={list(in_ch)}. VeloxSeg reads its input channels in "
+                f"modality groups: give in_ch=[...] alone, e.g. in_ch=[1, 1] for PET and CT as two groups or "
+                f"in_ch=[4] for one 4-channel group (in_chans=n alone means in_ch=[n])"
+            )
+    return kwargs
