@@ -21,7 +21,7 @@ import veloxseg
 from veloxseg import hub
 from veloxseg.metadata import ModelMetadata
 
-FRONT_MATTER = ("license", "tags", "library_name", "datasets", "metrics")
+FRONT_MATTER = ("license", "tags", "library_name", "pipeline_tag", "datasets", "metrics")
 
 
 def validate(folder: Path) -> list[str]:
@@ -46,6 +46,9 @@ def validate(folder: Path) -> list[str]:
     card = ModelCard.load(folder / hub.CARD_NAME)
     front = card.data.to_dict()
     problems += [f"README.md front matter has no {key!r}" for key in FRONT_MATTER if not front.get(key)]
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    if results != metadata.metrics:
+        problems.append(f"README.md model-index results {results} are not config.json's metrics {metadata.metrics}")
     if front.get("license") != metadata.license:
         problems.append(f"README.md license {front.get('license')!r} is not config.json's {metadata.license!r}")
     mentions = {

@@ -1,10 +1,11 @@
 """Hub I/O offline: save_pretrained, a real Hub cache layout read through hf_hub_download, push_to_hub
-against a local fake of HfApi, pretrained tags, and the errors a bad download gives."""
+against HfApi's autospec, model cards read back by huggingface_hub, pretrained tags, and the errors a bad download gives."""
 
 import importlib.util
 import json
 import shutil
 from pathlib import Path
+from unittest.mock import call, create_autospec
 
 import huggingface_hub
 import pytest
@@ -86,6 +87,9 @@ def test_save_pretrained_writes_a_hub_folder(saved, metadata):
     assert card.data.license == "apache-2.0" and card.data.library_name == "veloxseg"
     assert "veloxseg" in card.data.tags and card.data.datasets == ["org/petct-phantoms"]
     assert card.data.metrics == ["dice"] and "| dice | 0.625 |" in card.text
+    assert card.data.pipeline_tag == "image-segmentation"
+    results = [(r.task_type, r.dataset_type, r.metric_type, r.metric_value) for r in card.data.eval_results]
+    assert results == [("image-segmentation", "org/petct-phantoms", "dice", 0.625)]  # the card's model-index
     assert metadata.training_command in card.text and metadata.training_data in card.text
     assert f"{model.inference_parameters():,}" in card.text and "2 x 2 x 3 mm" in card.text
 
@@ -191,29 +195,33 @@ def test_file_missing_from_the_offline_cache_is_named(saved, cache, missing):
 
 
 class FakeHub:
-    """Stands in for the Hub: records create_repo / upload_folder and what the uploaded folder held."""
+    """HfApi replaced by its autospec (the real signatures: a misspelt or missing argument fails) in
+    veloxseg.hub; upload_folder keeps what the uploaded folder held."""
 
     def __init__(self, monkeypatch):
-        self.calls, self.files = [], {}
-        monkeypatch.setattr(HfApi, "create_repo", lambda api, *args, **kwargs: self.create_repo(*args, **kwargs))
-        monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kwargs: self.upload_folder(**kwargs))
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
+        self.api_class = create_autospec(HfApi)
+        self.api, self.files = self.api_class.return_value, {}
+        self.api.upload_folder.side_effect = self.upload_folder
+        monkeypatch.setattr(hub, "HfApi", self.api_class)
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        self.calls.append(("upload_folder", repo_id, kwargs))
         self.files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
         return f"commit to {repo_id}"
+
+    @property
+    def calls(self) -> list[str]:
+        return [name for name, _, _ in self.api.method_calls]
 
 
 def test_push_to_hub_uploads_the_saved_folder(saved, monkeypatch, metadata):
     model, _, _, _ = saved
     fake = FakeHub(monkeypatch)
-    assert model.push_to_hub("org/pushed", private=True) == "commit to org/pushed"
-    assert fake.calls[0] == ("create_repo", "org/pushed", {"private": True, "exist_ok": True})
-    name, repo_id, upload = fake.calls[1]
-    assert (name, repo_id) == ("upload_folder", "org/pushed")
+    assert model.push_to_hub("org/pushed", private=True, token="hf_x") == "commit to org/pushed"
+    assert fake.api_class.call_args == call(token="hf_x")
+    assert fake.calls == ["create_repo", "upload_folder"]
+    assert fake.api.create_repo.call_args == call("org/pushed", private=True, exist_ok=True)
+    upload = fake.api.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "org/pushed" and upload["revision"] is None and not upload["create_pr"]
     assert upload["allow_patterns"] == ["config.json", "model.safetensors", "README.md"]
     uploaded = json.loads(fake.files["config.json"])["pretrained_cfg"]["veloxseg"]
     assert uploaded == model.pretrained_cfg["veloxseg"]  # the model's own (generic) metadata
@@ -258,7 +266,7 @@ def test_publish_validates_then_pushes_only_when_asked(saved, tmp_path, monkeypa
     assert publish.main([str(folder), "--repo-id", "org/published"]) == 0
     assert fake.calls == [] and "dry run" in capsys.readouterr().out
     assert publish.main([str(folder), "--repo-id", "org/published", "--push"]) == 0
-    assert [c[0] for c in fake.calls] == ["create_repo", "upload_folder"]
+    assert fake.calls == ["create_repo", "upload_folder"]
     assert fake.files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
 
     bare = hub.save_pretrained(veloxseg.create_model("veloxseg_tiny", **SMALL_ROI), tmp_path / "bare")
@@ -266,6 +274,15 @@ def test_publish_validates_then_pushes_only_when_asked(saved, tmp_path, monkeypa
     problems = capsys.readouterr().out
     assert "datasets" in problems and "metrics" in problems and "training command" in problems
     assert len(fake.calls) == 2
+    assert ModelCard.load(bare / "README.md").data.eval_results is None  # no metrics, no model-index
+
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("value: 0.625", "value: 0.9"))
+    try:
+        problems = load_publish().validate(folder)
+    finally:
+        (folder / "README.md").write_text(card)
+    assert problems == ["README.md model-index results {'dice': 0.9} are not config.json's metrics {'dice': 0.625}"]
 
 
 @pytest.mark.parametrize("folder", sorted(p for p in (ROOT / "hub").iterdir() if p.is_dir()), ids=lambda p: p.name)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
 
 if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
     from .model import VeloxSeg
 
+PIPELINE_TAG = "image-segmentation"
 TAGS = ["veloxseg", "medical-imaging", "image-segmentation", "3d", "pytorch", "safetensors"]
 
 CITATION = """\
@@ -22,16 +23,35 @@ CITATION = """\
 
 
 def model_card(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None = None) -> ModelCard:
-    """The card of ``model``: Hub front matter (license, tags, library_name, datasets, metrics) and
-    sections on usage, architecture, preprocessing, labels, training, evaluation and limitations."""
+    """The card of ``model``: Hub front matter (license, tags, library_name, pipeline_tag, datasets,
+    metrics, and a ``model-index`` with the held-out metrics) and sections on usage, architecture,
+    preprocessing, labels, training, evaluation and limitations."""
+    results = eval_results(metadata)
     data = ModelCardData(
         license=metadata.license,
         library_name="veloxseg",
+        pipeline_tag=PIPELINE_TAG,
         tags=TAGS,
         datasets=list(metadata.datasets),
         metrics=sorted(metadata.metrics),
+        model_name=(repo_id or architecture) if results else None,  # the model-index's name
+        eval_results=results or None,
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(model, metadata, architecture, repo_id)}")
+
+
+def eval_results(metadata: ModelMetadata) -> list[EvalResult]:
+    """The held-out metrics as the Hub's evaluation results (the card's ``model-index``): task
+    image-segmentation, dataset the first of ``metadata.datasets`` (the held-out data are its split;
+    "custom" when none is recorded), one result per metric."""
+    dataset = metadata.datasets[0] if metadata.datasets else "custom"
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAG, dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
+            metric_type=name, metric_value=value,
+        )  # fmt: skip
+        for name, value in sorted(metadata.metrics.items())
+    ]
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
