@@ -1,5 +1,6 @@
 """Hub I/O offline: save_pretrained, a real Hub cache layout read through hf_hub_download, push_to_hub
-against HfApi's autospec, model cards read back by huggingface_hub, pretrained tags, and the errors a bad download gives."""
+against HfApi's autospec, model cards read back by huggingface_hub, pretrained tags, and the errors a
+bad download gives."""
 
 import importlib.util
 import json

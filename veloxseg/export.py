@@ -6,6 +6,8 @@ model's config and data metadata travel inside the file (ONNX metadata propertie
 ``veloxseg_config``/``veloxseg_metadata``; TorchScript extra file ``veloxseg.json``) so a deployment
 can reproduce the preprocessing. Before the file is moved into place it is run (ONNX with
 onnxruntime on the CPU) on a fresh random input and compared with PyTorch.
+
+``--format monai-bundle`` writes a folder instead: the model as a MONAI bundle (:mod:`veloxseg.bundle`).
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import export_bundle
 from .model import VeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata
 
@@ -105,12 +108,14 @@ def _export_torchscript(model: VeloxSeg, example: torch.Tensor, path: Path, info
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
-        help="export a VeloxSeg model to ONNX or TorchScript",
+        help="export a VeloxSeg model to ONNX, TorchScript or a MONAI bundle",
         description="Export the eval-mode model (free batch axis, the model's ROI) and check it against PyTorch.",
     )
     add_model_arguments(parser)
-    parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: onnx")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt)")
+    parser.add_argument("--format", choices=(*FORMATS, "monai-bundle"), default="onnx", help="default: onnx")
+    parser.add_argument(
+        "-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt), or the monai-bundle folder"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run_export)
     return parser
@@ -119,6 +124,10 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 def run_export(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:  # before building or downloading the model
         raise FileExistsError(f"output {args.output} exists; pass --overwrite to replace it")
+    if args.format == "monai-bundle":
+        export_bundle(model_from_args(args), args.output, overwrite=args.overwrite)
+        print(f"wrote the MONAI bundle {args.output}; how to run it: {args.output / 'docs' / 'README.md'}")
+        return 0
     diff = export(model_from_args(args), args.output, args.format, overwrite=args.overwrite)
     print(
         f"wrote {args.output} ({args.format}); max abs difference from PyTorch on random input: {diff:.2e} "
