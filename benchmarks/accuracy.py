@@ -3,13 +3,14 @@
     python benchmarks/accuracy.py                         # every setup, 100 steps, on the demo data
     python benchmarks/accuracy.py --models veloxseg_tiny UNet --steps 20 --out /tmp/accuracy
 
-Every setup trains from the same seed on the same cases with the same crops, augmentation and batch
-order (:mod:`veloxseg.data.transforms`, per-sample seeds as in :mod:`veloxseg.train`), the same AdamW
-settings and warm-up + cosine schedule (the trainer's ``resolve``d defaults, so its demo-run learning
-rate on the demo data, and ``build_scheduler``) and the same number of steps. Only the network and
-the loss differ: MONAI's networks train with L_seg (Dice + CE, as in ``VeloxSegLoss``), VeloxSeg with
-the loss of its row. Each whole test volume (imagesTs) is then segmented by sliding-window inference
-and scored against labelsTs by the trainer's ``validate``: Dice per class and its mean, HD95 in mm.
+Every setup trains with the trainer's own parts (:mod:`veloxseg.training`): from the same seed on the
+same cases with the same preprocessing, crops, augmentation and batch order (``build_datasets``,
+``build_loaders``, ``batches``), the same AdamW settings and warm-up + cosine schedule (the trainer's
+``resolve``d defaults, so its demo-run learning rate on the demo data), its ``train_step`` and the same
+number of steps. Only the network and the loss differ: MONAI's networks train with L_seg (Dice + CE,
+as in ``VeloxSegLoss``), VeloxSeg with the loss of its row. Each whole test volume (imagesTs) is then
+segmented by sliding-window inference and scored against labelsTs by the trainer's ``validate``: Dice
+per class and its mean, HD95 in mm.
 
 "Time per step" is the median compute time of one training step (forward, backward, optimiser; data
 loading excluded) on this run's device and load; ``benchmarks/speed.py`` measures speed properly.
@@ -35,26 +36,30 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from baselines import build as build_baseline
-from monai.data import CacheDataset, DataLoader
+from monai.data import Dataset
 from torch import nn
 
 from veloxseg.data.datasets import DatasetSpec, read_dataset, validate_dataset
 from veloxseg.data.demo import GENERATOR_VERSION, make_demo_dataset
-from veloxseg.data.transforms import eval_transforms, train_transforms
+from veloxseg.io import atomic_folder
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.model import VeloxSegOutput
-from veloxseg.train import (
+from veloxseg.training import (
     STAGE_LOSS_WEIGHTS,
     PerSampleSeeds,
     TrainConfig,
+    batches,
+    build_datasets,
+    build_loaders,
     build_model,
+    build_optimizer,
     build_scheduler,
-    plain,
     resolve,
-    save_figure,
+    train_step,
+    training_metadata,
     validate,
-    write_atomically,
 )
+from veloxseg.training.metrics import save_figure
 
 HERE = Path(__file__).resolve().parent
 PAPER_LOSS = STAGE_LOSS_WEIGHTS["segment"]  # (seg, rc, sdkt) = (1, 0.5, 2)
@@ -117,15 +122,16 @@ def demo_dataset() -> Path:
     """The default demo dataset, generated once into the temporary folder."""
     root = Path(tempfile.gettempdir()) / f"veloxseg-accuracy-demo-{GENERATOR_VERSION}"
     if not (root / "dataset.json").is_file():
-        write_atomically(root, make_demo_dataset)
+        with atomic_folder(root) as tmp:
+            make_demo_dataset(tmp)
     return root
 
 
 def run(
     name: str,
     spec: DatasetSpec,
-    train_set: CacheDataset,
-    test_set: CacheDataset,
+    train_set: PerSampleSeeds,
+    test_set: Dataset,
     config: TrainConfig,
     accelerator: Accelerator,
 ) -> dict[str, Any]:
@@ -136,36 +142,22 @@ def run(
     model = build_network(name, spec, config.roi)
     inference_params, trained_params = parameters(model)
     loss_fn = VeloxSegLoss(*setup.loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    seeded = PerSampleSeeds(train_set, config.seed)
-    loader_kwargs = {"num_workers": config.num_workers, "generator": torch.Generator().manual_seed(config.seed)}
-    volumes_per_batch = config.batch_size // config.crops_per_volume
-    train_loader = DataLoader(seeded, batch_size=volumes_per_batch, shuffle=True, **loader_kwargs)
-    test_loader = DataLoader(test_set, batch_size=1, **loader_kwargs)
+    optimizer = build_optimizer(model, config)
+    train_loader, test_loader = build_loaders(train_set, test_set, config)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     scheduler = build_scheduler(optimizer, config, config.max_steps)
 
     model.train()
-    step, step_times, losses, start = 0, [], [], time.perf_counter()
-    while step < config.max_steps:
-        epoch = step // len(train_loader)
-        seeded.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            image, label = plain(batch["image"]), plain(batch["label"])
-            synchronize(accelerator.device)
-            step_start = time.perf_counter()
-            terms = loss_fn(model(image), image, label)
-            accelerator.backward(terms["loss"])
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()
-            synchronize(accelerator.device)
-            step_times.append(time.perf_counter() - step_start)
-            losses.append(terms["loss"].item())
-            step += 1
-            if step == config.max_steps:
-                break
+    step_times, losses, start = [], [], time.perf_counter()
+    for batch in batches(train_loader, train_set, accelerator):
+        synchronize(accelerator.device)
+        step_start = time.perf_counter()
+        terms = train_step(model, batch, loss_fn, optimizer, scheduler, accelerator)
+        synchronize(accelerator.device)
+        step_times.append(time.perf_counter() - step_start)
+        losses.append(terms["loss"].item())
+        if len(losses) == config.max_steps:
+            break
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -227,14 +219,8 @@ def run_benchmark(
         cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
     )
     # Every training case (no validation split: nothing is selected on validation), test cases whole.
-    train_set = CacheDataset(
-        [c.as_dict() for c in spec.training],
-        train_transforms(spec.channel_names, config.roi, config.spacing, num_samples=config.crops_per_volume),
-        progress=False,
-    )
-    test_set = CacheDataset(
-        [c.as_dict() for c in spec.test], eval_transforms(spec.channel_names, config.spacing), progress=False
-    )
+    metadata = training_metadata(config, spec, len(spec.training), 0)  # the trainer's preprocessing
+    train_set, test_set = build_datasets(spec.training, spec.test, metadata, config, config.roi)
     run_info = {
         "data": str(data),
         "train_cases": len(spec.training),

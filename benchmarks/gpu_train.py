@@ -1,6 +1,6 @@
 """GPU training throughput: the trainer on the synthetic demo data, in bf16, and what it reaches.
 
-Runs ``veloxseg.train.train`` (segment stage: deep supervision, teachers, SDKT) on one CUDA GPU
+Runs ``veloxseg.training.train`` (segment stage: deep supervision, teachers, SDKT) on one CUDA GPU
 for a few hundred steps, then writes steps per second (training only: validation and checkpoints
 excluded), peak GPU memory and the final validation Dice to a markdown file. Needs nothing but a
 CUDA GPU and this package; the demo dataset is generated into the output folder (about 10 s).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from veloxseg.train import TrainConfig, train
+from veloxseg.training import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.gpu.md"
 

@@ -24,7 +24,7 @@ import torch
 
 import veloxseg
 from veloxseg.losses import VeloxSegLoss
-from veloxseg.train import scaled_windows
+from veloxseg.training import scaled_windows
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.md"
 

@@ -28,7 +28,7 @@ import sys
 
 from accelerate import PartialState
 
-from veloxseg.train import add_train_arguments, config_from_args, train
+from veloxseg.training import add_train_arguments, config_from_args, train
 
 
 def main() -> None:

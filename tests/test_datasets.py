@@ -10,17 +10,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
 
 from veloxseg.data.datasets import (
     SPLITS_FILE,
     DatasetError,
+    DatasetSpec,
     from_hf_dataset,
     read_dataset,
     split_cases,
     validate_dataset,
 )
 from veloxseg.data.demo import LABELS, make_demo_dataset
-from veloxseg.data.transforms import eval_transforms, make_datasets, train_transforms
+from veloxseg.data.transforms import (
+    channel_infos,
+    eval_transforms,
+    make_dataset,
+    normalisation_transforms,
+    train_transforms,
+)
+from veloxseg.metadata import ChannelInfo, ModelMetadata
 
 SHAPE = (32, 32, 24)
 
@@ -34,6 +44,11 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo(pristine: Path, tmp_path: Path) -> Path:
     """A fresh copy of the small demo dataset that a test may damage."""
     return Path(shutil.copytree(pristine, tmp_path / "ds"))
+
+
+def preprocessing(spec: DatasetSpec, spacing: tuple[float, float, float] | None = None) -> ModelMetadata:
+    """The trainer's metadata of a dataset: its channels' normalisation, its labels, the spacing."""
+    return ModelMetadata(channels=channel_infos(spec.channel_names), labels=spec.labels, spacing=spacing)
 
 
 def save_like(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
@@ -88,7 +103,7 @@ def test_reads_msd_folder_with_4d_images(tmp_path: Path) -> None:
     assert [c.case_id for c in spec.training] == ["brats_001", "brats_002"]
     assert spec.training[0].images == (tmp_path / "imagesTr" / "brats_001.nii.gz",)
     assert [c.case_id for c in spec.test] == ["brats_003"] and spec.test[0].label is None
-    loaded = eval_transforms(spec.channel_names, spacing=None)(spec.training[0].as_dict())
+    loaded = eval_transforms(preprocessing(spec))(spec.training[0].as_dict())
     assert loaded["image"].shape == (2, 20, 18, 16) and loaded["label"].shape == (1, 20, 18, 16)
 
 
@@ -194,7 +209,7 @@ def test_train_transforms_pad_crop_and_reorient(pristine: Path) -> None:
     spec = read_dataset(pristine)
     case = spec.training[0].as_dict()
     roi = (48, 40, 40)  # larger than the 32 x 32 x 24 volume: padded
-    samples = train_transforms(spec.channel_names, roi, spacing=(2.0, 2.0, 3.0), num_samples=3)(case)
+    samples = train_transforms(preprocessing(spec, (2.0, 2.0, 3.0)), roi, num_samples=3)(case)
     assert len(samples) == 3
     for sample in samples:
         assert sample["image"].shape == (2, *roi) and sample["label"].shape == (1, *roi)
@@ -207,11 +222,11 @@ def test_eval_transforms_reorient_resample_and_normalise(pristine: Path) -> None
     label_img = nib.load(case.label)
     canonical = np.asanyarray(nib.as_closest_canonical(label_img).dataobj)
 
-    native = eval_transforms(spec.channel_names, spacing=None)(case.as_dict())
+    native = eval_transforms(preprocessing(spec))(case.as_dict())
     assert nib.aff2axcodes(native["label"].affine.numpy()) == ("R", "A", "S")
     assert np.array_equal(native["label"][0].numpy(), canonical)
 
-    resampled = eval_transforms(spec.channel_names, spacing=(3.0, 3.0, 3.0))(case.as_dict())
+    resampled = eval_transforms(preprocessing(spec, (3.0, 3.0, 3.0)))(case.as_dict())
     image, label = resampled["image"], resampled["label"]
     assert np.allclose(image.pixdim, (3.0, 3.0, 3.0)) and image.shape[1:] == label.shape[1:]
     expected_shape = [n * s / 3.0 for n, s in zip(canonical.shape, (2.0, 2.0, 3.0))]
@@ -224,9 +239,36 @@ def test_eval_transforms_reorient_resample_and_normalise(pristine: Path) -> None
     assert float(pet[pet != 0].std()) == pytest.approx(1.0, abs=1e-2)
 
 
-def test_make_datasets(pristine: Path) -> None:
+def test_normalisation_follows_the_channel_metadata() -> None:
+    channels = [
+        ChannelInfo("CT", 0, "ct", clip=(-100.0, 300.0), mean=50.0, std=200.0),
+        ChannelInfo("PET", 1, "zscore"),
+        ChannelInfo("mask", 2, "none"),
+        ChannelInfo("CT", 3, "ct", mean=10.0, std=5.0),
+    ]
+    image = torch.randn(4, 6, 5, 4, generator=torch.Generator().manual_seed(0)) * 500
+    image[:, 0] = 0
+    loaded = MetaTensor(image.clone())  # as LoadImaged gives it
+    out = Compose(normalisation_transforms(channels))({"image": loaded})["image"].as_tensor()
+    torch.testing.assert_close(out[0], (image[0].clamp(-100.0, 300.0) - 50.0) / 200.0)
+    pet = image[1][image[1] != 0]
+    torch.testing.assert_close(out[1][image[1] != 0], (pet - pet.mean()) / pet.std(unbiased=False))
+    assert (out[1][image[1] == 0] == 0).all()
+    torch.testing.assert_close(out[2], image[2])
+    torch.testing.assert_close(out[3], (image[3] - 10.0) / 5.0)
+
+
+def test_training_normalises_ct_with_a_fixed_window() -> None:
+    ct, pet = channel_infos(["ct ", "PET"])
+    assert (ct.normalisation, ct.clip, ct.mean, ct.std) == ("ct", (-1000.0, 1000.0), 0.0, 1000.0)
+    assert (pet.normalisation, pet.group) == ("zscore", 1)
+
+
+def test_make_dataset(pristine: Path) -> None:
     spec = read_dataset(pristine)
-    train, val = make_datasets(spec, roi_size=(32, 32, 32), spacing=(2.0, 2.0, 3.0), num_samples=2)
-    assert len(train) + len(val) == len(spec.training) and len(val) >= 1
+    metadata = preprocessing(spec, (2.0, 2.0, 3.0))
+    train = make_dataset(spec.training, train_transforms(metadata, (32, 32, 32), num_samples=2))
+    val = make_dataset(spec.training[:1], eval_transforms(metadata), cache=False)
+    assert len(train) == len(spec.training) and len(val) == 1
     assert [s["image"].shape for s in train[0]] == [(2, 32, 32, 32)] * 2
     assert val[0]["image"].shape[0] == 2 and val[0]["label"].shape[0] == 1

@@ -236,20 +236,32 @@ def test_cli_optimize_compiles_once_for_the_window_batch(model_dir, case_files, 
 
 
 @pytest.mark.parametrize("channel_names", [["PET", "CT"], ["CT"], ["T1", "FLAIR"]])
-def test_prediction_normalises_like_training(channel_names):
-    """The trainer normalises with MONAI transforms and records it in the metadata; prediction
-    normalises from that metadata: both must give the same network input."""
-    from veloxseg.data.transforms import normalisation_transforms
-    from veloxseg.preprocess import normalise_channels
-    from veloxseg.train import channel_metadata
+def test_prediction_normalises_like_training(channel_names, tmp_path, monkeypatch):
+    """The network input of prediction, from the metadata saved with the model, is the validation input
+    of training (:func:`eval_transforms` of the trainer's metadata), voxel for voxel."""
+    import veloxseg.predict as predict_module
+    from veloxseg.data.transforms import channel_infos, eval_transforms
 
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(len(channel_names), 6, 5, 4, generator=generator) * 800 + 100
-    image[:, 0] = 0  # background the z-score must skip
-    data = {"image": image.clone()}
-    for transform in normalisation_transforms(channel_names):
-        data = transform(data)
-    trained = torch.as_tensor(data["image"])
-    predicted = normalise_channels(image, channel_metadata(channel_names))
-    torch.testing.assert_close(predicted, trained, rtol=1e-5, atol=1e-5)
-    assert predicted.abs().max() > 0.1  # a real mapping, not all zeros
+    volumes = torch.randn(len(channel_names), 12, 10, 8, generator=generator) * 800 + 100
+    volumes[:, 0] = 0  # background the z-score must skip
+    affine = np.diag([-2.0, -1.5, 3.0, 1.0])  # LPS: reoriented to RAS at both ends
+    files = [tmp_path / f"scan_{c:04d}.nii.gz" for c in range(len(channel_names))]
+    for volume, path in zip(volumes, files):
+        nib.save(nib.Nifti1Image(volume.numpy(), affine), path)
+    trained = ModelMetadata(channels=channel_infos(channel_names), labels={"background": 0, "lesion": 1})
+    validation_input = eval_transforms(trained)({"image": files})["image"].as_tensor()
+
+    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1] * len(channel_names), **SMALL_ROI)
+    model.pretrained_cfg["veloxseg"] = trained.to_dict()
+    model = veloxseg.create_model(f"local-dir:{model.save_pretrained(tmp_path / 'model')}")  # what was saved
+    inputs = []
+
+    def record(x, roi_size, **kwargs):
+        inputs.append(x)
+        return torch.zeros(1, 2, *x.shape[2:])
+
+    monkeypatch.setattr(predict_module, "sliding_window_inference", record)
+    predict_module.predict_probabilities(model, predict_module.load_scan(files))
+    torch.testing.assert_close(inputs[0][0], validation_input, rtol=0, atol=0)
+    assert validation_input.abs().max() > 0.1  # a real mapping, not all zeros

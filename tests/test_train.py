@@ -18,7 +18,10 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import veloxseg
-import veloxseg.train as trainer
+import veloxseg.training.data
+from veloxseg.training import TrainConfig, TrainResult, build_scheduler, scaled_windows, train
+from veloxseg.training.checkpoints import TRAINER_STATE, latest_checkpoint
+from veloxseg.training.step import mask_random_patches
 from veloxseg.data import DatasetError, make_demo_dataset
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.model import VeloxSegOutput
@@ -47,11 +50,11 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return small_demo(tmp_path_factory.mktemp("demo") / "Dataset001_Demo")
 
 
-def run(**kwargs) -> trainer.TrainResult:
+def run(**kwargs) -> TrainResult:
     """One training run in a fresh Accelerate state (it is a per-process singleton)."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return trainer.train(trainer.TrainConfig(**{**FAST, **kwargs}))
+    return train(TrainConfig(**{**FAST, **kwargs}))
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -106,26 +109,26 @@ def test_loss_rejects_bad_settings() -> None:
 
 def test_mask_random_patches_zeroes_whole_cubes() -> None:
     x = torch.ones(2, 2, 32, 32, 32)
-    masked = trainer.mask_random_patches(x, 0.5, 8)
+    masked = mask_random_patches(x, 0.5, 8)
     cubes = masked[:, 0].reshape(2, 4, 8, 4, 8, 4, 8).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 64, -1)
     assert ((cubes == 0).all(-1) | (cubes == 1).all(-1)).all()  # each cube kept or zeroed whole
     assert torch.equal(masked[:, 0], masked[:, 1])  # the same cubes in every channel
     assert 0.3 < (cubes[..., 0] == 0).float().mean() < 0.7
     with pytest.raises(ValueError, match="must divide"):
-        trainer.mask_random_patches(torch.ones(1, 1, 20, 20, 20), 0.5, 8)
+        mask_random_patches(torch.ones(1, 1, 20, 20, 20), 0.5, 8)
 
 
 def test_scaled_windows_follow_the_roi() -> None:
     windows = veloxseg.VeloxSegConfig().big_windows  # built for 96^3
-    assert trainer.scaled_windows(windows, (96, 96, 96), (64, 64, 64)) == SMALL_ROI["big_windows"]
-    assert trainer.scaled_windows(windows, (96, 96, 96), (128, 96, 64))[1] == [8, 6, 4]
+    assert scaled_windows(windows, (96, 96, 96), (64, 64, 64)) == SMALL_ROI["big_windows"]
+    assert scaled_windows(windows, (96, 96, 96), (128, 96, 64))[1] == [8, 6, 4]
     with pytest.raises(ValueError, match="multiples of"):
-        trainer.scaled_windows(windows, (96, 96, 96), (80, 80, 80))
+        scaled_windows(windows, (96, 96, 96), (80, 80, 80))
 
 
 def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-4)
-    scheduler = trainer.build_scheduler(optimizer, trainer.TrainConfig(warmup_steps=10), total_steps=100)
+    scheduler = build_scheduler(optimizer, TrainConfig(warmup_steps=10), total_steps=100)
     lrs = []
     for _ in range(100):
         lrs.append(scheduler.get_last_lr()[0])
@@ -208,7 +211,7 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) ->
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # No data given: the trainer makes the demo dataset (a small one here) in cache_dir, once.
-    monkeypatch.setattr(trainer, "make_demo_dataset", small_demo)
+    monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)
     common = dict(max_steps=6, checkpoint_every=3, cache_dir=str(tmp_path / "cache"))
     straight = tmp_path / "straight"
     run(output_dir=str(straight), **common)
@@ -233,16 +236,16 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path, monkey
     checkpoints = interrupted / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step_00000006", "step_00000003"]
     assert not (interrupted / "model.safetensors").exists()
-    assert trainer.latest_checkpoint(checkpoints).name == "step_00000003"
+    assert latest_checkpoint(checkpoints).name == "step_00000003"
 
-    real_loss = trainer.VeloxSegLoss.forward
+    real_loss = VeloxSegLoss.forward
     losses_computed = []
 
     def counted_loss(self: VeloxSegLoss, *args, **kwargs) -> dict:
         losses_computed.append(1)
         return real_loss(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.VeloxSegLoss, "forward", counted_loss)
+    monkeypatch.setattr(VeloxSegLoss, "forward", counted_loss)
     with pytest.raises(ValueError, match="belongs to a run of 6 steps, not 8"):
         run(output_dir=str(interrupted), resume=True, **{**common, "max_steps": 8})
     result = run(output_dir=str(interrupted), resume=True, **common)
@@ -258,9 +261,9 @@ def test_latest_checkpoint_skips_incomplete_folders(tmp_path: Path) -> None:
     for name, complete in (("step_00000003", True), ("step_00000010", False), (".tmp-step_00000020", True)):
         (tmp_path / name).mkdir()
         if complete:
-            (tmp_path / name / trainer.TRAINER_STATE).write_text("{}")
-    assert trainer.latest_checkpoint(tmp_path).name == "step_00000003"
-    assert trainer.latest_checkpoint(tmp_path / "missing") is None
+            (tmp_path / name / TRAINER_STATE).write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    assert latest_checkpoint(tmp_path / "missing") is None
 
 
 def test_refuses_to_overwrite_an_earlier_run(tmp_path: Path) -> None:

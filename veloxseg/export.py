@@ -14,13 +14,13 @@ import argparse
 import copy
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .io import atomic_file
 from .bundle import export_bundle
 from .model import VeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata
@@ -52,11 +52,7 @@ def export(
         "veloxseg_metadata": json.dumps(model_metadata(model).to_dict()),
     }
     example = torch.randn(CHECK_BATCH, sum(cfg.in_ch), *cfg.roi_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    temporary = Path(name)
-    try:
+    with atomic_file(path) as temporary:  # moved into place only when it passes the check
         if format == "onnx":
             _export_onnx(model, example, temporary, info)
             run = _onnx_runner(temporary)
@@ -70,10 +66,6 @@ def export(
             raise ValueError(
                 f"the {format} export differs from PyTorch by {diff:.3g} (tolerance {tolerance}); not written"
             )
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return diff
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .adapt import AdaptationReport, adapt_state_dict
 from .card import model_card
 from .config import VeloxSegConfig, json_ready
+from .io import atomic_file
 from .metadata import ModelMetadata
 from .variants import VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
 
@@ -136,9 +135,12 @@ def save_pretrained(
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card = str(model_card(model, metadata, architecture, repo_id))
-    _write_atomic(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(folder / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
-    _write_atomic(folder / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"))
+    with atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_file(folder / CARD_NAME) as tmp:
+        tmp.write_text(card, encoding="utf-8")
+    with atomic_file(folder / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
 
 
@@ -276,16 +278,3 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
         ) from None
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError) as err:
         raise FileNotFoundError(f"{filename} of Hub repo {hub_id}: {type(err).__name__}: {err}") from None
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` through a temporary file in its folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,8 +25,10 @@ def check_spacing(spacing: Any, name: str = "spacing") -> tuple[float, float, fl
 
 @dataclass
 class ChannelInfo:
-    """One input channel. ``normalisation``: "ct" (clip to ``clip`` then z-score with the dataset's
-    ``mean``/``std``), "zscore" (per-scan z-score over the nonzero foreground) or "none"."""
+    """One input channel. ``normalisation``: "ct" (a fixed mapping, the same for every scan:
+    ``(clip(x, *clip) - mean) / std``; the trainer stores its HU window as ``clip`` and the window's
+    centre and half-width as ``mean`` and ``std``, mapping the window to [-1, 1]), "zscore" (per-scan
+    z-score over the nonzero foreground) or "none". :mod:`veloxseg.data.transforms` applies it."""
 
     name: str
     group: int  # modality group index (position in in_ch)

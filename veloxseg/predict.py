@@ -1,12 +1,12 @@
 """Whole-scan inference: :func:`predict` and the ``veloxseg predict`` command.
 
 A case is one NIfTI image (channels along the 4th axis) or one 3-D file per channel named the
-nnU-Net way, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... The scan is reoriented and
-resampled to the model's orientation and spacing (MONAI ``Orientation``/``Spacing``), normalised
-per channel as the model's metadata says, and segmented with gaussian-blended sliding windows of
-the model's ROI (volumes smaller than the ROI are padded). The softmax probabilities are then
-mapped back onto the input's own voxel grid by MONAI's inverse of those spatial transforms
-(trilinear) and the label map is their argmax (class index = label value, as the metadata's labels
+nnU-Net way, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... The scan is preprocessed as in
+training, by :func:`veloxseg.data.transforms.preprocessing_transforms` of the model's metadata
+(reoriented and resampled to its orientation and spacing, normalised per channel), and segmented
+with gaussian-blended sliding windows of the model's ROI (volumes smaller than the ROI are padded).
+The softmax probabilities are then mapped back onto the input's own voxel grid by MONAI's inverse of
+those spatial transforms (trilinear) and the label map is their argmax (class index = label value, as the metadata's labels
 are 0..n_classes-1), so it has exactly the input's shape and affine.
 """
 
@@ -15,10 +15,10 @@ import glob
 import os
 import re
 import sys
-import tempfile
 import warnings
 import zlib
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +27,20 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose, Orientation, Spacing
+from monai.transforms import Compose
 from tqdm import tqdm
 
+from .data.transforms import IMAGE, preprocessing_transforms
+from .io import atomic_file
 from .metadata import ModelMetadata
 from .model import VeloxSeg
 from .optimize import OptimizedVeloxSeg, optimize
-from .preprocess import normalise_channels
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
 SegModel = VeloxSeg | OptimizedVeloxSeg
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
-AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 LABEL_LIKE_VALUES = 8  # a channel of at most this many distinct integer values looks like a label map
 LABEL_CHECK_VOXELS = 1_000_000  # voxels sampled per channel for that check
@@ -111,14 +111,6 @@ def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
     return Scan(data, np.asarray(reference.affine, dtype=np.float64), header, tuple(sources))
 
 
-def spatial_transforms(metadata: ModelMetadata) -> Compose:
-    """MONAI transforms taking a (C, X, Y, Z) MetaTensor to the model's orientation and spacing."""
-    steps = [Orientation(axcodes=metadata.orientation, labels=AXIS_LABELS)]
-    if metadata.spacing is not None:
-        steps.append(Spacing(pixdim=metadata.spacing, mode="bilinear", dtype=np.float32))
-    return Compose(steps)
-
-
 @torch.inference_mode()
 def predict_probabilities(
     model: SegModel,
@@ -141,9 +133,9 @@ def predict_probabilities(
     metadata = model_metadata(model)
     _check_channels(model, metadata, scan)
     _warn_label_like_channels(metadata, scan)
-    spatial = spatial_transforms(metadata)
-    image = spatial(MetaTensor(torch.from_numpy(scan.data), affine=torch.from_numpy(scan.affine)))
-    x = normalise_channels(image.as_tensor(), metadata.channels)[None]
+    preprocess = Compose(preprocessing_transforms(metadata))  # training's: orientation, spacing, normalisation
+    image = preprocess({IMAGE: MetaTensor(torch.from_numpy(scan.data), affine=torch.from_numpy(scan.affine))})[IMAGE]
+    x = image.as_tensor()[None]
     was_training = model.training
     model.eval()
     try:
@@ -160,7 +152,7 @@ def predict_probabilities(
     finally:
         model.train(was_training)
     probs = MetaTensor(logits[0].softmax(0), affine=image.affine, applied_operations=image.applied_operations)
-    return spatial.inverse(probs).as_tensor()
+    return preprocess.inverse({IMAGE: probs})[IMAGE].as_tensor()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -216,7 +208,9 @@ def predict(
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
     if targets:
         images = [labels, _nifti(probs.permute(1, 2, 3, 0).numpy(), scan)] if save_probabilities else [labels]
-        write_atomic(dict(zip(targets, images)))
+        with ExitStack() as files:  # every file written before any is renamed into place
+            for target, img in zip(targets, images):
+                nib.save(img, files.enter_context(atomic_file(target)))
     return labels
 
 
@@ -228,25 +222,6 @@ def output_paths(output: Path, save_probabilities: bool) -> list[Path]:
         return [output]
     suffix = next(s for s in NIFTI_SUFFIXES if output.name.endswith(s))
     return [output, output.with_name(output.name[: -len(suffix)] + "_probabilities" + suffix)]
-
-
-def write_atomic(images: dict[Path, nib.Nifti1Image]) -> None:
-    """Save each image to a temporary file in its target's folder, then move them all into place."""
-    temporary = {}
-    try:
-        for target, img in images.items():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            suffix = next(s for s in NIFTI_SUFFIXES if target.name.endswith(s))
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
-            os.close(fd)
-            temporary[target] = Path(name)
-            nib.save(img, name)
-            os.chmod(name, 0o644)  # mkstemp's files are owner-only
-        for target, path in temporary.items():
-            os.replace(path, target)
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
 
 
 def find_cases(folder: Path) -> dict[str, list[Path]]:

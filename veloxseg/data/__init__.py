@@ -14,8 +14,9 @@ from veloxseg.data.datasets import (
 )
 from veloxseg.data.demo import DemoCase, add_demo_data_parser, generate_case, make_demo_dataset
 from veloxseg.data.transforms import (
+    channel_infos,
     eval_transforms,
-    make_datasets,
+    make_dataset,
     normalisation_transforms,
     preprocessing_transforms,
     train_transforms,
@@ -27,11 +28,12 @@ __all__ = [
     "DatasetSpec",
     "DemoCase",
     "add_demo_data_parser",
+    "channel_infos",
     "eval_transforms",
     "from_hf_dataset",
     "generate_case",
     "kfold_splits",
-    "make_datasets",
+    "make_dataset",
     "make_demo_dataset",
     "normalisation_transforms",
     "preprocessing_transforms",

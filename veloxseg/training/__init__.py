@@ -1,0 +1,60 @@
+"""The VeloxSeg trainer: self-supervised pretraining, segmentation and fine-tuning with Accelerate.
+
+``train(TrainConfig(...))`` runs one stage from start to end (or from its last checkpoint) and
+returns the final validation metrics; ``examples/train.py`` is its command line. Stages:
+
+* ``pretrain``: the teachers learn to reconstruct each modality group (L_rc), optionally from a
+  masked input; encoder and teachers train, labels are not used.
+* ``segment``: the paper's objective L = L_seg + 0.5 L_rc + 2.0 L_sdkt (:mod:`veloxseg.losses`).
+* ``finetune``: the same objective from pretrained weights adapted to the dataset's channels and
+  classes (``create_model(..., pretrained=True, in_ch=..., n_classes=...)``).
+
+The parts, in the order ``train()`` (:mod:`.loop`) uses them:
+
+* :mod:`.config`: :class:`TrainConfig`, its command-line flags and :func:`resolve` (defaults, checks);
+* :mod:`.data`: the dataset, its metadata (the preprocessing saved with the model), datasets, loaders;
+* :mod:`.build`: model, optimiser and learning-rate schedule;
+* :mod:`.step`: :func:`train_step`, one forward, loss, backward and optimiser step;
+* :mod:`.validate`: Dice and HD95 on whole validation volumes;
+* :mod:`.checkpoints`: crash-safe checkpoints, resuming, the saved models;
+* :mod:`.metrics`: ``metrics.jsonl`` and the plots.
+
+The output folder:
+
+* ``config.json``, ``model.safetensors``, ``README.md``: the last model, Hub-ready
+  (``create_model("local-dir:<output_dir>")``); ``best/``: the model of the best validation Dice.
+* ``checkpoints/step_XXXXXXXX/``: training state (Accelerate ``save_state`` plus
+  ``trainer_state.json``), written into a ``.tmp-`` folder and renamed when complete.
+* ``metrics.jsonl`` (one JSON object per line), ``curves.png``, ``validation.png``,
+  ``train_config.json``, ``logs/`` (tensorboard, when installed), ``data/`` (the demo dataset).
+"""
+
+from .build import build_model, build_optimizer, build_scheduler, scaled_windows
+from .config import STAGE_LOSS_WEIGHTS, STAGES, TrainConfig, add_train_arguments, config_from_args, resolve
+from .data import PerSampleSeeds, batches, build_datasets, build_loaders, prepare_dataset, training_metadata
+from .loop import TrainResult, train
+from .step import train_step
+from .validate import validate
+
+__all__ = [
+    "STAGES",
+    "STAGE_LOSS_WEIGHTS",
+    "PerSampleSeeds",
+    "TrainConfig",
+    "TrainResult",
+    "add_train_arguments",
+    "batches",
+    "build_datasets",
+    "build_loaders",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "config_from_args",
+    "prepare_dataset",
+    "resolve",
+    "scaled_windows",
+    "train",
+    "train_step",
+    "training_metadata",
+    "validate",
+]

@@ -1,0 +1,60 @@
+"""Model, optimiser and learning-rate schedule of a training run."""
+
+import math
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+from ..data.datasets import DatasetSpec
+from ..model import VeloxSeg
+from ..registry import create_model
+from .config import TrainConfig
+
+
+def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
+    """The model for the dataset: one modality group per channel, one class per label, and teachers
+    only when a loss uses them. A ``roi`` other than the model's scales its attention windows. Pretraining
+    (no L_seg) freezes the student decoder, which learns from L_seg only."""
+    overrides: dict[str, Any] = {
+        "in_ch": [1] * len(spec.channel_names),
+        "n_classes": len(spec.labels),
+        "teachers": bool(config.rc_weight or config.sdkt_weight),
+    }
+    base = create_model(config.model, pretrained=False).config  # the ROI it was built for; no weights loaded
+    if config.roi is not None and tuple(config.roi) != base.roi_size:
+        overrides.update(
+            roi_size=tuple(config.roi), big_windows=scaled_windows(base.big_windows, base.roi_size, config.roi)
+        )
+    model = create_model(config.model, pretrained=config.pretrained, **overrides)
+    if not config.seg_weight:
+        model.decoder.requires_grad_(False)
+    return model
+
+
+def scaled_windows(windows: Any, roi: tuple[int, ...], new_roi: tuple[int, ...]) -> list[list[int]]:
+    """Attention windows covering the same fraction of ``new_roi`` as ``windows`` do of ``roi``."""
+    scaled = [[w * n / r for w, r, n in zip(level, roi, new_roi)] for level in windows]
+    if any(not w.is_integer() or w < 1 for level in scaled for w in level):
+        multiple = [r // math.gcd(r, *(level[axis] for level in windows)) for axis, r in enumerate(roi)]
+        raise ValueError(
+            f"roi {list(new_roi)} does not scale the model's attention windows {[list(w) for w in windows]} "
+            f"(built for roi {list(roi)}) to whole windows; use multiples of {multiple}"
+        )
+    return [[int(w) for w in level] for level in scaled]
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The authors' AdamW over the trainable parameters."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """Linear warm-up from lr / warmup to lr, then cosine decay to ``min_lr`` at ``total_steps``."""
+    warmup = min(config.warmup_steps if config.warmup_steps is not None else total_steps // 20, total_steps - 1)
+    cosine = CosineAnnealingLR(optimizer, T_max=total_steps - warmup, eta_min=config.min_lr)
+    if warmup <= 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])

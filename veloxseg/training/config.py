@@ -1,0 +1,197 @@
+"""The training run's settings: :class:`TrainConfig`, its command-line flags and :func:`resolve`.
+
+Each field of :class:`TrainConfig` is one flag of ``examples/train.py`` (:func:`add_train_arguments`
+turns a field declared with :func:`option` into ``--field-name``); a new setting is one more field.
+``None`` means "the default for the stage, model or data", filled in by :func:`resolve`, which also
+rejects bad combinations with a ValueError naming them.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+STAGES = ("pretrain", "segment", "finetune")
+# (seg, rc, sdkt) loss weights of each stage; the paper's for segmentation.
+STAGE_LOSS_WEIGHTS = {"pretrain": (0.0, 1.0, 0.0), "segment": (1.0, 0.5, 2.0), "finetune": (1.0, 0.5, 2.0)}
+PAPER_LR = 2.5e-4
+# The demo run's defaults: a 64^3 ROI and a higher learning rate, so that a few hundred steps on a CPU learn something.
+DEMO_ROI, DEMO_MAX_STEPS, DEMO_LR = (64, 64, 64), 300, 4e-3
+
+
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A :class:`TrainConfig` field with its command-line help (and argparse options: type, nargs, choices)."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Each field is a flag of ``examples/train.py`` (``--max-steps`` for
+    ``max_steps``); ``None`` means the default for the stage, model or data, filled in by :func:`resolve`."""
+
+    # Model and stage
+    model: str = option(
+        "veloxseg_small", "registry name (veloxseg_tiny/small/base[.tag]), hf-hub:ORG/NAME or local-dir:PATH"
+    )
+    pretrained: bool = option(False, "start from the model's weights, adapted to the dataset's channels and classes")
+    stage: str = option(
+        "segment",
+        "pretrain: teachers reconstruct the input, labels unused; segment: L_seg + 0.5 L_rc + 2 L_sdkt; "
+        "finetune: segment from pretrained weights (implies --pretrained)",
+        choices=STAGES,
+    )
+    roi: int | tuple[int, ...] | None = option(
+        None,
+        "patch size, 1 or 3 ints; default: the model's roi_size, 64 for the demo data (windows scale with it)",
+        type=int,
+        nargs="+",
+        metavar="N",
+    )
+    # Data
+    data: str | None = option(
+        None, "nnU-Net v2 raw or Decathlon (MSD) folder; default: generate the synthetic demo data", metavar="DIR"
+    )
+    hf_dataset: str | None = option(
+        None, "instead of --data: a Hugging Face dataset of NIfTI columns (Hub id or save_to_disk folder)"
+    )
+    hf_split: str = option("train", "its split")
+    hf_image_columns: tuple[str, ...] = option((), "its image columns, one per channel", nargs="+")
+    hf_label_column: str = option("label", "its label column")
+    hf_labels: dict[str, int] | None = option(
+        None, 'its classes as JSON, e.g. \'{"background": 0, "tumour": 1}\'', type=json.loads, metavar="JSON"
+    )
+    cache_dir: str | None = option(None, "where demo or converted data is written; default OUTPUT_DIR/data")
+    fold: int = option(0, "validation fold of splits_final.json")
+    val_fraction: float = option(0.2, "validation share when there is no splits_final.json")
+    spacing: tuple[float, float, float] | None = option(
+        None, "resample to this spacing in mm; default: keep each scan's", type=float, nargs=3, metavar=("X", "Y", "Z")
+    )
+    cache: bool = option(True, "keep the preprocessed volumes in memory (--no-cache: preprocess them each epoch)")
+    num_workers: int | None = option(None, "data loading processes; default a quarter of the CPUs, at most 4", type=int)
+    # Optimisation: the authors' AdamW, linear warm-up, cosine decay
+    max_steps: int | None = option(None, f"optimizer steps; default {DEMO_MAX_STEPS} unless --epochs", type=int)
+    epochs: int | None = option(None, "passes over the training volumes, instead of --max-steps", type=int)
+    batch_size: int = option(2, "patches per step and process (before gradient accumulation)")
+    crops_per_volume: int = option(2, "random patches per volume, centred on foreground or background 1:1")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    lr: float | None = option(
+        None, f"peak learning rate; default {PAPER_LR} (the authors'), {DEMO_LR} for the short demo run", type=float
+    )
+    min_lr: float = option(6e-6, "learning rate at the end of the cosine decay")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int | None = option(None, "linear warm-up steps; default 5%% of the steps", type=int)
+    # Objective
+    seg_weight: float | None = option(
+        None, "weight of L_seg (Dice + CE, deep supervision); default 1, 0 to pretrain", type=float
+    )
+    rc_weight: float | None = option(
+        None, "weight of L_rc (reconstruction MSE); default 0.5, 1 to pretrain", type=float
+    )
+    sdkt_weight: float | None = option(
+        None, "weight of L_sdkt (Gram distillation); default 2, 0 to pretrain", type=float
+    )
+    one_way_sdkt: bool = option(False, "no L_sdkt gradient into the teachers (detached teacher Gram matrices)")
+    mask_ratio: float = option(
+        0.0, "share of input cubes zeroed before reconstruction (masked-volume pretraining, e.g. 0.5)"
+    )
+    mask_patch: int = option(8, "edge of the masked cubes in voxels")
+    # Validation, checkpoints, logging
+    output_dir: str = option("runs/demo", "the run's folder, in the end a Hub-ready model folder")
+    resume: bool = option(False, "continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints")
+    val_every: int = option(50, "validate every N steps and at the end")
+    checkpoint_every: int = option(50, "save the training state every N steps and at the end")
+    keep_checkpoints: int = option(2, "newest checkpoints kept")
+    log_every: int = option(10, "log the training losses every N steps")
+    sw_batch_size: int = option(2, "sliding windows per forward in validation")
+    sw_overlap: float = option(0.25, "sliding-window overlap in validation")
+    progress: bool = option(True, "show a progress bar (--no-progress: do not)")
+    # Hardware
+    mixed_precision: str = option("no", "bf16 (CPU or GPU) or fp16 (GPU)", choices=("no", "bf16", "fp16"))
+    cpu: bool = option(False, "train on the CPU even when a GPU is present")
+    threads: int | None = option(
+        None,
+        "CPU threads per process; default torch's (OMP_NUM_THREADS), but 1 on machines with 2 CPUs or fewer",
+        type=int,
+    )
+    seed: int = option(0, "seed of initialisation, data order and augmentation")
+    command: str = ""  # the command line, for the model card
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field: ``--max-steps N``, ``--pretrained``, ``--no-cache``."""
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        name, options = f.name.replace("_", "-"), dict(f.metadata)
+        if f.type is bool:  # a switch away from the default
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(f"--{'no-' if f.default else ''}{name}", dest=f.name, action=action, **options)
+            continue
+        options.setdefault("type", str if f.default is None or isinstance(f.default, tuple) else type(f.default))
+        if f.default is not None and f.default != ():
+            options["help"] += " (default: %(default)s)"
+        parser.add_argument(f"--{name}", dest=f.name, default=f.default, **options)
+
+
+def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig:
+    """A :class:`TrainConfig` from the flags of :func:`add_train_arguments`."""
+    return TrainConfig(**vars(args), command=command)
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """``config`` with its ``None`` defaults filled in; raises ValueError naming a bad setting."""
+    if config.stage not in STAGES:
+        raise ValueError(f"unknown stage {config.stage!r}; use one of {', '.join(STAGES)}")
+    demo = config.data is None and config.hf_dataset is None
+    if config.data is not None and config.hf_dataset is not None:
+        raise ValueError("give data or hf_dataset, not both")
+    roi = config.roi
+    if roi is not None:
+        roi = (roi,) if isinstance(roi, int) else tuple(roi)
+        roi = roi * 3 if len(roi) == 1 else roi
+        if len(roi) != 3:
+            raise ValueError(f"roi takes 1 or 3 sizes, got {list(config.roi)}")
+    elif demo:
+        roi = DEMO_ROI
+    seg, rc, sdkt = (
+        default if value is None else value
+        for value, default in zip(
+            (config.seg_weight, config.rc_weight, config.sdkt_weight), STAGE_LOSS_WEIGHTS[config.stage]
+        )
+    )
+    if config.stage == "pretrain" and seg:
+        raise ValueError("pretrain is self-supervised: its seg_weight must be 0")
+    if config.max_steps is not None and config.epochs is not None:
+        raise ValueError("give max_steps or epochs, not both")
+    if config.batch_size % config.crops_per_volume:
+        raise ValueError(
+            f"batch_size ({config.batch_size} patches) must be a multiple of crops_per_volume "
+            f"({config.crops_per_volume})"
+        )
+    if not 0.0 <= config.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise ValueError("fp16 needs a CUDA GPU; use mixed_precision='bf16' on CPU")
+    for name in ("max_steps", "epochs", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "grad_accum"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    cpus = os.cpu_count() or 1
+    return dataclasses.replace(
+        config,
+        num_workers=min(4, cpus // 4) if config.num_workers is None else config.num_workers,
+        # On 2 CPUs shared with anything else, two spin-waiting OpenMP threads ran 10-50x slower than one.
+        threads=config.threads or (1 if cpus <= 2 and "OMP_NUM_THREADS" not in os.environ else None),
+        pretrained=config.pretrained or config.stage == "finetune",
+        roi=roi,
+        lr=config.lr or (DEMO_LR if demo else PAPER_LR),
+        seg_weight=seg,
+        rc_weight=rc,
+        sdkt_weight=sdkt,
+        max_steps=DEMO_MAX_STEPS if config.max_steps is None and config.epochs is None else config.max_steps,
+    )

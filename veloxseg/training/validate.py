@@ -1,0 +1,58 @@
+"""Validation: whole volumes segmented by sliding windows, scored by Dice and HD95."""
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from monai.data import DataLoader
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from ..model import VeloxSeg
+from .config import TrainConfig
+from .data import plain
+
+
+@torch.no_grad()
+def validate(
+    model: VeloxSeg, loader: DataLoader, accelerator: Accelerator, config: TrainConfig, class_names: list[str]
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Sliding-window inference on whole validation volumes; Dice per foreground class and their mean,
+    and HD95 (mm; the mean over cases where both prediction and label are non-empty).
+
+    Returns (metrics, example): example holds the first case's ``image`` (C, D, H, W), ``label`` and
+    ``prediction`` (D, H, W) for the validation plot.
+    """
+    model.eval()
+    n_classes = model.config.n_classes
+    dice_metric = DiceMetric(include_background=False, reduction="none")
+    hd95_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+    dices, hd95s, example = [], [], {}
+    for batch in loader:
+        image, label = plain(batch["image"]), plain(batch["label"])
+        affine = torch.as_tensor(batch["image"].affine, dtype=torch.float64).cpu().reshape(-1, 4, 4)
+        spacing = torch.linalg.vector_norm(affine[:, :3, :3], dim=1).tolist()  # voxel size (mm) per axis
+        with accelerator.autocast():
+            logits = sliding_window_inference(
+                image, model.config.roi_size, config.sw_batch_size, model, overlap=config.sw_overlap
+            )
+        prediction = logits.argmax(1, keepdim=True)
+        pred_onehot, label_onehot = (F.one_hot(t[:, 0].long(), n_classes).movedim(-1, 1) for t in (prediction, label))
+        with warnings.catch_warnings():  # empty predictions early in training: counted as NaN/inf below
+            warnings.simplefilter("ignore")
+            hd95 = hd95_metric(pred_onehot, label_onehot, spacing=spacing)
+        dices.append(dice_metric(pred_onehot, label_onehot))
+        hd95s.append(hd95)
+        if not example:
+            example = {"image": image[0].float().cpu().numpy(), "label": label[0, 0].cpu().numpy(),
+                       "prediction": prediction[0, 0].cpu().numpy()}  # fmt: skip
+    dice, hd95 = (accelerator.gather_for_metrics(torch.cat(values)).float().cpu() for values in (dices, hd95s))
+    per_class = torch.nanmean(dice, 0)
+    metrics = {"val/dice": float(torch.nanmean(per_class))}
+    metrics.update({f"val/dice_{name}": float(value) for name, value in zip(class_names, per_class)})
+    finite = hd95[torch.isfinite(hd95)]
+    metrics["val/hd95"] = float(finite.mean()) if finite.numel() else float("nan")
+    model.train()
+    return metrics, example
