@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_file
 from .bundle import export_bundle
+from .io import atomic_file
 from .model import VeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata
 
