@@ -99,8 +99,8 @@ def test_new_roi_keeps_the_shared_window_scales():
         s1, s2, heads = len(attn_src.scales), len(attn.scales), attn.num_heads
         key = f"attention.levels.{level}.0.attn.qkv.1.weight"
         # [q | k | v] on the out axis, each (scale, head, c)
-        sizes = [attn_src.qk_dim, attn_src.qk_dim, attn_src.v_dim], [attn.qk_dim, attn.qk_dim, attn.v_dim]
-        widths = [attn_src.head_dim] * 2 + [attn_src.value_dim], [attn.head_dim] * 2 + [attn.value_dim]
+        sizes = [[a.qk_channels, a.qk_channels, a.v_channels] for a in (attn_src, attn)]
+        widths = [[a.qk_head_dim] * 2 + [a.v_head_dim] for a in (attn_src, attn)]
         parts = zip(before[key].split(sizes[0]), after[key].split(sizes[1]), fresh[key].split(sizes[1]), *widths)
         for old, new, new_init, c1, c2 in parts:
             old, new = old.unflatten(0, (s1, heads, c1)), new.unflatten(0, (s2, heads, c2))

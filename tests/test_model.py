@@ -113,7 +113,7 @@ def test_autopet_window_scales():
     cfg = veloxseg.VeloxSegConfig()
     assert [len(cfg.level_scales(level)) for level in range(1, 5)] == [4, 2, 2, 1]
     attn = veloxseg.VeloxSeg(cfg).attention.levels[2][0].attn
-    assert (attn.qk_dim, attn.v_dim, attn.value_dim) == (32, 64, 16)
+    assert (attn.qk_channels, attn.v_channels, attn.v_head_dim) == (32, 64, 16)
 
 
 def test_pixel_shuffle_3d_layout():

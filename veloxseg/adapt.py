@@ -257,8 +257,8 @@ def _remap_scales(
     level whose number of window scales S or value channels per head changed. Each part is read as
     (scale, head, c); the scales and channels both networks have are copied, the rest keeps ``init``."""
     heads = before.num_heads
-    qk = [(len(before.scales), before.head_dim), (len(after.scales), after.head_dim)]
-    v = [(len(before.scales), before.value_dim), (len(after.scales), after.value_dim)]
+    qk = [(len(before.scales), before.qk_head_dim), (len(after.scales), after.qk_head_dim)]
+    v = [(len(before.scales), before.v_head_dim), (len(after.scales), after.v_head_dim)]
     parts, axis = ([qk, qk, v], 0) if kind == "qkv" else ([v], 1)
     out = init.clone()
     src_start = dst_start = 0

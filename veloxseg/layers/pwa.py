@@ -119,8 +119,10 @@ class PairedWindowAttention(nn.Module):
 
     Input and output: a list of M channels-last tensors (B, D, H, W, A), one per modality group.
     Each group has its own norm and q/k/v/output projections; the relative position bias is shared.
-    The qk channels are read as (scale, head, ``head_dim``) and the value channels as
-    (scale, head, ``value_dim``). The returned tensors include the residual: ``x_m + proj(attn(x)_m)``.
+    A group's q (and k) has ``qk_channels`` = S * h * ``qk_head_dim`` channels, read as (scale, head,
+    ``qk_head_dim``), and its v ``v_channels`` = S * h * ``v_head_dim``, read as (scale, head, ``v_head_dim``):
+    ``*_channels`` are totals over the S scales and h heads, ``*_head_dim`` per scale and head. The
+    returned tensors include the residual: ``x_m + proj(attn(x)_m)``.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class PairedWindowAttention(nn.Module):
         num_groups: int,
         scales: Sequence[WindowScale],
         num_heads: int,
-        head_dim: int,
+        qk_head_dim: int,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
@@ -138,23 +140,25 @@ class PairedWindowAttention(nn.Module):
         self.num_heads = num_heads
         self.tokens: Size3 = tuple(w // p for w, p in zip(self.scales[0].window, self.scales[0].pool))
         num_scales = len(self.scales)
-        self.qk_dim = num_scales * num_heads * head_dim
-        self.v_dim = math.ceil(dim / self.qk_dim) * self.qk_dim
-        self.head_dim = head_dim
-        self.value_dim = self.v_dim // (num_scales * num_heads)
+        self.qk_channels = num_scales * num_heads * qk_head_dim
+        self.v_channels = math.ceil(dim / self.qk_channels) * self.qk_channels
+        self.qk_head_dim = qk_head_dim
+        self.v_head_dim = self.v_channels // (num_scales * num_heads)
         self.attn_drop = attn_drop
 
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         # q, k and v of a group in one 1x1x1 conv: channels [q | k | v] (the authors' layout).
-        self.qkv = nn.ModuleList(PointwiseConv3d(dim, 2 * self.qk_dim + self.v_dim) for _ in range(num_groups))
+        width = 2 * self.qk_channels + self.v_channels
+        self.qkv = nn.ModuleList(PointwiseConv3d(dim, width) for _ in range(num_groups))
         # The same rows scale-major, [q_1 k_1 v_1 | q_2 k_2 v_2 | ...]: one projection, one pool and one
         # window copy per scale serve q, k and v together.
-        qk_width, v_width = num_heads * head_dim, num_heads * self.value_dim
+        qk_width, v_width = num_heads * qk_head_dim, num_heads * self.v_head_dim
         self.scale_width = 2 * qk_width + v_width
-        parts = [(0, qk_width), (self.qk_dim, qk_width), (2 * self.qk_dim, v_width)]  # (first row, rows per scale)
+        # (first row, rows per scale) of q, k and v
+        parts = [(0, qk_width), (self.qk_channels, qk_width), (2 * self.qk_channels, v_width)]
         order = [first + j * rows + i for j in range(num_scales) for first, rows in parts for i in range(rows)]
         self.register_buffer("scale_major_rows", torch.tensor(order), persistent=False)
-        self.projs = nn.ModuleList(PointwiseConv3d(self.v_dim, dim) for _ in range(num_groups))
+        self.projs = nn.ModuleList(PointwiseConv3d(self.v_channels, dim) for _ in range(num_groups))
         self.proj_drop = nn.Dropout(proj_drop)
         table_size = math.prod(2 * n - 1 for n in self.tokens)
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
@@ -169,7 +173,7 @@ class PairedWindowAttention(nn.Module):
         return self
 
     def _gather(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """M groups (B, D, H, W, A) -> q, k (B*N, h, M*L, head_dim) and v (B*N, h, M*L, value_dim): every
+        """M groups (B, D, H, W, A) -> q, k (B*N, h, M*L, qk_head_dim) and v (B*N, h, M*L, v_head_dim): every
         group's tokens of every max-pooled window (windows scale by scale, groups in order per window)."""
         b, length = xs[0].shape[0], math.prod(self.tokens)
         grid = xs[0].shape[1:4]
@@ -190,12 +194,12 @@ class PairedWindowAttention(nn.Module):
                 target.view(b, *count, *self.tokens, width).copy_(part.permute(0, 1, 3, 5, 2, 4, 6, 7))
                 start += math.prod(count)
         windows = windows.view(-1, len(xs) * length, width)
-        qk, v = self.num_heads * self.head_dim, self.num_heads * self.value_dim
+        qk, v = self.num_heads * self.qk_head_dim, self.num_heads * self.v_head_dim
         q, k, v = windows.split([qk, qk, v], dim=-1)
         return (
-            q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2),
-            k.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2),
-            v.unflatten(-1, (self.num_heads, self.value_dim)).transpose(1, 2),
+            q.unflatten(-1, (self.num_heads, self.qk_head_dim)).transpose(1, 2),
+            k.unflatten(-1, (self.num_heads, self.qk_head_dim)).transpose(1, 2),
+            v.unflatten(-1, (self.num_heads, self.v_head_dim)).transpose(1, 2),
         )
 
     def _scatter(self, tokens: torch.Tensor, grid: Size3) -> torch.Tensor:
@@ -232,7 +236,7 @@ class PairedWindowAttention(nn.Module):
         bias = self.relative_position_bias_table[index.reshape(-1)]
         bias = bias.view(length, length, -1).permute(2, 0, 1).repeat(1, num_groups, num_groups)
         if fused:
-            out = torch.ops.veloxseg.window_attention(q, k, v, bias.transpose(1, 2), self.head_dim**-0.5)
+            out = torch.ops.veloxseg.window_attention(q, k, v, bias.transpose(1, 2), self.qk_head_dim**-0.5)
         else:
             out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
@@ -267,13 +271,13 @@ class PWABlock(nn.Module):
         num_groups: int,
         scales: Sequence[WindowScale],
         num_heads: int,
-        head_dim: int,
+        qk_head_dim: int,
         ffn_ratio: int,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.attn = PairedWindowAttention(dim, num_groups, scales, num_heads, head_dim, attn_drop, proj_drop)
+        self.attn = PairedWindowAttention(dim, num_groups, scales, num_heads, qk_head_dim, attn_drop, proj_drop)
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         self.ffns = nn.ModuleList(FeedForward(dim, ffn_ratio, proj_drop) for _ in range(num_groups))
 
