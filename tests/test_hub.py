@@ -17,6 +17,7 @@ from huggingface_hub import HfApi, ModelCard
 import veloxseg
 from veloxseg import hub
 from veloxseg.metadata import ChannelInfo, ModelMetadata
+from veloxseg.variants import VARIANTS
 
 from .conftest import SMALL_ROI
 
@@ -290,3 +291,21 @@ def test_publish_validates_then_pushes_only_when_asked(saved, tmp_path, monkeypa
 def test_shipped_model_folders_are_publishable(folder):
     """Every model folder under hub/ loads exactly as saved, runs, and has a complete card."""
     assert load_publish().validate(folder) == []
+
+
+def test_recorded_architecture_is_the_variant_of_the_widths(tmp_path):
+    def architecture(model: veloxseg.VeloxSeg) -> str:
+        folder = hub.save_pretrained(model, tmp_path / str(len(list(tmp_path.iterdir()))))
+        assert veloxseg.create_model(f"local-dir:{folder}").config == model.config
+        return json.loads((folder / "config.json").read_text())["architecture"]
+
+    direct = veloxseg.VeloxSeg(veloxseg.VeloxSegConfig(**VARIANTS["veloxseg_tiny"], **SMALL_ROI))  # no registry
+    assert architecture(direct) == "veloxseg_tiny"
+    assert architecture(veloxseg.create_model("veloxseg_base", **VARIANTS["veloxseg_tiny"], **SMALL_ROI)) == (
+        "veloxseg_tiny"
+    )
+    # widths of no variant: the registry entrypoint it was built with, overridden by model_args
+    assert architecture(veloxseg.create_model("veloxseg_tiny", base_ch=16, **SMALL_ROI)) == "veloxseg_tiny"
+    custom = veloxseg.VeloxSeg(veloxseg.VeloxSegConfig(base_ch=8, **SMALL_ROI))
+    with pytest.raises(ValueError, match="widths of no registered variant .* veloxseg.create_model"):
+        hub.save_pretrained(custom, tmp_path / "custom")
