@@ -8,6 +8,7 @@ import runpy
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -18,8 +19,18 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import veloxseg
+import veloxseg.hub
 import veloxseg.training.data
-from veloxseg.training import TrainConfig, TrainResult, build_scheduler, scaled_windows, train
+from veloxseg.training import (
+    TrainConfig,
+    TrainResult,
+    build_model,
+    build_scheduler,
+    resolve,
+    scaled_windows,
+    train,
+    train_step,
+)
 from veloxseg.training.checkpoints import TRAINER_STATE, latest_checkpoint
 from veloxseg.training.step import mask_random_patches
 from veloxseg.data import DatasetError, make_demo_dataset
@@ -122,7 +133,7 @@ def test_scaled_windows_follow_the_roi() -> None:
     windows = veloxseg.VeloxSegConfig().big_windows  # built for 96^3
     assert scaled_windows(windows, (96, 96, 96), (64, 64, 64)) == SMALL_ROI["big_windows"]
     assert scaled_windows(windows, (96, 96, 96), (128, 96, 64))[1] == [8, 6, 4]
-    with pytest.raises(ValueError, match="multiples of"):
+    with pytest.raises(ValueError, match="each axis must be a multiple of"):
         scaled_windows(windows, (96, 96, 96), (80, 80, 80))
 
 
@@ -137,6 +148,20 @@ def test_schedule_warms_up_then_decays_to_min_lr() -> None:
     assert lrs[0] == pytest.approx(2.5e-5) and lrs[10] == pytest.approx(2.5e-4)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert scheduler.get_last_lr()[0] == pytest.approx(6e-6)
+
+
+def test_build_model_reads_a_saved_models_weights_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).save_pretrained(tmp_path / "tiny")
+    real_read, reads = veloxseg.hub.read_weights, []
+
+    def counted_read(path):
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(veloxseg.hub, "read_weights", counted_read)
+    spec = SimpleNamespace(channel_names=["CT", "PET"], labels={"background": 0, "lesion": 1})
+    model = build_model(resolve(TrainConfig(model=f"local-dir:{folder}", pretrained=True)), spec)
+    assert len(reads) == 1 and model.config.roi_size == (64, 64, 64)
 
 
 def test_overfits_a_single_batch() -> None:
@@ -156,6 +181,27 @@ def test_overfits_a_single_batch() -> None:
         losses.append({k: v.item() for k, v in terms.items()})
     for name in ("loss", "seg", "rc"):
         assert losses[-1][name] < 0.5 * losses[0][name], (name, losses[0][name], losses[-1][name])
+
+
+def test_train_step_steps_once_per_gradient_accumulation() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {"image": torch.randn(1, 2, 64, 64, 64), "label": (torch.rand(1, 1, 64, 64, 64) > 0.9).float()}
+    before = [p.detach().clone() for p in model.parameters()]
+
+    terms = train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
+    assert set(terms) == {"loss", "seg", "rc", "sdkt"} and not terms["loss"].requires_grad
+    assert not accelerator.sync_gradients and scheduler.last_epoch == 0  # accumulating: no step yet
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
+    assert accelerator.sync_gradients and scheduler.last_epoch == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # Whole runs
@@ -317,7 +363,7 @@ def test_bad_datasets_are_rejected_before_training(demo_data: Path, tmp_path: Pa
     ("settings", "message"),
     [
         (dict(stage="pretrain", seg_weight=1.0), "self-supervised"),
-        (dict(batch_size=3), "multiple of crops_per_volume"),
+        (dict(batch_size=3, crops_per_volume=2), "must divide batch_size"),
         (dict(max_steps=5, epochs=2), "not both"),
         (dict(roi=(64, 64)), "1 or 3 sizes"),
         (dict(mixed_precision="fp16", cpu=True), "fp16 needs a CUDA GPU"),
