@@ -2,12 +2,13 @@
 
 The 3-D, per-modality-group counterpart of timm's ``adapt_input_conv`` and head re-initialisation:
 
-* input channels: the per-group patch embeds and the conv-stream stem ``encoder.downs.0`` sum (one
-  channel) or repeat and rescale (more channels) their input-channel axis, per group;
+* input channels: the per-group patch embeds and the stems ``encoder.downs.0`` and ``decoder.detail.stem``
+  sum (one channel) or repeat and rescale (more channels) their input-channel axis, per group;
 * modality groups: new group g takes the weights of pretrained group ``g % M_src`` (attention
   stream, merges, teachers, and the groups' channel blocks of the mixers and the stem, rescaled by
   ``M_src / M`` so the summed activation keeps its scale); groups beyond the model's are dropped;
-* classes: the segmentation heads (``decoder.head``, ``decoder.aux_heads``) are re-initialised;
+* classes: the segmentation heads (``decoder.head``, ``decoder.aux_heads``, ``decoder.detail.out``) are
+  re-initialised;
 * ROI size: where it changes the number of window scales S of a level, the q/k/v channels
   (read as (scale, head, c)) keep the scales both networks have; new scales keep their fresh
   initialisation. Relative-position tables are kept when the token grid per window is unchanged
@@ -196,12 +197,13 @@ def _adapt_tensor(
     A None tensor means: re-initialise, for the reason given."""
     src, dst = source_model.config, model.config
     group = _group(key)
-    if key.startswith(("decoder.head.", "decoder.aux_heads.")) and src.n_classes != dst.n_classes:
+    heads = ("decoder.head.", "decoder.aux_heads.", "decoder.detail.out.")
+    if key.startswith(heads) and src.n_classes != dst.n_classes:
         return None, f"n_classes {src.n_classes} -> {dst.n_classes}: segmentation head re-initialised"
     if re.fullmatch(r"attention\.patch_embeds\.\d+\.weight", key):
         have, want = value.shape[1], dst.in_ch[group]
         return _resize_channels(value, want, 1), None if have == want else f"input channels {have} -> {want}"
-    if key == "encoder.downs.0.weight" and src.in_ch != dst.in_ch:
+    if key in ("encoder.downs.0.weight", "decoder.detail.stem.weight") and src.in_ch != dst.in_ch:
         blocks = value.split(list(src.in_ch), 1)
         parts = [_resize_channels(blocks[g % src.num_groups], c, 1) for g, c in enumerate(dst.in_ch)]
         how = f"input channels in groups {list(src.in_ch)} -> {list(dst.in_ch)}"

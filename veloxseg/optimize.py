@@ -91,10 +91,10 @@ class OptimizedVeloxSeg(nn.Module):
         with torch.inference_mode():
             # The input convs stay eager: inductor's prepacked convs want channels-last inputs, and
             # transposing the full-resolution input costs more (5 ms) than those convs themselves.
-            tokens, stem = self.model.embed(x)
+            embedded = self.model.embed(x)
             # The settings are read when the graph is compiled (on the first call).
             with torch._inductor.config.patch(**INDUCTOR_SETTINGS):
-                return self.compiled_forward(tokens, stem)
+                return self.compiled_forward(*embedded)
 
     def train(self, mode: bool = True) -> "OptimizedVeloxSeg":
         if mode:

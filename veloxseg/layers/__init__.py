@@ -4,6 +4,7 @@ The attention stream works on channels-last (B, D, H, W, C) tensors, the conv st
 channels-first (B, C, D, H, W) ones."""
 
 from .conv import OneDNNConv3d, PointwiseConv3d
+from .detail import DetailPath
 from .jlc import JLCBlock
 from .norm import instance_norm
 from .patch_merging import PatchMerging3d
@@ -11,6 +12,7 @@ from .pixel_shuffle import pixel_shuffle_3d
 from .pwa import PairedWindowAttention, PWABlock, WindowScale, window_scales
 
 __all__ = [
+    "DetailPath",
     "JLCBlock",
     "OneDNNConv3d",
     "PairedWindowAttention",
