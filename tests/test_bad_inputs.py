@@ -3,7 +3,9 @@
 
 import json
 import re
+import runpy
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 import veloxseg
 from veloxseg.cli import main
@@ -20,6 +23,9 @@ from veloxseg.data.demo import make_demo_dataset
 from veloxseg.hub import read_config
 from veloxseg.metadata import ChannelInfo, ModelMetadata
 from veloxseg.predict import predict
+import veloxseg.training.data
+from veloxseg.training import TrainConfig
+from veloxseg.training.config import resolve
 
 from .conftest import SMALL_ROI
 
@@ -208,5 +214,90 @@ def test_labels_without_foreground_are_refused_for_segmentation(tmp_path):
         img = nib.load(case.label)
         nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), case.label)
     validate_dataset(spec)  # a valid dataset, for self-supervised pretraining
-    with pytest.raises(DatasetError, match="no training label holds class 'lesion' \\(value 1\\)"):
+    with pytest.raises(DatasetError, match="no training label holds a foreground voxel"):
         validate_dataset(spec, require_foreground=True)
+
+
+# --- the trainer: examples/train.py and train() ---------------------------------------------------------
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+FAST_TRAIN = ["--model", "veloxseg_tiny", "--roi", "64", "--num-workers", "0", "--no-progress", "--max-steps", "1"]
+
+
+def train_script(monkeypatch: pytest.MonkeyPatch, *args: str) -> int | str | None:
+    """Run examples/train.py in this process; its exit code (a refusal exits with its message; None: success)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    monkeypatch.setattr(sys, "argv", [str(TRAIN_SCRIPT), *FAST_TRAIN, *args])
+    try:
+        runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    except SystemExit as exit_info:
+        return exit_info.code
+    return None
+
+
+def small_demo(out: Path) -> Path:
+    return make_demo_dataset(out, num_train=3, num_test=0, shape=(40, 40, 32))
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    return small_demo(tmp_path_factory.mktemp("small") / "Dataset001_Small")
+
+
+@pytest.fixture(scope="module")
+def empty_labels(tmp_path_factory) -> Path:
+    """A demo dataset whose labels hold no foreground voxel."""
+    root = small_demo(tmp_path_factory.mktemp("empty") / "Dataset002_Empty")
+    for path in (root / "labelsTr").iterdir():
+        img = nib.load(path)
+        nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), path)
+    return root
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--crops-per-volume", "0"], "crops_per_volume must be >= 1, got 0"),
+        (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+        (["--batch-size", "3", "--crops-per-volume", "2"], "crops_per_volume (2) must divide batch_size (3 patches)"),
+        (["--spacing", "0", "2", "3"], "spacing must be three numbers > 0 (mm per voxel along X, Y, Z), got [0.0, 2.0, 3.0]"),
+        (["--spacing", "1", "-2", "3"], "spacing must be three numbers > 0"),
+        (["--roi", "48"], "each axis must be a multiple of [32, 32, 32]; roi sizes that work for veloxseg_tiny "
+                          "include the cubes 64, 96, 128, 160"),
+        (["--roi", "32"], "use at least 64 on some axis; roi sizes that work for veloxseg_tiny include the cubes 64"),
+        (["--model", "local-dir:"], "names no folder"),
+        (["--pretrained"], "no trained weights are published for veloxseg_tiny"),  # refused after the demo data
+        (["--data", "EMPTY"], "no training label holds a foreground voxel"),
+    ],
+)  # fmt: skip
+def test_refused_training_run_names_the_problem_and_writes_nothing(
+    monkeypatch, tmp_path, empty_labels, flags, message
+):
+    out = tmp_path / "out"
+    monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)  # the demo data, small
+    flags = [str(empty_labels) if flag == "EMPTY" else flag for flag in flags]
+    code = train_script(monkeypatch, "--output-dir", str(out), *flags)
+    assert isinstance(code, str) and code.startswith("error: ") and message in code, code
+    assert not out.exists()
+
+
+def test_refused_run_leaves_an_existing_output_folder_as_it_was(monkeypatch, tmp_path, empty_labels):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(empty_labels))
+    assert "no training label holds a foreground voxel" in code
+    assert list(out.iterdir()) == []  # no train_config.json
+
+
+@pytest.mark.parametrize("batch_size, crops", [(1, 1), (2, 2), (3, 1), (4, 2)])
+def test_crops_per_volume_defaults_to_a_divisor_of_the_batch(batch_size, crops):
+    config = resolve(TrainConfig(model="veloxseg_tiny", batch_size=batch_size))
+    assert config.crops_per_volume == crops and config.batch_size == batch_size
+
+
+def test_batch_size_one_alone_trains(monkeypatch, tmp_path, small_data):
+    out = tmp_path / "out"
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--batch-size", "1") is None
+    assert json.loads((out / "train_config.json").read_text())["crops_per_volume"] == 1
+    assert (out / "model.safetensors").is_file()

@@ -104,7 +104,7 @@ def validate_dataset(
     equal within ``affine_tol`` (mm). ``check_values`` (reads the voxel data, one file at a time):
     the data decompresses (truncated files fail here), images hold no NaN/inf, and label values are
     integers listed in ``labels``. ``require_foreground`` (with ``check_values``; for segmentation):
-    every foreground class appears in at least one training label.
+    some training label holds a foreground voxel.
     """
     problems: list[str] = []
     seen: set[float] = set()  # label values found in the training cases
@@ -118,13 +118,11 @@ def validate_dataset(
                 f"{case.case_id}: {p}"
                 for p in _case_problems(spec, case, check_geometry, check_values, affine_tol, found)
             ]
-    if require_foreground and check_values and spec.training and not problems:
-        problems += [
-            f"no training label holds class {name!r} (value {value}): segmentation has nothing to learn for it "
-            f"(its Dice would be NaN); fix the labels or remove the class from dataset.json"
-            for name, value in spec.labels.items()
-            if value > 0 and value not in seen
-        ]
+    if require_foreground and check_values and spec.training and not problems and not seen - {0}:
+        problems.append(
+            f"no training label holds a foreground voxel (every label is background 0 of {spec.labels}): "
+            f"segmentation would have nothing to learn (Dice NaN)"
+        )
     if problems:
         raise DatasetError(spec.root, problems)
 

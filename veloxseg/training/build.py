@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from ..config import VeloxSegConfig
 from ..data.datasets import DatasetSpec
 from ..model import VeloxSeg
 from ..registry import create_model
@@ -20,16 +21,43 @@ def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
         "in_ch": [1] * len(spec.channel_names),
         "n_classes": len(spec.labels),
         "teachers": bool(config.rc_weight or config.sdkt_weight),
+        **roi_overrides(config),
     }
-    base = create_model(config.model, pretrained=False).config  # the ROI it was built for; no weights loaded
-    if config.roi is not None and tuple(config.roi) != base.roi_size:
-        overrides.update(
-            roi_size=tuple(config.roi), big_windows=scaled_windows(base.big_windows, base.roi_size, config.roi)
-        )
     model = create_model(config.model, pretrained=config.pretrained, **overrides)
     if not config.seg_weight:
         model.decoder.requires_grad_(False)
     return model
+
+
+def roi_overrides(config: TrainConfig) -> dict[str, Any]:
+    """The config fields that fit ``config.model`` to ``config.roi`` (its attention windows scaled with it;
+    none when the roi is the model's). Raises ValueError stating the rule and the sizes that work when it
+    does not fit; :func:`veloxseg.training.train` calls it before any data is read or written."""
+    base = create_model(config.model, pretrained=False).config  # the ROI it was built for; no weights loaded
+    if config.roi is None or tuple(config.roi) == base.roi_size:
+        return {}
+    try:
+        overrides = {"roi_size": tuple(config.roi)}
+        overrides["big_windows"] = scaled_windows(base.big_windows, base.roi_size, overrides["roi_size"])
+        base.replace(**overrides)  # the window scheme's own rules (e.g. more than one voxel at the last level)
+    except ValueError as err:
+        sizes = ", ".join(map(str, working_rois(base)))
+        raise ValueError(f"{err}; roi sizes that work for {config.model} include the cubes {sizes}") from None
+    return overrides
+
+
+def working_rois(base: VeloxSegConfig, count: int = 4) -> list[int]:
+    """The first ``count`` cube edges to which ``base``'s attention windows scale and that build."""
+    found = []
+    for edge in range(8, 8 * max(base.roi_size) + 1, 8):
+        try:
+            base.replace(roi_size=(edge,) * 3, big_windows=scaled_windows(base.big_windows, base.roi_size, (edge,) * 3))
+        except ValueError:
+            continue
+        found.append(edge)
+        if len(found) == count:
+            break
+    return found
 
 
 def scaled_windows(windows: Any, roi: tuple[int, ...], new_roi: tuple[int, ...]) -> list[list[int]]:
@@ -39,7 +67,7 @@ def scaled_windows(windows: Any, roi: tuple[int, ...], new_roi: tuple[int, ...])
         multiple = [r // math.gcd(r, *(level[axis] for level in windows)) for axis, r in enumerate(roi)]
         raise ValueError(
             f"roi {list(new_roi)} does not scale the model's attention windows {[list(w) for w in windows]} "
-            f"(built for roi {list(roi)}) to whole windows; use multiples of {multiple}"
+            f"(built for roi {list(roi)}) to whole windows: each axis must be a multiple of {multiple}"
         )
     return [[int(w) for w in level] for level in scaled]
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..metadata import check_spacing
+
 STAGES = ("pretrain", "segment", "finetune")
 # (seg, rc, sdkt) loss weights of each stage; the paper's for segmentation.
 STAGE_LOSS_WEIGHTS = {"pretrain": (0.0, 1.0, 0.0), "segment": (1.0, 0.5, 2.0), "finetune": (1.0, 0.5, 2.0)}
@@ -75,8 +77,13 @@ class TrainConfig:
     # Optimisation: the authors' AdamW, linear warm-up, cosine decay
     max_steps: int | None = option(None, f"optimizer steps; default {DEMO_MAX_STEPS} unless --epochs", type=int)
     epochs: int | None = option(None, "passes over the training volumes, instead of --max-steps", type=int)
-    batch_size: int = option(2, "patches per step and process (before gradient accumulation)")
-    crops_per_volume: int = option(2, "random patches per volume, centred on foreground or background 1:1")
+    batch_size: int = option(2, "patches per step and process (before gradient accumulation), >= 1")
+    crops_per_volume: int | None = option(
+        None,
+        "random patches per volume, centred on foreground or background 1:1; a batch holds batch_size / "
+        "crops_per_volume volumes, so it must divide batch_size; default 2 when batch_size is even, else 1",
+        type=int,
+    )
     grad_accum: int = option(1, "gradient accumulation steps")
     lr: float | None = option(
         None, f"peak learning rate; default {PAPER_LR} (the authors'), {DEMO_LR} for the short demo run", type=float
@@ -167,20 +174,26 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError("pretrain is self-supervised: its seg_weight must be 0")
     if config.max_steps is not None and config.epochs is not None:
         raise ValueError("give max_steps or epochs, not both")
-    if config.batch_size % config.crops_per_volume:
+    for name in (
+        "max_steps", "epochs", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "grad_accum",
+        "batch_size", "crops_per_volume", "sw_batch_size", "mask_patch",
+    ):  # fmt: skip
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    crops = config.crops_per_volume or (2 if config.batch_size % 2 == 0 else 1)
+    if config.batch_size % crops:
         raise ValueError(
-            f"batch_size ({config.batch_size} patches) must be a multiple of crops_per_volume "
-            f"({config.crops_per_volume})"
+            f"crops_per_volume ({crops}) must divide batch_size ({config.batch_size} patches): a batch holds "
+            f"batch_size / crops_per_volume volumes; leave crops_per_volume unset for 2 when batch_size is even, "
+            f"else 1"
         )
+    spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
         raise ValueError("fp16 needs a CUDA GPU; use mixed_precision='bf16' on CPU")
-    for name in ("max_steps", "epochs", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "grad_accum"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     cpus = os.cpu_count() or 1
     return dataclasses.replace(
         config,
@@ -189,6 +202,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         threads=config.threads or (1 if cpus <= 2 and "OMP_NUM_THREADS" not in os.environ else None),
         pretrained=config.pretrained or config.stage == "finetune",
         roi=roi,
+        crops_per_volume=crops,
+        spacing=spacing,
         lr=config.lr or (DEMO_LR if demo else PAPER_LR),
         seg_weight=seg,
         rc_weight=rc,

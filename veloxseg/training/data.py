@@ -48,7 +48,7 @@ def prepare_dataset(config: TrainConfig, accelerator: Accelerator) -> DatasetSpe
     problems: list[list[str]] = [[]]
     if accelerator.is_main_process:
         try:
-            validate_dataset(spec)
+            validate_dataset(spec, require_foreground=config.stage != "pretrain")  # segmentation learns classes
         except DatasetError as err:
             problems = [err.problems]
     broadcast_object_list(problems)
@@ -56,8 +56,9 @@ def prepare_dataset(config: TrainConfig, accelerator: Accelerator) -> DatasetSpe
         raise DatasetError(spec.root, problems[0])
     if sorted(spec.labels.values()) != list(range(len(spec.labels))):
         raise DatasetError(spec.root, [f"labels must be the values 0..N-1 (one per class), got {spec.labels}"])
-    if config.stage != "pretrain" and len(spec.labels) < 2:
-        raise DatasetError(spec.root, [f"segmentation needs a foreground class, labels are {spec.labels}"])
+    if len(spec.labels) < 2:  # the model's n_classes counts the background
+        problem = f"labels must name a foreground class besides the background, got {spec.labels}"
+        raise DatasetError(spec.root, [problem])
     return spec
 
 

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +16,7 @@ from tqdm import tqdm
 
 from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
-from .build import build_model, build_optimizer, build_scheduler
+from .build import build_model, build_optimizer, build_scheduler, roi_overrides
 from .checkpoints import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
 from .data import batches, build_datasets, build_loaders, prepare_dataset, steps_per_epoch, training_metadata
@@ -44,6 +47,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise FileExistsError(
             f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir"
         )
+    roi_overrides(config)  # a roi the model cannot take is refused before any data is read or written
 
     accelerator = Accelerator(
         cpu=config.cpu,
@@ -55,21 +59,23 @@ def train(config: TrainConfig) -> TrainResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by train_step
     )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
 
     # Data (validated before anything is built), its metadata (the preprocessing saved with the model), model.
-    spec = prepare_dataset(config, accelerator)
-    class_names = [name for name, value in sorted(spec.labels.items(), key=lambda kv: kv[1]) if value > 0]
-    train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
-    metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
-    model = build_model(config, spec)
-    train_set, val_set = build_datasets(train_cases, val_cases, metadata, config, model.config.roi_size)
-    train_loader, val_loader = build_loaders(train_set, val_set, config)
+    # Only the demo or converted data may be written before all this succeeds; a new output folder goes again if not.
+    with removed_on_failure(output_dir, accelerator.is_main_process):
+        spec = prepare_dataset(config, accelerator)
+        class_names = [name for name, value in sorted(spec.labels.items(), key=lambda kv: kv[1]) if value > 0]
+        train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
+        metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
+        model = build_model(config, spec)
+        train_set, val_set = build_datasets(train_cases, val_cases, metadata, config, model.config.roi_size)
+        train_loader, val_loader = build_loaders(train_set, val_set, config)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     loss_fn = VeloxSegLoss(config.seg_weight, config.rc_weight, config.sdkt_weight, config.one_way_sdkt)
     optimizer = build_optimizer(model, config)
@@ -139,3 +145,16 @@ def train(config: TrainConfig) -> TrainResult:
     save_model(accelerator, unwrapped, output_dir, metadata, state["metrics"])
     accelerator.end_training()
     return TrainResult(state["step"], state["metrics"], state["best_metrics"], output_dir)
+
+
+@contextmanager
+def removed_on_failure(folder: Path, main_process: bool) -> Iterator[None]:
+    """Delete ``folder`` when the block fails and ``folder`` did not exist before it (a refused run
+    leaves no half-made output folder behind); the main process deletes."""
+    created = not folder.exists()
+    try:
+        yield
+    except BaseException:
+        if created and main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
