@@ -66,6 +66,11 @@ def veloxseg_base(pretrained: bool = False, **kwargs: Any) -> VeloxSeg:
     return _create_veloxseg("veloxseg_base", pretrained, **kwargs)
 
 
+@register_model
+def veloxseg_small_hr(pretrained: bool = False, **kwargs: Any) -> VeloxSeg:
+    return _create_veloxseg("veloxseg_small_hr", pretrained, **kwargs)
+
+
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
     """Registered VeloxSeg names matching a wildcard pattern (with tags when ``pretrained``)."""
     names = timm.list_models("veloxseg*", pretrained=pretrained)

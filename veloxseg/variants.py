@@ -21,6 +21,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "veloxseg_base": dict(
         base_ch=32, attn_base_ch=32, min_dim_group=(8, 16, 16, 32), num_heads=(2, 4, 4, 8), min_dim_head=(8, 16, 16, 32)
     ),
+    # Not in the paper: small plus a half-resolution detail path (layers/detail.py), the recommended
+    # variant (benchmarks/results/accuracy.md: it learns sub-patch detail that small cannot).
+    "veloxseg_small_hr": dict(detail_ch=16),
 }
 
 
@@ -70,6 +73,7 @@ default_cfgs = generate_default_cfgs(
         "veloxseg_tiny.untrained": variant_cfg(),
         "veloxseg_small.untrained": variant_cfg(),
         "veloxseg_base.untrained": variant_cfg(),
+        "veloxseg_small_hr.untrained": variant_cfg(),
         "veloxseg_small.autopet2": variant_cfg(veloxseg=AUTOPET2.to_dict()),
     }
 )
