@@ -54,6 +54,7 @@ from veloxseg.training import (
     build_model,
     build_optimizer,
     build_scheduler,
+    class_names,
     resolve,
     train_step,
     training_metadata,
@@ -137,7 +138,6 @@ def run(
 ) -> dict[str, Any]:
     """Train setup ``name`` for ``config.max_steps`` steps, then score it on the test set; one table row."""
     setup = SETUPS[name]
-    class_names = [n for n, v in sorted(spec.labels.items(), key=lambda kv: kv[1]) if v > 0]
     set_seed(config.seed)
     model = build_network(name, spec, config.roi)
     inference_params, trained_params = parameters(model)
@@ -161,14 +161,15 @@ def run(
     train_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    metrics, _ = validate(accelerator.unwrap_model(model), test_loader, accelerator, config, class_names)
+    classes = class_names(spec)
+    metrics, _ = validate(accelerator.unwrap_model(model), test_loader, accelerator, config, classes)
     test_s = time.perf_counter() - start
     accelerator.free_memory()
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "model": name,
         "loss": setup.description,
-        "dice": {c: metrics[f"val/dice_{c}"] for c in class_names},
+        "dice": {c: metrics[f"val/dice_{c}"] for c in classes},
         "dice_mean": metrics["val/dice"],
         "hd95_mm": metrics["val/hd95"] if math.isfinite(metrics["val/hd95"]) else None,  # None: no case had one
         "params_m": inference_params / 1e6,

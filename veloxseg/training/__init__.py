@@ -31,7 +31,15 @@ The output folder:
 
 from .build import build_model, build_optimizer, build_scheduler, scaled_windows
 from .config import STAGE_LOSS_WEIGHTS, STAGES, TrainConfig, add_train_arguments, config_from_args, resolve
-from .data import PerSampleSeeds, batches, build_datasets, build_loaders, prepare_dataset, training_metadata
+from .data import (
+    PerSampleSeeds,
+    batches,
+    build_datasets,
+    build_loaders,
+    class_names,
+    prepare_dataset,
+    training_metadata,
+)
 from .loop import TrainResult, train
 from .step import train_step
 from .validate import validate
@@ -49,6 +57,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_scheduler",
+    "class_names",
     "config_from_args",
     "prepare_dataset",
     "resolve",

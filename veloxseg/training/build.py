@@ -1,9 +1,12 @@
-"""Model, optimiser and learning-rate schedule of a training run."""
+"""Accelerator, model, optimiser and learning-rate schedule of a training run."""
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from ..config import VeloxSegConfig
@@ -11,6 +14,21 @@ from ..data.datasets import DatasetSpec
 from ..model import VeloxSeg
 from ..registry import create_model
 from .config import TrainConfig
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """Accelerate for the run: devices and processes, mixed precision, gradient accumulation, trackers
+    (tensorboard in OUTPUT_DIR/logs, when installed) and seeded data order."""
+    return Accelerator(
+        cpu=config.cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        project_dir=str(Path(config.output_dir) / "logs"),
+        # Seeded samplers: the order of epoch e depends on (seed, e) only, so a resumed run sees the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by train_step
+    )
 
 
 def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:

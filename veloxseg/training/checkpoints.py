@@ -32,6 +32,19 @@ def new_state(total_steps: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
+    """With ``resume``, the newest complete checkpoint of the run in ``output_dir`` (None when it has none
+    yet). Without, None; raises FileExistsError when ``output_dir`` holds an earlier run."""
+    checkpoint_dir = output_dir / "checkpoints"
+    if resume:
+        return latest_checkpoint(checkpoint_dir)
+    if any(checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")) or (output_dir / "config.json").exists():
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir"
+        )
+    return None
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete checkpoint under ``folder`` (temporary and incomplete folders are skipped)."""
     complete = [

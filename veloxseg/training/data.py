@@ -82,6 +82,11 @@ def convert_hf_dataset(config: TrainConfig, cache_dir: Path) -> Path:
     return root
 
 
+def class_names(spec: DatasetSpec) -> list[str]:
+    """The foreground classes' names in label order (the validation metrics' names)."""
+    return [name for name, value in sorted(spec.labels.items(), key=lambda kv: kv[1]) if value > 0]
+
+
 def training_metadata(config: TrainConfig, spec: DatasetSpec, num_train: int, num_val: int) -> ModelMetadata:
     """The metadata saved with the model: the preprocessing of every channel (:func:`channel_infos`),
     the labels, the spacing, and for the model card what it was trained on (metrics are added when saving)."""

@@ -3,24 +3,30 @@
 import dataclasses
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
-from .build import build_model, build_optimizer, build_scheduler, roi_overrides
-from .checkpoints import CHECKPOINT_PREFIX, latest_checkpoint, load_checkpoint, new_state, save_checkpoint, save_model
+from .build import build_accelerator, build_model, build_optimizer, build_scheduler, roi_overrides
+from .checkpoints import checkpoint_to_resume, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
-from .data import batches, build_datasets, build_loaders, prepare_dataset, steps_per_epoch, training_metadata
-from .metrics import MetricsLog, plot_curves, plot_validation_slice
+from .data import (
+    batches,
+    build_datasets,
+    build_loaders,
+    class_names,
+    prepare_dataset,
+    steps_per_epoch,
+    training_metadata,
+)
+from .metrics import MetricsLog, TrainingMeter, plot_curves, plot_validation_slice
 from .step import train_step
 from .validate import validate
 
@@ -39,26 +45,10 @@ def train(config: TrainConfig) -> TrainResult:
     """Run one training stage; see :mod:`veloxseg.training` for what lands in ``config.output_dir``."""
     config = resolve(config)
     output_dir = Path(config.output_dir)
-    checkpoint_dir = output_dir / "checkpoints"
-    checkpoint = latest_checkpoint(checkpoint_dir) if config.resume else None
-    if not config.resume and (
-        any(checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")) or (output_dir / "config.json").exists()
-    ):
-        raise FileExistsError(
-            f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir"
-        )
+    checkpoint = checkpoint_to_resume(output_dir, config.resume)
     roi_overrides(config)  # a roi the model cannot take is refused before any data is read or written
 
-    accelerator = Accelerator(
-        cpu=config.cpu,
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        log_with="tensorboard" if is_tensorboard_available() else None,
-        project_dir=str(output_dir / "logs"),
-        # Seeded samplers: the order of epoch e depends on (seed, e) only, so a resumed run sees the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, by train_step
-    )
+    accelerator = build_accelerator(config)
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -67,7 +57,6 @@ def train(config: TrainConfig) -> TrainResult:
     # Only the demo or converted data may be written before all this succeeds; a new output folder goes again if not.
     with removed_on_failure(output_dir, accelerator.is_main_process):
         spec = prepare_dataset(config, accelerator)
-        class_names = [name for name, value in sorted(spec.labels.items(), key=lambda kv: kv[1]) if value > 0]
         train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
         metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
         model = build_model(config, spec)
@@ -97,47 +86,39 @@ def train(config: TrainConfig) -> TrainResult:
         disable=not (config.progress and accelerator.is_local_main_process),
     )
     model.train()
-    # Loss sums, steps and patches since the last log, and the training time they took.
-    sums: dict[str, float] = {}
-    steps_summed, patches, clock = 0, 0, time.perf_counter()
+    meter = TrainingMeter()
     finished = state["step"] >= total_steps  # a finished run resumed: nothing left to train
     for batch in () if finished else batches(train_loader, train_set, accelerator, state["step"], config.grad_accum):
         terms = train_step(
             model, batch, loss_fn, optimizer, scheduler, accelerator, config.mask_ratio, config.mask_patch
         )
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item() / config.grad_accum
-        patches += batch["image"].shape[0] * accelerator.num_processes
+        meter.add(terms, batch["image"].shape[0] * accelerator.num_processes, config.grad_accum)
         if not accelerator.sync_gradients:
             continue
         state["step"] += 1
         step = state["step"]
-        steps_summed += 1
+        meter.count_step()
         progress.update(1)
         if step % config.log_every == 0 or step == total_steps:
-            rate = patches / (time.perf_counter() - clock)
-            values = {f"train/{k}": v / steps_summed for k, v in sums.items()}
-            values.update({"train/lr": scheduler.get_last_lr()[0], "train/patches_per_s": rate})
+            values = {**meter.read(), "train/lr": scheduler.get_last_lr()[0]}
             log.log(values, step)
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}", patches_s=f"{rate:.1f}")
-            sums, steps_summed, patches, clock = {}, 0, 0, time.perf_counter()
-        paused = time.perf_counter()
-        if config.stage != "pretrain" and (step % config.val_every == 0 or step == total_steps):
-            metrics, example = validate(unwrapped, val_loader, accelerator, config, class_names)
-            log.log(metrics, step)
-            state["metrics"] = metrics
-            if metrics["val/dice"] > state["best_dice"]:
-                state.update(best_dice=metrics["val/dice"], best_step=step, best_metrics=metrics)
-                save_model(accelerator, unwrapped, output_dir / "best", metadata, metrics)
-            if accelerator.is_main_process:
-                title = f"step {step}, Dice {metrics['val/dice']:.3f}"
-                plot_validation_slice(example, spec.channel_names, output_dir / "validation.png", title)
-            accelerator.print(f"step {step}: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items()))
-        if step % config.checkpoint_every == 0 or step == total_steps:
-            save_checkpoint(accelerator, checkpoint_dir, state, config.keep_checkpoints)
-            if accelerator.is_main_process:
-                plot_curves(log.records, output_dir / "curves.png")
-        clock += time.perf_counter() - paused  # validation and checkpoints are not training throughput
+            progress.set_postfix(loss=f"{values['train/loss']:.4f}", patches_s=f"{values['train/patches_per_s']:.1f}")
+        with meter.paused():  # validation and checkpoints are not training time
+            if config.stage != "pretrain" and (step % config.val_every == 0 or step == total_steps):
+                metrics, example = validate(unwrapped, val_loader, accelerator, config, class_names(spec))
+                log.log(metrics, step)
+                state["metrics"] = metrics
+                if metrics["val/dice"] > state["best_dice"]:
+                    state.update(best_dice=metrics["val/dice"], best_step=step, best_metrics=metrics)
+                    save_model(accelerator, unwrapped, output_dir / "best", metadata, metrics)
+                if accelerator.is_main_process:
+                    title = f"step {step}, Dice {metrics['val/dice']:.3f}"
+                    plot_validation_slice(example, spec.channel_names, output_dir / "validation.png", title)
+                accelerator.print(f"step {step}: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items()))
+            if step % config.checkpoint_every == 0 or step == total_steps:
+                save_checkpoint(accelerator, output_dir / "checkpoints", state, config.keep_checkpoints)
+                if accelerator.is_main_process:
+                    plot_curves(log.records, output_dir / "curves.png")
         if step >= total_steps:
             break
     progress.close()

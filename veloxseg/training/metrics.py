@@ -1,10 +1,14 @@
 """Metrics and plots of a run: ``metrics.jsonl``, Accelerate's trackers, ``curves.png`` and ``validation.png``."""
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 
 from ..io import atomic_file
@@ -33,6 +37,38 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         self.accelerator.log(values, step=step)
+
+
+class TrainingMeter:
+    """The loss terms and the training throughput since the last read-out: :meth:`add` each batch,
+    :meth:`count_step` each optimizer step, :meth:`read` the means. Time spent inside :meth:`paused`
+    (validation, checkpoints) is not training time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.patches, self.start = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], patches: int, grad_accum: int) -> None:
+        """The loss terms of one of the ``grad_accum`` batches of a step, and the patches it held."""
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.item() / grad_accum
+        self.patches += patches
+
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """``train/<term>``: each loss term's mean per optimizer step; ``train/patches_per_s``. Starts over."""
+        values = {f"train/{name}": total / self.steps for name, total in self.sums.items()}
+        values["train/patches_per_s"] = self.patches / (time.perf_counter() - self.start)
+        self.__init__()
+        return values
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
