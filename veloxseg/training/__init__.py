@@ -13,7 +13,7 @@ The parts, in the order ``train()`` (:mod:`.loop`) uses them:
 
 * :mod:`.config`: :class:`TrainConfig`, its command-line flags and :func:`resolve` (defaults, checks);
 * :mod:`.data`: the dataset, its metadata (the preprocessing saved with the model), datasets, loaders;
-* :mod:`.build`: model, optimiser and learning-rate schedule;
+* :mod:`.build`: Accelerator, model, optimiser and learning-rate schedule;
 * :mod:`.step`: :func:`train_step`, one forward, loss, backward and optimiser step;
 * :mod:`.validate`: Dice and HD95 on whole validation volumes;
 * :mod:`.checkpoints`: crash-safe checkpoints, resuming, the saved models;
