@@ -1,23 +1,31 @@
 """Test-set accuracy of VeloxSeg and MONAI's networks trained the same way, and VeloxSeg's SDKT ablation.
 
-    python benchmarks/accuracy.py                         # every setup, 100 steps, on the demo data
-    python benchmarks/accuracy.py --models veloxseg_tiny UNet --steps 20 --out /tmp/accuracy
+    python benchmarks/accuracy.py --minutes 2 --seed 0 1 2               # every setup, 2 CPU minutes each
+    python benchmarks/accuracy.py --data DIR --models veloxseg_small_hr UNet --minutes 5 --seed 0
+    python benchmarks/accuracy.py --search-lr --minutes 1 --models UNet  # record UNet's learning rate
 
 Every setup trains with the trainer's own parts (:mod:`veloxseg.training`): from the same seed on the
 same cases with the same preprocessing, crops, augmentation and batch order (``build_datasets``,
-``build_loaders``, ``batches``), the same AdamW settings and warm-up + cosine schedule (the trainer's
-``resolve``d defaults, so its demo-run learning rate on the demo data), its ``train_step`` and the same
-number of steps. Only the network and the loss differ: MONAI's networks train with L_seg (Dice + CE,
-as in ``VeloxSegLoss``), VeloxSeg with the loss of its row. Each whole test volume (imagesTs) is then
-segmented by sliding-window inference and scored against labelsTs by the trainer's ``validate``: Dice
-per class and its mean, HD95 in mm.
+``build_loaders``, ``batches``), AdamW with a linear warm-up and a cosine decay, and the trainer's
+``train_step``. A setup is a network, a recipe (:mod:`veloxseg.training.recipe`: loss, deep supervision,
+dropout) and a peak learning rate. Each whole test volume (imagesTs) is then segmented by
+sliding-window inference and scored against labelsTs by the trainer's ``validate``: Dice per class and
+its mean, HD95 in mm.
 
-"Time per step" is the median compute time of one training step (forward, backward, optimiser; data
-loading excluded) on this run's device and load; ``benchmarks/speed.py`` measures speed properly.
-Results are written after every setup, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
+Budget: ``--minutes M`` gives every setup the same CPU time of the training thread (``time.thread_time``:
+forward, backward, optimiser and, with no loader workers, the data augmentation; a busy neighbour does
+not shorten it), and the schedule warms up and decays over that time; ``--steps N`` the same number of
+steps instead. Run with one torch thread (the default on 2-CPU machines) for budgets that compare.
+
+Learning rates: each setup's rate is recorded in ``results/learning_rates.json``, chosen by
+``--search-lr`` from a small grid on a validation split of the training cases (never the test set):
+a plain run reads it and does not search again. The paper's recipe keeps the paper's 2.5e-4.
+
+Results are written after every run, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,17 +44,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from baselines import build as build_baseline
-from monai.data import Dataset
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
-from veloxseg.data.datasets import DatasetSpec, read_dataset, validate_dataset
+from veloxseg.data.datasets import Case, DatasetSpec, read_dataset, split_cases, validate_dataset
 from veloxseg.data.demo import GENERATOR_VERSION, make_demo_dataset
 from veloxseg.io import atomic_folder
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.model import VeloxSegOutput
 from veloxseg.training import (
-    STAGE_LOSS_WEIGHTS,
-    PerSampleSeeds,
+    RECIPES,
     TrainConfig,
     batches,
     build_datasets,
@@ -63,29 +70,42 @@ from veloxseg.training import (
 from veloxseg.training.metrics import save_figure
 
 HERE = Path(__file__).resolve().parent
-PAPER_LOSS = STAGE_LOSS_WEIGHTS["segment"]  # (seg, rc, sdkt) = (1, 0.5, 2)
+LEARNING_RATES = HERE / "results" / "learning_rates.json"
+LR_GRID = (2e-3, 4e-3, 8e-3, 1.6e-2)
+SDKT_LOSS = (1.0, 0.5, 2.0)  # the paper's L_seg + 0.5 L_rc + 2 L_sdkt
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One row of the table: a network and the weights (seg, rc, sdkt) of the loss it trains with."""
+    """One row of the table: a network, the trainer recipe it trains with (MONAI's networks: the default
+    recipe's L_seg), and ``loss`` (seg, rc, sdkt) weights replacing the recipe's when given."""
 
     network: str
-    loss: tuple[float, float, float]
+    recipe: str
     description: str
+    loss: tuple[float, float, float] | None = None
+
+    def loss_weights(self) -> tuple[float, float, float]:
+        return self.loss or RECIPES[self.recipe].loss_weights["segment"]
 
 
 SETUPS: dict[str, Setup] = {
-    "veloxseg_tiny": Setup("veloxseg_tiny", PAPER_LOSS, "paper loss L_seg + 0.5 L_rc + 2 L_sdkt"),
-    "veloxseg_small": Setup("veloxseg_small", PAPER_LOSS, "paper loss L_seg + 0.5 L_rc + 2 L_sdkt"),
-    "veloxseg_small-no-gram": Setup("veloxseg_small", (1.0, 0.5, 0.0), "no Gram loss: L_seg + 0.5 L_rc"),
-    "veloxseg_small-no-teachers": Setup("veloxseg_small", (1.0, 0.0, 0.0), "no teachers: L_seg only"),
-    "SegResNet": Setup("SegResNet", (1.0, 0.0, 0.0), "MONAI, init_filters 16; L_seg"),
-    "UNet": Setup("UNet", (1.0, 0.0, 0.0), "MONAI, channels 16-256; L_seg"),
-    "SwinUNETR": Setup("SwinUNETR", (1.0, 0.0, 0.0), "MONAI, feature size 24; L_seg"),
-    "DynUNet": Setup("DynUNet", (1.0, 0.0, 0.0), "MONAI, nnU-Net-like, no deep supervision; L_seg"),
+    "veloxseg_small_hr": Setup("veloxseg_small_hr", "default", "default recipe: L_seg, one head, no teachers"),
+    "veloxseg_small": Setup("veloxseg_small", "default", "default recipe: L_seg, one head, no teachers"),
+    "veloxseg_tiny": Setup("veloxseg_tiny", "default", "default recipe: L_seg, one head, no teachers"),
+    "veloxseg_small_hr-sdkt": Setup(
+        "veloxseg_small_hr", "default", "default recipe + teachers: L_seg + 0.5 L_rc + 2 L_sdkt", SDKT_LOSS
+    ),
+    "veloxseg_small-paper": Setup("veloxseg_small", "paper", "paper recipe: 4 heads, L_seg + 0.5 L_rc + 2 L_sdkt"),
+    "veloxseg_small-no-teachers": Setup(
+        "veloxseg_small", "paper", "paper recipe without teachers: 4 heads, L_seg only", (1.0, 0.0, 0.0)
+    ),
+    "UNet": Setup("UNet", "default", "MONAI, channels 16-256; L_seg"),
+    "SegResNet": Setup("SegResNet", "default", "MONAI, init_filters 16; L_seg"),
+    "SwinUNETR": Setup("SwinUNETR", "default", "MONAI, feature size 24; L_seg"),
+    "DynUNet": Setup("DynUNet", "default", "MONAI, nnU-Net-like, no deep supervision; L_seg"),
 }
-ABLATION = ["veloxseg_small", "veloxseg_small-no-gram", "veloxseg_small-no-teachers"]
+ABLATION = ["veloxseg_small_hr", "veloxseg_small_hr-sdkt"]
 
 
 class MonaiNet(nn.Module):
@@ -102,15 +122,30 @@ class MonaiNet(nn.Module):
         return VeloxSegOutput([logits]) if self.training else logits
 
 
-def build_network(name: str, spec: DatasetSpec, roi: tuple[int, int, int]) -> nn.Module:
-    """The network of setup ``name`` for the dataset's channels and classes, at patch size ``roi``."""
+
+
+def build_network(name: str, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
+    """The network of setup ``name`` for the dataset's channels and classes, at patch size ``config.roi``."""
     setup = SETUPS[name]
     if setup.network.startswith("veloxseg"):
-        seg, rc, sdkt = setup.loss  # build_model adds teachers only when rc or sdkt is used
-        config = TrainConfig(model=setup.network, roi=roi, seg_weight=seg, rc_weight=rc, sdkt_weight=sdkt)
-        return build_model(config, spec)
-    net = build_baseline(setup.network, len(spec.channel_names), len(spec.labels), roi)
-    return MonaiNet(net, roi, len(spec.labels))
+        return build_model(config, spec)  # the recipe's teachers, heads and dropout
+    net = build_baseline(setup.network, len(spec.channel_names), len(spec.labels), config.roi)
+    return MonaiNet(net, config.roi, len(spec.labels))
+
+
+def setup_config(name: str, base: TrainConfig, lr: float | None = None) -> TrainConfig:
+    """``base`` with setup ``name``'s network, recipe, loss and learning rate (``lr``, else the recorded one)."""
+    setup = SETUPS[name]
+    seg, rc, sdkt = setup.loss_weights()
+    network = setup.network if setup.network.startswith("veloxseg") else base.model
+    changes = dict(model=network, recipe=setup.recipe, seg_weight=seg, rc_weight=rc, sdkt_weight=sdkt)
+    return resolve(dataclasses.replace(base, **changes, lr=lr or recorded_lr(name)))
+
+
+def recorded_lr(name: str) -> float:
+    """Setup ``name``'s learning rate from ``results/learning_rates.json``, else its recipe's."""
+    recorded = json.loads(LEARNING_RATES.read_text())["setups"] if LEARNING_RATES.is_file() else {}
+    return recorded.get(name, {}).get("lr") or RECIPES[SETUPS[name].recipe].lr
 
 
 def parameters(model: nn.Module) -> tuple[int, int]:
@@ -128,55 +163,88 @@ def demo_dataset() -> Path:
     return root
 
 
+class CpuBudget:
+    """A training budget in CPU seconds of the calling thread, and the share of it spent so far."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds, self.start = 60.0 * minutes, time.thread_time()
+
+    def spent(self) -> float:
+        return min(1.0, (time.thread_time() - self.start) / self.seconds)
+
+
+def budget_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, spent: Callable[[], float]) -> LambdaLR:
+    """The trainer's schedule (linear warm-up over 5 %, cosine decay to ``min_lr``) over a budget's
+    share ``spent()`` in [0, 1] instead of over steps: a faster network gets more steps, not a longer
+    warm-up. Stepped once per optimizer step like ``build_scheduler``'s."""
+    floor = config.min_lr / config.lr
+
+    def factor(_: int) -> float:
+        t = spent()
+        if t < 0.05:
+            return max(t / 0.05, 1e-3)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * (t - 0.05) / 0.95))
+
+    return LambdaLR(optimizer, factor)
+
+
 def run(
-    name: str,
-    spec: DatasetSpec,
-    train_set: PerSampleSeeds,
-    test_set: Dataset,
-    config: TrainConfig,
-    accelerator: Accelerator,
-) -> dict[str, Any]:
-    """Train setup ``name`` for ``config.max_steps`` steps, then score it on the test set; one table row."""
-    setup = SETUPS[name]
+    name: str, spec: DatasetSpec, train_cases: Sequence[Case], eval_cases: Sequence[Case], config: TrainConfig,
+    minutes: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train setup ``name`` (``config`` from :func:`setup_config`) on ``train_cases`` for ``config.max_steps``
+    steps or ``minutes`` of CPU time, then score it on whole ``eval_cases``; one table row."""
     set_seed(config.seed)
-    model = build_network(name, spec, config.roi)
+    accelerator = Accelerator(
+        cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
+    )
+    metadata = training_metadata(config, spec, len(train_cases), len(eval_cases))  # the trainer's preprocessing
+    train_set, eval_set = build_datasets(train_cases, eval_cases, metadata, config, config.roi)
+    model = build_network(name, spec, config)
     inference_params, trained_params = parameters(model)
-    loss_fn = VeloxSegLoss(*setup.loss)
+    loss_fn = VeloxSegLoss(*SETUPS[name].loss_weights())
     optimizer = build_optimizer(model, config)
-    train_loader, test_loader = build_loaders(train_set, test_set, config)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    scheduler = build_scheduler(optimizer, config, config.max_steps)
+    train_loader, eval_loader = build_loaders(train_set, eval_set, config)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    budget = CpuBudget(minutes) if minutes else None
+    if budget is None:
+        scheduler = build_scheduler(optimizer, config, config.max_steps)
+    else:
+        scheduler = budget_scheduler(optimizer, config, budget.spent)
 
     model.train()
-    step_times, losses, start = [], [], time.perf_counter()
+    step_times, losses, start, cpu_start = [], [], time.perf_counter(), time.thread_time()
     for batch in batches(train_loader, train_set, accelerator):
         synchronize(accelerator.device)
-        step_start = time.perf_counter()
+        step_start = time.thread_time()
         terms = train_step(model, batch, loss_fn, optimizer, scheduler, accelerator)
         synchronize(accelerator.device)
-        step_times.append(time.perf_counter() - step_start)
+        step_times.append(time.thread_time() - step_start)
         losses.append(terms["loss"].item())
-        if len(losses) == config.max_steps:
+        if (budget.spent() >= 1.0) if budget else len(losses) == config.max_steps:
             break
-    train_s = time.perf_counter() - start
+    train_s, train_cpu_s = time.perf_counter() - start, time.thread_time() - cpu_start
 
     start = time.perf_counter()
     classes = class_names(spec)
-    metrics, _ = validate(accelerator.unwrap_model(model), test_loader, accelerator, config, classes)
-    test_s = time.perf_counter() - start
+    metrics, _ = validate(accelerator.unwrap_model(model), eval_loader, accelerator, config, classes)
     accelerator.free_memory()
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "model": name,
-        "loss": setup.description,
+        "loss": SETUPS[name].description,
+        "seed": config.seed,
+        "lr": config.lr,
         "dice": {c: metrics[f"val/dice_{c}"] for c in classes},
         "dice_mean": metrics["val/dice"],
         "hd95_mm": metrics["val/hd95"] if math.isfinite(metrics["val/hd95"]) else None,  # None: no case had one
         "params_m": inference_params / 1e6,
         "trained_params_m": trained_params / 1e6,
-        "step_s": statistics.median(step_times[1:] or step_times),  # the first step warms up
+        "steps": len(losses),
+        "step_s": statistics.median(step_times[1:] or step_times),  # CPU time; the first step warms up
         "train_min": train_s / 60,
-        "test_s": test_s,
+        "train_cpu_min": train_cpu_s / 60,
+        "test_s": time.perf_counter() - start,
         "final_train_loss": statistics.mean(tail),
     }
 
@@ -187,156 +255,224 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_benchmark(
-    models: list[str],
-    data: Path | None,
-    steps: int,
-    roi: Sequence[int] | None = None,
-    out: Path | None = None,
-    command: str | None = None,
-    **settings: Any,
-) -> list[dict[str, Any]]:
-    """Train and test each setup in ``models`` on the nnU-Net folder ``data``; returns the table rows.
+def load_benchmark_data(data: Path | None, test: bool = True) -> DatasetSpec:
+    """The nnU-Net folder ``data`` (None: the demo dataset), checked; with ``test``, labelled test cases too."""
+    data = demo_dataset() if data is None else data
+    spec = read_dataset(data)
+    validate_dataset(spec)
+    if test and (not spec.test or any(case.label is None for case in spec.test)):
+        raise ValueError(f"{data}: the benchmark needs test cases with labels (imagesTs and labelsTs)")
+    return spec
 
-    ``data`` None: the demo dataset. ``roi`` and ``settings`` (further ``TrainConfig`` fields: seed,
-    lr, batch_size, num_workers, cpu, ...) left out take the trainer's defaults, its demo-run ones
-    (ROI 64, learning rate) on the demo dataset. With ``out``, the results so far are written after
-    every setup (see :func:`write_results`), with ``command`` as the command that made them.
-    """
-    unknown = [m for m in models if m not in SETUPS]
-    if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(SETUPS)}")
-    config = resolve(TrainConfig(data=None if data is None else str(data), roi=roi, max_steps=steps, **settings))
+
+def base_config(data: Path | None, steps: int | None, roi: Sequence[int] | None, **settings: Any) -> TrainConfig:
+    """The settings every setup shares (the trainer's defaults, its demo-run ROI on the demo data)."""
+    config = resolve(TrainConfig(data=None if data is None else str(data), roi=roi, max_steps=steps or 100, **settings))
     if config.roi is None:
         raise ValueError("give the ROI (patch size) for a dataset other than the demo one")
     if config.threads:
         torch.set_num_threads(config.threads)
-    data = demo_dataset() if data is None else data
-    spec = read_dataset(data)
-    validate_dataset(spec)
-    if not spec.test or any(case.label is None for case in spec.test):
-        raise ValueError(f"{data}: the benchmark needs test cases with labels (imagesTs and labelsTs)")
-    accelerator = Accelerator(
-        cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
-    )
-    # Every training case (no validation split: nothing is selected on validation), test cases whole.
-    metadata = training_metadata(config, spec, len(spec.training), 0)  # the trainer's preprocessing
-    train_set, test_set = build_datasets(spec.training, spec.test, metadata, config, config.roi)
-    run_info = {
-        "data": str(data),
+    return config
+
+
+def run_info(
+    spec: DatasetSpec, config: TrainConfig, minutes: float | None, command: str | None, seeds: Sequence[int]
+) -> dict[str, Any]:
+    """How a benchmark run was made, for its results."""
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    return {
+        "data": str(spec.root),
         "train_cases": len(spec.training),
         "test_cases": len(spec.test),
-        "steps": steps,
+        "budget": f"{minutes:g} CPU minutes" if minutes else f"{config.max_steps} steps",
+        "minutes": minutes,
+        "steps": None if minutes else config.max_steps,
         "roi": list(config.roi),
         "batch_size": config.batch_size,
-        "optimizer": f"AdamW (peak lr {config.lr}, weight decay {config.weight_decay}), linear warm-up over "
-        f"{'5 % of the' if config.warmup_steps is None else config.warmup_steps} steps, "
-        f"cosine decay to {config.min_lr}",
-        "seed": config.seed,
-        "device": torch.cuda.get_device_name(accelerator.device)
-        if accelerator.device.type == "cuda"
-        else f"CPU, {os.cpu_count()} cores",
+        "optimizer": f"AdamW (weight decay {config.weight_decay}), linear warm-up over 5 % of the budget, cosine "
+        f"decay to {config.min_lr}; peak lr per setup (column lr)",
+        "seeds": list(seeds),
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
         "load_average_start": os.getloadavg()[0],
         "command": command,
     }
+
+
+def run_benchmark(
+    models: list[str],
+    data: Path | None,
+    steps: int | None = None,
+    roi: Sequence[int] | None = None,
+    out: Path | None = None,
+    command: str | None = None,
+    minutes: float | None = None,
+    seeds: Sequence[int] = (0,),
+    lr: float | None = None,
+    **settings: Any,
+) -> list[dict[str, Any]]:
+    """Train every setup in ``models`` for each seed on the training cases of the nnU-Net folder
+    ``data`` and score it on its test cases; returns the rows (one per setup and seed).
+
+    ``data`` None: the demo dataset. The budget is ``minutes`` of CPU time, else ``steps`` (default
+    100). ``lr`` None: each setup's recorded rate. ``roi`` and ``settings`` (further ``TrainConfig``
+    fields: batch_size, num_workers, cpu, ...) left out take the trainer's defaults. With ``out``,
+    the results so far are written after every run (see :func:`write_results`).
+    """
+    unknown = [m for m in models if m not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(SETUPS)}")
+    base = base_config(data, steps, roi, **settings)
+    spec = load_benchmark_data(data)
+    info = run_info(spec, base, minutes, command, seeds)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    for name in models:
-        rows.append(run(name, spec, train_set, test_set, config, accelerator))
-        row = rows[-1]
-        print(f"{name}: Dice {row['dice_mean']:.3f}, HD95 {row['hd95_mm']} mm, {row['step_s']:.2f} s/step", flush=True)
-        if out is not None:
-            run_info.update(wall_min=(time.perf_counter() - start) / 60, load_average_end=os.getloadavg()[0])
-            write_results(rows, run_info, out)
+    for seed in seeds:
+        for name in models:
+            config = setup_config(name, dataclasses.replace(base, seed=seed), lr)
+            rows.append(run(name, spec, spec.training, spec.test, config, minutes))
+            row = rows[-1]
+            print(f"{name} seed {seed}: Dice {row['dice_mean']:.3f} after {row['steps']} steps "
+                  f"({row['step_s']:.3f} CPU s/step)", flush=True)  # fmt: skip
+            if out is not None:
+                info.update(wall_min=(time.perf_counter() - start) / 60, load_average_end=os.getloadavg()[0])
+                write_results(rows, info, out)
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The rows as the lines of a markdown table."""
-    classes = list(rows[0]["dice"])
-    header = ["model", "loss", *(f"Dice {c}" for c in classes), "Dice mean", "HD95 (mm)", "params (M)",
-              "trained params (M)", "s / step", "train (min)"]  # fmt: skip
+def search_learning_rates(
+    models: list[str], datasets: Sequence[Path | None], minutes: float | None, steps: int | None,
+    roi: Sequence[int] | None = None, grid: Sequence[float] = LR_GRID, record_path: Path = LEARNING_RATES,
+    **settings: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """For each setup, train at every rate of ``grid`` on the training part of a validation split of each
+    dataset and score on its validation part; record the rate of the best mean validation Dice in
+    ``record_path`` (setups of the paper's recipe keep the paper's rate). Returns the record."""
+    for name in models:
+        if SETUPS[name].recipe == "paper":
+            continue
+        scores: dict[str, dict[str, float]] = {}
+        for data in datasets:
+            base = base_config(data, steps, roi, **settings)
+            spec = load_benchmark_data(data, test=False)
+            train_cases, val_cases = split_cases(spec, base.val_fraction, base.seed, base.fold)
+            for lr in grid:
+                row = run(name, spec, train_cases, val_cases, setup_config(name, base, lr), minutes)
+                scores.setdefault(f"{lr:g}", {})[spec.root.name] = row["dice_mean"]
+                print(f"{name} lr {lr:g} on {spec.root.name}: validation Dice {row['dice_mean']:.3f}", flush=True)
+        best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
+        budget = f"{minutes:g} CPU minutes" if minutes else f"{steps or 100} steps"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}  # another search's
+        record["setups"][name] = {"lr": float(best), "validation_dice": scores, "budget": budget}
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setup, in first-run order: mean, min and max of test Dice over its seeds."""
+    result = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        runs = [r for r in rows if r["model"] == name]
+        dice = [r["dice_mean"] for r in runs]
+        result.append({
+            "model": name, "loss": runs[0]["loss"], "lr": runs[0]["lr"], "seeds": len(runs),
+            "dice_mean": statistics.mean(dice), "dice_min": min(dice), "dice_max": max(dice),
+            "steps": statistics.mean(r["steps"] for r in runs), "step_s": statistics.median(r["step_s"] for r in runs),
+            "params_m": runs[0]["params_m"],
+        })  # fmt: skip
+    return result
+
+
+def table_lines(header: list[str], body: list[list[Any]]) -> list[str]:
+    """A markdown table's lines."""
 
     def line(cells: list[Any]) -> str:
         return "| " + " | ".join(str(c) for c in cells) + " |"
 
+    return [line(header), line(["---"] * len(header)), *(line(cells) for cells in body)]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-seed rows as the lines of a markdown table."""
+    classes = list(rows[0]["dice"])
+    header = ["model", "recipe / loss", "seed", "lr", *(f"Dice {c}" for c in classes), "Dice mean", "HD95 (mm)",
+              "steps", "CPU s / step", "params (M)", "trained params (M)"]  # fmt: skip
     body = [
-        line([r["model"], r["loss"], *(f"{r['dice'][c]:.3f}" for c in classes), f"{r['dice_mean']:.3f}",
-              "n/a" if r["hd95_mm"] is None else f"{r['hd95_mm']:.1f}", f"{r['params_m']:.2f}",
-              f"{r['trained_params_m']:.2f}", f"{r['step_s']:.2f}", f"{r['train_min']:.1f}"])  # fmt: skip
+        [r["model"], r["loss"], r["seed"], f"{r['lr']:g}", *(f"{r['dice'][c]:.3f}" for c in classes),
+         f"{r['dice_mean']:.3f}", "n/a" if r["hd95_mm"] is None else f"{r['hd95_mm']:.1f}", r["steps"],
+         f"{r['step_s']:.3f}", f"{r['params_m']:.2f}", f"{r['trained_params_m']:.2f}"]
         for r in rows
-    ]
-    return [line(header), line(["---"] * len(header)), *body]
+    ]  # fmt: skip
+    return table_lines(header, body)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-setup summary (mean and min-max over seeds) as markdown lines."""
+    header = ["model", "recipe / loss", "lr", "seeds", "test Dice mean", "min - max", "steps (mean)",
+              "CPU s / step", "params (M)"]  # fmt: skip
+    body = [
+        [r["model"], r["loss"], f"{r['lr']:g}", r["seeds"], f"**{r['dice_mean']:.3f}**",
+         f"{r['dice_min']:.3f} - {r['dice_max']:.3f}", f"{r['steps']:.0f}", f"{r['step_s']:.3f}", f"{r['params_m']:.2f}"]
+        for r in summary(rows)
+    ]  # fmt: skip
+    return table_lines(header, body)
 
 
 def markdown(rows: list[dict[str, Any]], run_info: dict[str, Any]) -> str:
-    """The results as a markdown page: how they were made, the table, the ablation, caveats."""
+    """The results as a markdown page: how they were made, the summary and per-seed tables, caveats."""
     info = run_info
     lines = [
-        "# Accuracy benchmark: VeloxSeg vs MONAI networks, and the SDKT ablation",
+        f"# Accuracy: {Path(info['data']).name}",
         "",
         "```",
         info["command"] or "(not run from the command line)",
         "```",
         "",
-        f"Data: `{Path(info['data']).name}`, {info['train_cases']} training cases, {info['test_cases']} test cases "
-        f"(whole volumes, sliding-window inference). Every model: {info['steps']} steps of batch {info['batch_size']} "
-        f"patches of {'x'.join(map(str, info['roi']))}, {info['optimizer']}, seed {info['seed']}. "
+        (f"Data: `{Path(info['data']).name}`, {info['train_cases']} training cases, {info['test_cases']} test cases "
+        f"(whole volumes, sliding-window inference). Every setup: {info['budget']} of batch {info['batch_size']} "
+        f"patches of {'x'.join(map(str, info['roi']))}, {info['optimizer']}; seeds {info['seeds']}. "
         f"Device: {info['device']} (torch threads: {info['torch_threads']}), load average "
         f"{info['load_average_start']:.1f} at the start and {info['load_average_end']:.1f} at the end; "
-        f"wall time {info['wall_min']:.0f} min.",
+        f"wall time {info['wall_min']:.0f} min."),
+        "",
+        "## Mean over seeds",
+        "",
+        *summary_table(rows),
+        "",
+        "## Every run",
         "",
         *markdown_table(rows),
         "",
-    ]
-    ablation = [r for r in rows if r["model"] in ABLATION]
-    if len(ablation) > 1:
-        lines += ["## SDKT ablation (VeloxSeg small)", "", *markdown_table(ablation), ""]
-    lines += [
-        "## How to read this",
-        "",
-        "* This is a small training budget on synthetic data, one seed and few test cases: the networks are "
-        "far from converged, and the ranking says which one learns fastest per step under this budget, not "
-        "which one is best when trained to convergence on real PET/CT. Differences of a few Dice points are "
-        "within what another seed would change.",
-        "* Every network uses the trainer's optimiser settings (VeloxSeg's); they were not tuned per network.",
-        "* HD95 is the mean over test cases where prediction and label are both non-empty (a case with an "
-        "empty prediction is left out of it, and lowers Dice instead).",
-        "* Params: used at inference (VeloxSeg's teachers and deep-supervision heads only train); trained params "
-        "include them. s / step: median compute time of one training step (no data loading) on this device "
-        "and load, with VeloxSeg's teachers where its loss uses them; see `speed.py` for speed.",
+        "* HD95 is the mean over test cases where prediction and label are both non-empty.",
+        ("* CPU s / step: median CPU time of the training thread per step (forward, backward, optimiser; data "
+         "loading runs in the same thread unless there are loader workers); see `speed.py` for speed."),
         "",
     ]
     return "\n".join(lines)
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Bar charts of test Dice per class (and mean, when there are several classes) per model, one
-    panel per run (``{title: rows}``)."""
+    """Bar charts of mean test Dice per setup with min-max error bars over seeds, one panel per run
+    (``{title: rows}``)."""
     from matplotlib.figure import Figure
 
-    width_models = max(len(rows) for rows in runs.values())
+    width_models = max(len(summary(rows)) for rows in runs.values())
     fig = Figure(figsize=(1.2 * width_models + 2, 4.5 * len(runs)), layout="constrained")
     for ax, (title, rows) in zip(fig.subplots(len(runs), 1, squeeze=False)[:, 0], runs.items()):
-        classes = list(rows[0]["dice"])
-        series = {c: [r["dice"][c] for r in rows] for c in classes}
-        if len(classes) > 1:
-            series["mean"] = [r["dice_mean"] for r in rows]
-        width = 0.8 / len(series)
-        for i, (label, values) in enumerate(series.items()):
-            positions = [x + (i - (len(series) - 1) / 2) * width for x in range(len(rows))]
-            bars = ax.bar(positions, values, width, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.set_xticks(range(len(rows)), [r["model"].replace("-", "\n", 1) for r in rows], fontsize=8)
-        ax.set(ylabel="test Dice", ylim=(0, 1), title=title)
-        ax.legend()
+        table = summary(rows)
+        means = [r["dice_mean"] for r in table]
+        errors = [[m - r["dice_min"] for m, r in zip(means, table)], [r["dice_max"] - m for m, r in zip(means, table)]]
+        bars = ax.bar(range(len(table)), means, 0.7, yerr=errors, capsize=3)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_xticks(range(len(table)), [r["model"].replace("-", "\n", 1) for r in table], fontsize=8)
+        ax.set(ylabel="test Dice (mean of classes)", ylim=(0, 1), title=title)
     save_figure(fig, path)
 
 
 def run_title(run_info: dict[str, Any]) -> str:
-    """A chart title naming the run's steps and device."""
-    return f"Test Dice after {run_info['steps']} steps ({run_info['device']})"
+    """A chart title naming the data, the budget and the device."""
+    return f"{Path(run_info['data']).name}: test Dice after {run_info['budget']} ({run_info['device']})"
 
 
 def write_results(rows: list[dict[str, Any]], run_info: dict[str, Any], out: Path) -> None:
@@ -351,21 +487,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS), metavar="MODEL",
                         help=f"setups to run (default: all of {', '.join(SETUPS)})")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=100, help="training steps of every model (default: %(default)s)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="CPU minutes of training per setup (thread time)")
+    budget.add_argument("--steps", type=int, help="training steps per setup (default 100 without --minutes)")
     parser.add_argument("--roi", type=int, nargs="+", help="patch size, 1 or 3 ints (default: 64 on the demo data)")
-    parser.add_argument("--data", type=Path, help="nnU-Net v2 raw folder with labelled imagesTs (default: demo data)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "accuracy", help="output path without suffix")
+    parser.add_argument("--data", type=Path, nargs="+", default=[None], metavar="DIR",
+                        help="nnU-Net v2 raw folder(s) with labelled imagesTs (default: the demo data)")  # fmt: skip
+    parser.add_argument("--out", type=Path, help="output path without suffix (default: results/accuracy[-DATA])")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: the trainer's, for the data)")
+    parser.add_argument("--lr", type=float, help="peak learning rate of every setup (default: each setup's recorded)")
+    parser.add_argument("--search-lr", action="store_true",
+                        help=f"choose each setup's rate from {list(LR_GRID)} on validation splits and record it")
     parser.add_argument("--workers", type=int, help="data loading processes (default: the trainer's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
-    run_benchmark(
-        args.models, args.data, args.steps, args.roi, out=args.out, command=command, seed=args.seed, lr=args.lr,
-        batch_size=args.batch_size, num_workers=args.workers, cpu=args.cpu,
-    )  # fmt: skip
+    settings = {"batch_size": args.batch_size, "num_workers": args.workers, "cpu": args.cpu}
+    if args.search_lr:
+        search_learning_rates(args.models, args.data, args.minutes, args.steps, args.roi, **settings)
+        return
+    for data in args.data:
+        out = args.out or HERE / "results" / ("accuracy" if data is None else f"accuracy-{data.name}")
+        run_benchmark(
+            args.models, data, args.steps, args.roi, out=out, command=command, minutes=args.minutes,
+            seeds=args.seeds, lr=args.lr, **settings,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,39 +1,90 @@
-"""Smoke test of benchmarks/accuracy.py: two training steps and test-set scoring on a tiny demo dataset."""
+"""Smoke tests of benchmarks/accuracy.py: a few training steps or a CPU budget, test-set scoring, and the
+learning-rate search on a validation split."""
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_accuracy_benchmark_rows(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def accuracy():  # noqa: ANN201 - the benchmark script as a module
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import accuracy
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return accuracy
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from veloxseg.data.demo import make_demo_dataset
 
-    data = make_demo_dataset(tmp_path / "data", num_train=4, num_test=2, shape=(32, 32, 32))
-    # VeloxSeg needs 64 voxels on some axis: the 32^3 volumes are padded to the ROI.
-    models = ["UNet", "veloxseg_tiny"]
-    out = tmp_path / "results" / "accuracy"
-    rows = accuracy.run_benchmark(models, data, steps=2, roi=(64, 32, 32), out=out, command="pytest", cpu=True)
+    return make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=5, num_test=2, shape=(32, 32, 32))
 
-    assert [r["model"] for r in rows] == models
+
+def test_accuracy_benchmark_rows(accuracy, data: Path, tmp_path: Path) -> None:
+    # VeloxSeg needs 64 voxels on some axis: the 32^3 volumes are padded to the ROI.
+    models = ["UNet", "veloxseg_small_hr", "veloxseg_small-paper"]
+    out = tmp_path / "results" / "accuracy"
+    rows = accuracy.run_benchmark(
+        models, data, steps=2, roi=(64, 32, 32), out=out, command="pytest", cpu=True, seeds=(0, 1)
+    )
+    assert [r["model"] for r in rows] == models * 2 and [r["seed"] for r in rows] == [0, 0, 0, 1, 1, 1]
     for row in rows:
-        assert list(row["dice"]) == ["lesion"]
+        assert list(row["dice"]) == ["lesion"] and row["steps"] == 2
         assert 0.0 <= row["dice"]["lesion"] <= 1.0 and 0.0 <= row["dice_mean"] <= 1.0
-        assert row["hd95_mm"] is None or row["hd95_mm"] >= 0.0
         assert row["params_m"] <= row["trained_params_m"] and row["step_s"] > 0.0
-    velox = rows[1]
-    assert velox["params_m"] < velox["trained_params_m"]  # teachers and aux heads only train
+    default, paper = rows[1], rows[2]
+    assert default["params_m"] == default["trained_params_m"]  # default recipe: no teachers, one head
+    assert paper["params_m"] < paper["trained_params_m"] and paper["lr"] == 2.5e-4  # teachers, 4 heads
 
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["rows"] == rows and saved["run"]["steps"] == 2 and saved["run"]["test_cases"] == 2
-    table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    assert header[:5] == ["model", "loss", "Dice lesion", "Dice mean", "HD95 (mm)"]
-    assert [line.split("|")[1].strip() for line in table[2:]] == models
+    summary = [line for line in out.with_suffix(".md").read_text().split("## Every run")[0].splitlines()
+               if line.startswith("| ")]  # fmt: skip
+    assert [line.split("|")[1].strip() for line in summary[2:]] == models
+    mean = float(summary[2].split("|")[5].strip(" *"))
+    assert mean == pytest.approx((rows[0]["dice_mean"] + rows[3]["dice_mean"]) / 2, abs=1e-3)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_cpu_budget_stops_training_and_schedules_over_it(accuracy, data: Path) -> None:
+    import torch
+
+    rows = accuracy.run_benchmark(["UNet"], data, roi=(32, 32, 32), minutes=0.05, cpu=True)
+    assert rows[0]["steps"] >= 1 and rows[0]["train_cpu_min"] == pytest.approx(0.05, abs=0.05)
+    spent = iter([0.0, 0.025, 0.05, 0.5, 1.0])
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    config = accuracy.TrainConfig(lr=1.0, min_lr=0.01)
+    scheduler = accuracy.budget_scheduler(optimizer, config, lambda: next(spent))
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs[1] == pytest.approx(0.5) and lrs[2] == pytest.approx(1.0) and lrs[4] == pytest.approx(0.01)
+    assert 0.01 < lrs[3] < 1.0
+
+
+def test_search_records_the_best_rate_on_validation(accuracy, data: Path, tmp_path: Path, monkeypatch) -> None:
+    seen = []
+
+    def fake_run(name, spec, train_cases, eval_cases, config, minutes=None):  # noqa: ANN001, ANN202
+        seen.append(({c.case_id for c in train_cases}, {c.case_id for c in eval_cases}))
+        return {"dice_mean": 1.0 - abs(config.lr - 4e-3)}  # best at 4e-3
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    record_path = tmp_path / "learning_rates.json"
+    accuracy.search_learning_rates(["UNet", "veloxseg_small-paper"], [data], None, 2, roi=(64, 32, 32),
+                                   record_path=record_path, cpu=True)  # fmt: skip
+    record = json.loads(record_path.read_text())["setups"]
+    assert record["UNet"]["lr"] == 4e-3 and set(record["UNet"]["validation_dice"]) == {"0.002", "0.004", "0.008", "0.016"}
+    assert "veloxseg_small-paper" not in record  # the paper's rate is the paper's
+    test_ids = {c.case_id for c in accuracy.read_dataset(data).test}
+    for train_ids, eval_ids in seen:
+        assert eval_ids and not train_ids & eval_ids and not eval_ids & test_ids  # never the test set

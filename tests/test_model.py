@@ -62,7 +62,7 @@ def test_paper_parameter_counts():
 
 
 def test_timm_registry():
-    assert set(timm.list_models("veloxseg*")) == {"veloxseg_tiny", "veloxseg_small", "veloxseg_base"}
+    assert set(timm.list_models("veloxseg*")) == {"veloxseg_tiny", "veloxseg_small", "veloxseg_base", "veloxseg_small_hr"}
     assert veloxseg.list_models("*tiny") == ["veloxseg_tiny"]
     model = timm.create_model("veloxseg_tiny", in_ch=[4], n_classes=4, **SMALL_ROI)
     assert isinstance(model, veloxseg.VeloxSeg) and model.config.in_ch == (4,)

@@ -22,6 +22,7 @@ import veloxseg
 import veloxseg.hub
 import veloxseg.training.data
 from veloxseg.training import (
+    RECIPES,
     TrainConfig,
     TrainResult,
     build_model,
@@ -204,6 +205,27 @@ def test_train_step_steps_once_per_gradient_accumulation() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_recipes_set_the_loss_the_model_parts_and_the_learning_rate(demo_data: Path) -> None:
+    from veloxseg.data.datasets import read_dataset
+
+    spec = read_dataset(demo_data)
+    default = resolve(TrainConfig(data=str(demo_data), roi=64))
+    assert default.model == "veloxseg_small_hr" and default.lr == RECIPES["default"].lr
+    assert (default.seg_weight, default.rc_weight, default.sdkt_weight) == (1.0, 0.0, 0.0)
+    model = build_model(default, spec)
+    assert model.teachers is None and model.decoder.aux_heads is None
+    assert model.config.attn_drop == model.config.proj_drop == model.config.conv_drop == 0.0
+
+    paper = resolve(TrainConfig(data=str(demo_data), roi=64, recipe="paper", model="veloxseg_small"))
+    assert paper.lr == 2.5e-4 and (paper.seg_weight, paper.rc_weight, paper.sdkt_weight) == (1.0, 0.5, 2.0)
+    model = build_model(paper, spec)
+    assert model.teachers is not None and model.decoder.aux_heads is not None and model.config.conv_drop == 0.1
+    # one flag still overrides one setting of a recipe
+    assert resolve(TrainConfig(data=str(demo_data), roi=64, sdkt_weight=1.0)).sdkt_weight == 1.0
+    with pytest.raises(ValueError, match="unknown recipe 'papr'"):
+        resolve(TrainConfig(data=str(demo_data), recipe="papr"))
+
+
 # Whole runs
 
 
@@ -218,11 +240,11 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) ->
     assert any(not torch.equal(first[k], last[k]) for k in first if k.startswith("teachers."))
     assert "val/dice" not in records(pretrain)[-1]
 
-    # segment from the pretrained teachers, one-way distillation, bf16 autocast on the CPU
+    # segment with the paper's recipe from the pretrained teachers, one-way distillation, bf16 autocast on the CPU
     segment = tmp_path / "segment"
     result = run(
         data=str(demo_data), output_dir=str(segment), model=f"local-dir:{pretrain}", pretrained=True,
-        one_way_sdkt=True, max_steps=2, mixed_precision="bf16", command="python examples/train.py --test",
+        recipe="paper", one_way_sdkt=True, max_steps=2, mixed_precision="bf16", command="python examples/train.py --test",
     )  # fmt: skip
     assert result.step == 2 and 0.0 <= result.metrics["val/dice"] <= 1.0
     assert {"val/dice", "val/dice_lesion", "val/hd95"} <= set(records(segment)[-1])

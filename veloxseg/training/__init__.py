@@ -5,13 +5,15 @@ returns the final validation metrics; ``examples/train.py`` is its command line.
 
 * ``pretrain``: the teachers learn to reconstruct each modality group (L_rc), optionally from a
   masked input; encoder and teachers train, labels are not used.
-* ``segment``: the paper's objective L = L_seg + 0.5 L_rc + 2.0 L_sdkt (:mod:`veloxseg.losses`).
+* ``segment``: the recipe's objective (:mod:`.recipe`): by default L_seg alone on the full-resolution
+  head; with ``recipe="paper"`` the paper's L_seg + 0.5 L_rc + 2.0 L_sdkt (:mod:`veloxseg.losses`).
 * ``finetune``: the same objective from pretrained weights adapted to the dataset's channels and
   classes (``create_model(..., pretrained=True, in_ch=..., n_classes=...)``).
 
 The parts, in the order ``train()`` (:mod:`.loop`) uses them:
 
 * :mod:`.config`: :class:`TrainConfig`, its command-line flags and :func:`resolve` (defaults, checks);
+* :mod:`.recipe`: the ``default`` and ``paper`` recipes (loss weights, deep supervision, dropout, lr);
 * :mod:`.data`: the dataset, its metadata (the preprocessing saved with the model), datasets, loaders;
 * :mod:`.build`: Accelerator, model, optimiser and learning-rate schedule;
 * :mod:`.step`: :func:`train_step`, one forward, loss, backward and optimiser step;
@@ -30,7 +32,7 @@ The output folder:
 """
 
 from .build import build_model, build_optimizer, build_scheduler, scaled_windows
-from .config import STAGE_LOSS_WEIGHTS, STAGES, TrainConfig, add_train_arguments, config_from_args, resolve
+from .config import STAGES, TrainConfig, add_train_arguments, config_from_args, resolve
 from .data import (
     PerSampleSeeds,
     batches,
@@ -41,12 +43,14 @@ from .data import (
     training_metadata,
 )
 from .loop import TrainResult, train
+from .recipe import RECIPES, Recipe
 from .step import train_step
 from .validate import validate
 
 __all__ = [
+    "RECIPES",
     "STAGES",
-    "STAGE_LOSS_WEIGHTS",
+    "Recipe",
     "PerSampleSeeds",
     "TrainConfig",
     "TrainResult",

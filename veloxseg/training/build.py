@@ -14,6 +14,7 @@ from ..data.datasets import DatasetSpec
 from ..model import VeloxSeg
 from ..registry import create_model
 from .config import TrainConfig
+from .recipe import RECIPES
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -32,13 +33,14 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
-    """The model for the dataset: one modality group per channel, one class per label, and teachers
-    only when a loss uses them. A ``roi`` other than the model's scales its attention windows. Pretraining
-    (no L_seg) freezes the student decoder, which learns from L_seg only."""
+    """The model for the dataset: one modality group per channel, one class per label, teachers only
+    when a loss uses them, and the recipe's deep supervision and dropout. A ``roi`` other than the
+    model's scales its attention windows. Pretraining (no L_seg) freezes the student decoder, which
+    learns from L_seg only."""
     overrides: dict[str, Any] = {
         "in_ch": [1] * len(spec.channel_names),
         "n_classes": len(spec.labels),
-        "teachers": bool(config.rc_weight or config.sdkt_weight),
+        **RECIPES[config.recipe].model_overrides(teachers=bool(config.rc_weight or config.sdkt_weight)),
         **roi_overrides(config),
     }
     model = create_model(config.model, pretrained=config.pretrained, **overrides)
