@@ -71,7 +71,7 @@ from veloxseg.training.metrics import save_figure
 
 HERE = Path(__file__).resolve().parent
 LEARNING_RATES = HERE / "results" / "learning_rates.json"
-LR_GRID = (2e-3, 4e-3, 8e-3, 1.6e-2)
+LR_GRID = (2e-3, 4e-3, 8e-3)
 SDKT_LOSS = (1.0, 0.5, 2.0)  # the paper's L_seg + 0.5 L_rc + 2 L_sdkt
 
 
@@ -217,7 +217,7 @@ def run(
     for batch in batches(train_loader, train_set, accelerator):
         synchronize(accelerator.device)
         step_start = time.thread_time()
-        terms = train_step(model, batch, loss_fn, optimizer, scheduler, accelerator)
+        terms = train_step(model, batch, loss_fn, optimizer, scheduler, accelerator, max_grad_norm=config.max_grad_norm)
         synchronize(accelerator.device)
         step_times.append(time.thread_time() - step_start)
         losses.append(terms["loss"].item())

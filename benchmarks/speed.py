@@ -29,7 +29,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VELOXSEG = ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"]
+VELOXSEG = ["veloxseg_tiny", "veloxseg_small", "veloxseg_base", "veloxseg_small_hr"]
 OPTIMIZED = "veloxseg_small+optimize"  # veloxseg.optimize(veloxseg_small): compiled once per worker
 MONAI = ["SegResNet", "UNet", "UNETR", "DynUNet", "MedNeXt-S", "SwinUNETR"]
 

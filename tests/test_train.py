@@ -212,18 +212,48 @@ def test_recipes_set_the_loss_the_model_parts_and_the_learning_rate(demo_data: P
     default = resolve(TrainConfig(data=str(demo_data), roi=64))
     assert default.model == "veloxseg_small_hr" and default.lr == RECIPES["default"].lr
     assert (default.seg_weight, default.rc_weight, default.sdkt_weight) == (1.0, 0.0, 0.0)
+    assert default.max_grad_norm == 1.0
     model = build_model(default, spec)
     assert model.teachers is None and model.decoder.aux_heads is None
     assert model.config.attn_drop == model.config.proj_drop == model.config.conv_drop == 0.0
 
     paper = resolve(TrainConfig(data=str(demo_data), roi=64, recipe="paper", model="veloxseg_small"))
     assert paper.lr == 2.5e-4 and (paper.seg_weight, paper.rc_weight, paper.sdkt_weight) == (1.0, 0.5, 2.0)
+    assert paper.max_grad_norm is None
     model = build_model(paper, spec)
     assert model.teachers is not None and model.decoder.aux_heads is not None and model.config.conv_drop == 0.1
     # one flag still overrides one setting of a recipe
     assert resolve(TrainConfig(data=str(demo_data), roi=64, sdkt_weight=1.0)).sdkt_weight == 1.0
     with pytest.raises(ValueError, match="unknown recipe 'papr'"):
         resolve(TrainConfig(data=str(demo_data), recipe="papr"))
+
+
+class NormRecordingSGD(torch.optim.SGD):
+    """SGD that records the global gradient norm it steps with (train_step zeroes the gradients after)."""
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"]]
+        self.norm = torch.linalg.vector_norm(torch.cat(grads))
+        return super().step(closure)
+
+
+class PlainSegmenter(torch.nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> VeloxSegOutput:
+        return VeloxSegOutput([super().forward(x)])
+
+
+def test_train_step_clips_the_gradient_norm() -> None:
+    accelerator = Accelerator(cpu=True)
+    batch = {"image": torch.randn(1, 1, 4, 4, 4) * 10, "label": (torch.rand(1, 1, 4, 4, 4) > 0.5).float()}
+    norms = {}
+    for max_norm in (None, 0.01):
+        torch.manual_seed(0)
+        model = PlainSegmenter(1, 2, 1)
+        optimizer = NormRecordingSGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        train_step(model, batch, VeloxSegLoss(1.0, 0.0, 0.0), optimizer, scheduler, accelerator, max_grad_norm=max_norm)
+        norms[max_norm] = optimizer.norm
+    assert norms[None] > 0.01 and norms[0.01] == pytest.approx(0.01, rel=1e-3)
 
 
 # Whole runs

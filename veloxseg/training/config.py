@@ -96,6 +96,9 @@ class TrainConfig:
     )
     min_lr: float = option(6e-6, "learning rate at the end of the cosine decay")
     weight_decay: float = option(0.01, "AdamW weight decay")
+    max_grad_norm: float | None = option(
+        None, "clip the gradients to this global norm; default the recipe's (1 or none), 0: no clipping", type=float
+    )
     warmup_steps: int | None = option(None, "linear warm-up steps; default 5%% of the steps", type=int)
     # Objective
     seg_weight: float | None = option(
@@ -214,6 +217,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         crops_per_volume=crops,
         spacing=spacing,
         lr=config.lr or recipe.lr,
+        max_grad_norm=recipe.max_grad_norm if config.max_grad_norm is None else config.max_grad_norm,
         seg_weight=seg,
         rc_weight=rc,
         sdkt_weight=sdkt,

@@ -22,6 +22,7 @@ class Recipe:
     deep_supervision: bool
     dropout: float | None  # attention, projection and conv dropout; None keeps the model's own
     lr: float
+    max_grad_norm: float | None  # gradient clipping; None: none
 
     def model_overrides(self, teachers: bool) -> dict[str, Any]:
         """Config fields the recipe sets on the model (``teachers``: whether a loss term needs them)."""
@@ -38,11 +39,13 @@ RECIPES: dict[str, Recipe] = {
         deep_supervision=False,
         dropout=0.0,
         lr=4e-3,  # chosen on validation splits of two tasks: benchmarks/results/learning_rates.json
+        max_grad_norm=1.0,
     ),
     "paper": Recipe(
         loss_weights={"pretrain": (0.0, 1.0, 0.0), "segment": (1.0, 0.5, 2.0), "finetune": (1.0, 0.5, 2.0)},
         deep_supervision=True,
         dropout=None,
         lr=PAPER_LR,
+        max_grad_norm=None,
     ),
 }

@@ -30,13 +30,15 @@ def train_step(
     accelerator: Accelerator,
     mask_ratio: float = 0.0,
     mask_patch: int = 8,
+    max_grad_norm: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train ``model`` (prepared by ``accelerator``) on one batch and return the loss terms ("loss",
     and "seg", "rc", "sdkt" as the loss uses them; detached scalars).
 
     batch: ``image`` (B, C, *roi) and ``label`` (B, 1, *roi); the label is not used when the loss has
     no L_seg (pretraining). With ``mask_ratio`` the model sees the image with that share of its
-    ``mask_patch``^3 cubes zeroed and reconstructs the whole. Under gradient accumulation the optimiser
+    ``mask_patch``^3 cubes zeroed and reconstructs the whole. With ``max_grad_norm`` the gradients are
+    clipped to that global norm before the optimiser step. Under gradient accumulation the optimiser
     and the schedule step only when ``accelerator.sync_gradients`` (the last batch of an accumulation).
     """
     image, label = plain(batch["image"]), plain(batch["label"])
@@ -44,6 +46,8 @@ def train_step(
         inputs = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
         terms = loss_fn(model(inputs), image, label if loss_fn.seg_weight else None)
         accelerator.backward(terms["loss"])
+        if max_grad_norm and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
     if accelerator.sync_gradients:
