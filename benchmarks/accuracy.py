@@ -413,7 +413,8 @@ def summary_table(rows: list[dict[str, Any]]) -> list[str]:
               "CPU s / step", "params (M)"]  # fmt: skip
     body = [
         [r["model"], r["loss"], f"{r['lr']:g}", r["seeds"], f"**{r['dice_mean']:.3f}**",
-         f"{r['dice_min']:.3f} - {r['dice_max']:.3f}", f"{r['steps']:.0f}", f"{r['step_s']:.3f}", f"{r['params_m']:.2f}"]
+         f"{r['dice_min']:.3f} - {r['dice_max']:.3f}", f"{r['steps']:.0f}", f"{r['step_s']:.3f}",
+         f"{r['params_m']:.2f}"]
         for r in summary(rows)
     ]  # fmt: skip
     return table_lines(header, body)

@@ -274,7 +274,8 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) ->
     segment = tmp_path / "segment"
     result = run(
         data=str(demo_data), output_dir=str(segment), model=f"local-dir:{pretrain}", pretrained=True,
-        recipe="paper", one_way_sdkt=True, max_steps=2, mixed_precision="bf16", command="python examples/train.py --test",
+        recipe="paper", one_way_sdkt=True, max_steps=2, mixed_precision="bf16",
+        command="python examples/train.py --test",
     )  # fmt: skip
     assert result.step == 2 and 0.0 <= result.metrics["val/dice"] <= 1.0
     assert {"val/dice", "val/dice_lesion", "val/hd95"} <= set(records(segment)[-1])
