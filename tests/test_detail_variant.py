@@ -59,6 +59,6 @@ def test_adaptation_fits_the_detail_path(change: dict) -> None:
 def test_registered_and_recorded_as_its_own_variant() -> None:
     assert "veloxseg_small_hr" in veloxseg.list_models()
     model = veloxseg.create_model("veloxseg_small_hr")
-    assert model.config.detail_ch == 16
+    assert model.config.detail_ch == 8
     with pytest.raises(ValueError, match="detail_ch"):
         veloxseg.create_model("veloxseg_small", detail_ch=-1)

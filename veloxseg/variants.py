@@ -23,7 +23,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     ),
     # Not in the paper: small plus a half-resolution detail path (layers/detail.py), the recommended
     # variant (benchmarks/results/accuracy.md: it learns sub-patch detail that small cannot).
-    "veloxseg_small_hr": dict(detail_ch=16),
+    "veloxseg_small_hr": dict(detail_ch=8),
 }
 
 
