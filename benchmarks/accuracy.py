@@ -143,9 +143,12 @@ def setup_config(name: str, base: TrainConfig, lr: float | None = None) -> Train
 
 
 def recorded_lr(name: str) -> float:
-    """Setup ``name``'s learning rate from ``results/learning_rates.json``, else its recipe's."""
+    """Setup ``name``'s learning rate from ``results/learning_rates.json``; a default-recipe ablation
+    (``veloxseg_small_hr-sdkt``) takes its network's; else the recipe's."""
     recorded = json.loads(LEARNING_RATES.read_text())["setups"] if LEARNING_RATES.is_file() else {}
-    return recorded.get(name, {}).get("lr") or RECIPES[SETUPS[name].recipe].lr
+    setup = SETUPS[name]
+    own = recorded.get(name) or (recorded.get(setup.network) if setup.recipe == "default" else None)
+    return own["lr"] if own else RECIPES[setup.recipe].lr
 
 
 def parameters(model: nn.Module) -> tuple[int, int]:
