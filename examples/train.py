@@ -11,11 +11,14 @@ with DDP, or as several CPU processes under ``torchrun --nproc_per_node 2 exampl
     accelerate launch --multi_gpu --num_processes 2 examples/train.py --data /data/Dataset001_Lesions \
         --model veloxseg_small --max-steps 25000 --mixed-precision bf16 --output-dir runs/lesions
 
-The paper's recipe in two stages, then fine-tuning the result on another dataset:
+The default recipe (``--recipe default``) trains the recommended ``veloxseg_small_hr`` with L_seg on
+its full-resolution head, no teachers and no dropout: what learned best at short CPU budgets
+(benchmarks/results/accuracy.md). The paper's recipe (deep supervision, teachers, L_seg + 0.5 L_rc
++ 2 L_sdkt, lr 2.5e-4) is one flag away, here in two stages, then fine-tuning the result on another dataset:
 
-    python examples/train.py --stage pretrain --data DIR --output-dir runs/pretrain
-    python examples/train.py --stage segment --data DIR --model local-dir:runs/pretrain --pretrained \
-        --one-way-sdkt --output-dir runs/segment
+    python examples/train.py --stage pretrain --data DIR --model veloxseg_small --output-dir runs/pretrain
+    python examples/train.py --stage segment --recipe paper --data DIR --model local-dir:runs/pretrain \
+        --pretrained --one-way-sdkt --output-dir runs/segment
     python examples/train.py --stage finetune --data OTHER_DIR --model local-dir:runs/segment --output-dir runs/ft
 
 A run killed at any moment continues where its last checkpoint left it with ``--resume``. The
