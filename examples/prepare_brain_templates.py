@@ -1,21 +1,31 @@
-"""Prepare a small real-image task: grey / white matter segmentation of the MNI ICBM 2009 T1 template.
+"""Prepare a small real-image brain task from a template that a package ships (nothing is downloaded).
 
-The template and its tissue probability maps ship inside the nilearn wheel, so nothing is
-downloaded. nilearn is an optional extra: ``pip install "veloxseg[demo]"`` (or ``pip install nilearn``).
+Two templates (``--template``):
 
-Labels: 0 rest, 1 grey matter, 2 white matter (the larger of the two probabilities, where it is at
-least ``--threshold``). There is one template, so the cases are random deformations of it
-(rotation, scaling, shear, shift) with random intensity changes (gain, gamma, bias field, noise),
-drawn from ``--seed``. They are written as an nnU-Net v2 raw folder with a notice on the
-template's origin and copyright. Usage::
+* ``mni152`` (default): grey / white matter of the MNI ICBM 2009a T1 template. The template and its
+  tissue probability maps ship inside the nilearn wheel; nilearn is an optional extra:
+  ``pip install "veloxseg[demo]"`` (or ``pip install nilearn``). Labels: 0 rest, 1 grey matter,
+  2 white matter (the larger of the two probabilities, where it is at least ``--threshold``).
+* ``colin27``: cerebral and cerebellar grey matter of the Colin27 T1 (MNI single subject), the AAL
+  atlas drawn on it merged into two classes (AAL regions 1-90 cerebrum, 91-116 cerebellum).
+  Both files ship in Debian's mricron-data package (``apt-get install mricron-data``; the files are
+  read from ``--mricron-dir``). No VeloxSeg tag is trained on it: it is the held-out task of
+  ``benchmarks/finetune.py``.
 
-    python examples/prepare_brain_templates.py OUT_DIR [--num-train 8] [--num-test 2] [--seed 0] [--resolution 3]
+There is one image per template, so the cases are random deformations of it (rotation, scaling,
+shear, shift) with random intensity changes (gain, gamma, bias field, noise), drawn from ``--seed``.
+They are written as an nnU-Net v2 raw folder with a notice on the template's origin and copyright.
+Usage::
+
+    python examples/prepare_brain_templates.py OUT_DIR [--template mni152|colin27] [--num-train 8]
+        [--num-test 2] [--seed 0] [--resolution 3]
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -26,8 +36,8 @@ from monai.transforms import RandAdjustContrast, RandAffine, RandBiasField, Rand
 from veloxseg.data.datasets import write_dataset_json, write_nnunet_case
 
 CHANNEL_NAMES = ("T1",)
-LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
-NOTICE = """\
+MRICRON_DIR = Path("/usr/share/mricron/templates")
+MNI152_NOTICE = """\
 Images derived from the MNI ICBM 2009a nonlinear symmetric T1 template and its grey / white
 matter probability maps (files mni_icbm152_*_tal_nlin_sym_09a_converted.nii.gz as shipped in
 nilearn {nilearn_version}, rescaled and resampled by nilearn to {resolution} mm).
@@ -50,10 +60,63 @@ Please cite:
 The {num_cases} cases here are random deformations and intensity changes of that single template
 (seed {seed}); their labels come from the probability maps, not from manual annotation.
 """
+COLIN27_NOTICE = """\
+Images derived from the Colin27 T1 average (ch2.nii.gz) and the AAL atlas drawn on it
+(aal.nii.gz), as shipped in Debian's mricron-data package (MRIcron templates; Debian records the
+package under the BSD-3-clause license, copyright Chris Rorden), resampled by nilearn
+{nilearn_version} to {resolution} mm. AAL regions 1-90 are merged into cerebral grey matter,
+91-116 into cerebellar grey matter.
+
+Please cite:
+- C. J. Holmes, R. Hoge, L. Collins, R. Woods, A. W. Toga, A. C. Evans. Enhancement of MR images
+  using registration for signal averaging. J Comput Assist Tomogr 22(2):324-333, 1998.
+- N. Tzourio-Mazoyer et al. Automated anatomical labeling of activations in SPM using a
+  macroscopic anatomical parcellation of the MNI MRI single-subject brain. NeuroImage
+  15(1):273-289, 2002.
+
+The {num_cases} cases here are random deformations and intensity changes of that single image
+(seed {seed}); their labels come from the atlas, not from annotation of each case.
+"""
 
 
-def load_templates(resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """(3, X, Y, Z) float32 stack [T1, grey matter, white matter] in [0, 1], and its (4, 4) affine."""
+@dataclass(frozen=True)
+class Template:
+    """One template task: its label names, its dataset.json description and reference, and its notice."""
+
+    labels: dict[str, int]
+    name: str
+    description: str
+    reference: str
+    notice: str
+
+
+TEMPLATES = {
+    "mni152": Template(
+        {"background": 0, "grey_matter": 1, "white_matter": 2},
+        "MNI152BrainTissue",
+        "Grey / white matter of augmented copies of the MNI ICBM 2009a template",
+        "http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009",
+        MNI152_NOTICE,
+    ),
+    "colin27": Template(
+        {"background": 0, "cerebral_grey_matter": 1, "cerebellar_grey_matter": 2},
+        "Colin27AALGreyMatter",
+        "Cerebral / cerebellar grey matter (AAL) of augmented copies of the Colin27 T1",
+        "Debian package mricron-data (MRIcron templates ch2.nii.gz, aal.nii.gz)",
+        COLIN27_NOTICE,
+    ),
+}
+
+
+def load_templates(
+    resolution: int, template: str = "mni152", mricron_dir: str | Path = MRICRON_DIR
+) -> tuple[np.ndarray, np.ndarray]:
+    """(1 + K, X, Y, Z) float32 stack [T1, one probability map per foreground class] in [0, 1] (T1
+    rescaled to its maximum), and its (4, 4) affine, at ``resolution`` mm."""
+    if template == "colin27":
+        return _load_colin27(resolution, Path(mricron_dir))
+    if template != "mni152":
+        raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
     from nilearn import datasets  # optional dependency
 
     t1 = datasets.load_mni152_template(resolution=resolution)
@@ -65,17 +128,41 @@ def load_templates(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([t1_data, gm_data, wm_data]), t1.affine
 
 
-def tissue_labels(grey: np.ndarray, white: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """(X, Y, Z) uint8 labels: 1 where grey matter is likelier, 2 where white matter is, 0 below ``threshold``."""
-    labels = np.where(white > grey, 2, 1).astype(np.uint8)
-    labels[np.maximum(grey, white) < threshold] = 0
+def _load_colin27(resolution: int, mricron_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Colin27's 1 mm T1 and AAL class masks, averaged over ``resolution``^3 blocks (the class masks become
+    partial-volume fractions)."""
+    paths = [mricron_dir / "ch2.nii.gz", mricron_dir / "aal.nii.gz"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{', '.join(missing)}: not found; install Debian's mricron-data (apt-get install mricron-data) or "
+            f"give the folder that holds ch2.nii.gz and aal.nii.gz"
+        )
+    t1, aal = (nib.load(p) for p in paths)
+    if t1.shape != aal.shape or not np.allclose(t1.affine, aal.affine) or not np.allclose(t1.header.get_zooms(), 1):
+        raise RuntimeError(f"{paths[0]} and {paths[1]} are not on the same 1 mm grid")
+    regions = np.asanyarray(aal.dataobj)
+    t1_data = np.asanyarray(t1.dataobj).astype(np.float32)
+    stack = np.stack([t1_data / t1_data.max(), (regions >= 1) & (regions <= 90), (regions >= 91) & (regions <= 116)])
+    pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(stack.astype(np.float32)), resolution).numpy()
+    affine = t1.affine @ np.diag([resolution, resolution, resolution, 1.0])
+    affine[:3, 3] += t1.affine[:3, :3] @ np.full(3, (resolution - 1) / 2)  # block centres
+    return pooled, affine
+
+
+def tissue_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(X, Y, Z) uint8 labels from (K, X, Y, Z) class probabilities: k + 1 where class k is the likeliest
+    (the first on ties) and its probability is at least ``threshold``, else 0."""
+    labels = (probabilities.argmax(0) + 1).astype(np.uint8)
+    labels[probabilities.max(0) < threshold] = 0
     return labels
 
 
 def augment(stack: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random deformation of the (3, X, Y, Z) [T1, GM, WM] stack, then random T1 intensity changes.
+    """Random deformation of the (1 + K, X, Y, Z) [T1, class probabilities] stack, then random T1
+    intensity changes.
 
-    Returns the (X, Y, Z) float32 T1 (arbitrary MR units) and the deformed (2, X, Y, Z) probabilities.
+    Returns the (X, Y, Z) float32 T1 (arbitrary MR units) and the deformed (K, X, Y, Z) probabilities.
     """
     deform = RandAffine(
         prob=1.0,
@@ -108,33 +195,36 @@ def prepare(
     seed: int = 0,
     resolution: int = 3,
     threshold: float = 0.5,
+    template: str = "mni152",
+    mricron_dir: str | Path = MRICRON_DIR,
 ) -> Path:
-    """Write the brain tissue task to ``out_dir`` (nnU-Net v2 raw layout) and return its path."""
+    """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path."""
     import nilearn
 
     out = Path(out_dir)
     if (out / "dataset.json").exists():
         raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
-    stack, affine = load_templates(resolution)
+    stack, affine = load_templates(resolution, template, mricron_dir)
+    task = TEMPLATES[template]
     for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
         for index in range(count):
             t1, probabilities = augment(stack, np.random.default_rng([seed, int(subset == "Ts"), index]))
-            label = tissue_labels(*probabilities, threshold=threshold)
+            label = tissue_labels(probabilities, threshold=threshold)
             write_nnunet_case(
                 out, f"{prefix}_{index:04d}", [nib.Nifti1Image(t1, affine)], nib.Nifti1Image(label, affine), subset
             )
     write_dataset_json(
         out,
         CHANNEL_NAMES,
-        LABELS,
+        task.labels,
         num_train,
-        name="MNI152BrainTissue",
-        description="Grey / white matter of augmented copies of the MNI ICBM 2009a template",
-        reference="http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009",
+        name=task.name,
+        description=task.description,
+        reference=task.reference,
         licence="see NOTICE.txt",
     )
     (out / "NOTICE.txt").write_text(
-        NOTICE.format(
+        task.notice.format(
             nilearn_version=nilearn.__version__, resolution=resolution, num_cases=num_train + num_test, seed=seed
         )
     )
@@ -150,11 +240,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=3, help="voxel size in mm (default 3: 67 x 79 x 64)")
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum tissue probability (default 0.5)")
+    parser.add_argument("--template", choices=tuple(TEMPLATES), default="mni152", help="(default mni152)")
+    parser.add_argument(
+        "--mricron-dir", type=Path, default=MRICRON_DIR, help=f"colin27's files (default {MRICRON_DIR})"
+    )
     args = parser.parse_args(argv)
     try:
-        out = prepare(args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.threshold)
+        out = prepare(
+            args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.threshold, args.template,
+            args.mricron_dir,
+        )  # fmt: skip
     except ImportError:
         parser.error('nilearn is needed: pip install "veloxseg[demo]" (or pip install nilearn)')
+    except FileNotFoundError as err:
+        parser.error(str(err))
     print(f"wrote {args.num_train} training and {args.num_test} test cases to {out}")
     return 0
 

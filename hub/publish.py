@@ -7,7 +7,10 @@ Checks: config.json, model.safetensors and README.md are there; the folder loads
 ``local-dir:`` with every tensor used as saved; an eval forward on random input of the ROI size
 gives finite logits of the right shape; README.md has the Hub front matter (license, tags,
 library_name, datasets, metrics) and mentions the training command, the training data and each
-metric. With --push the three files are uploaded (veloxseg.hub.push_folder).
+metric; for a folder named after a published tag (veloxseg.variants.PUBLISHED), that each file has the
+SHA-256 recorded there (the registry refuses any other), and that a NOTICE the card points to is
+there. ``--hashes`` prints the folder's hashes in the registry's layout. With --push the files are
+uploaded (veloxseg.hub.push_folder).
 """
 
 import argparse
@@ -20,6 +23,7 @@ from huggingface_hub import ModelCard
 import veloxseg
 from veloxseg import hub
 from veloxseg.metadata import ModelMetadata
+from veloxseg.variants import PUBLISHED
 
 FRONT_MATTER = ("license", "tags", "library_name", "pipeline_tag", "datasets", "metrics")
 
@@ -61,7 +65,19 @@ def validate(folder: Path) -> list[str]:
             problems.append(f"config.json records no {what}")
         elif text not in card.text:
             problems.append(f"README.md does not mention the {what}")
+    if "NOTICE" in card.text and not (folder / hub.NOTICE_NAME).is_file():
+        problems.append(f"README.md points to a {hub.NOTICE_NAME} that the folder does not have")
+    registered = PUBLISHED.get(folder.name, {}).get("sha256", {})
+    for name, expected in registered.items():
+        if hub.sha256_of(folder / name) != expected:
+            problems.append(f"{name}: its SHA-256 is not the one veloxseg.variants.PUBLISHED records for {folder.name}")
     return problems
+
+
+def hashes(folder: Path) -> str:
+    """The folder's files' SHA-256, as an entry of veloxseg.variants.PUBLISHED takes them."""
+    lines = [f'        "{name}": "{hub.sha256_of(folder / name)}",' for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)]
+    return "\n".join(["    sha256={", *lines, "    },"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push", action="store_true", help="upload after the checks (default: dry run)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", help="branch to upload to (default: main)")
+    parser.add_argument("--hashes", action="store_true", help="print the files' SHA-256 for the registry")
     args = parser.parse_args(argv)
+    if args.hashes:
+        print(hashes(args.folder))
 
     problems = validate(args.folder)
     if problems:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -25,3 +26,16 @@ def reference() -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path_factory, monkeypatch) -> Path:
+    """Every test runs as on a machine without network and with an empty Hub cache (the CI's): Hub
+    downloads fail at once instead of retrying. huggingface_hub reads both variables at import, so its
+    constants are patched too. Returns the cache folder."""
+    path = tmp_path_factory.mktemp("hub-cache")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(path))
+    return path

@@ -8,12 +8,17 @@ A model folder (and a Hub repo) holds three files:
 * ``README.md``: the model card (:mod:`veloxseg.card`).
 
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
-mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. Weights are loaded into a model
-whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`.
+mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. The registry's published tags
+(:data:`veloxseg.variants.PUBLISHED`) come from the Hub cache, then the Hub, and else from the copy of
+their folder that ships with the package (``veloxseg/hub_models``, a link to the repository's
+``hub/``); every file of a tag must have the SHA-256 the registry records. A log line says which
+source was used. Weights are loaded into a model whose config may differ from theirs through
+:func:`veloxseg.adapt.adapt_state_dict`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -43,9 +48,12 @@ _logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+NOTICE_NAME = "NOTICE"  # the training data's sources and licenses, where the card says so
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
-_LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag"}
+_LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
+# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
+SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,8 @@ def push_folder(
     revision: str | None = None,
     create_pr: bool = False,
 ) -> CommitInfo:
-    """Upload a model folder's config.json, model.safetensors and README.md (nothing else) to Hub repo
-    ``repo_id``, creating the repo when it does not exist."""
+    """Upload a model folder's config.json, model.safetensors, README.md and NOTICE (when there; nothing
+    else) to Hub repo ``repo_id``, creating the repo when it does not exist."""
     folder = Path(folder)
     missing = [name for name in REPO_FILES if not (folder / name).is_file()]
     if missing:
@@ -183,33 +191,34 @@ def push_folder(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(
-        repo_id=repo_id, folder_path=folder, allow_patterns=list(REPO_FILES), commit_message=commit_message,
+        repo_id=repo_id, folder_path=folder, allow_patterns=[*REPO_FILES, NOTICE_NAME], commit_message=commit_message,
         revision=revision, create_pr=create_pr,
     )  # fmt: skip
 
 
-def load_pretrained(model: VeloxSeg, cache_dir: str | Path | None = None) -> AdaptationReport:
+def load_pretrained(
+    model: VeloxSeg, cache_dir: str | Path | None = None, source: HubConfig | None = None
+) -> AdaptationReport:
     """Load the weights ``model.pretrained_cfg`` names into ``model``, adapted to its config.
 
     The source is ``hf_hub_id`` ("org/name[@revision]", downloaded through the Hub cache, file
     ``hf_hub_filename`` or model.safetensors) or ``file`` (a local model folder). Its config.json
     gives the config the weights were trained with; :func:`veloxseg.adapt.adapt_state_dict` fits them
     to ``model.config``. Sets ``pretrained_cfg["veloxseg"]`` to the downloaded metadata when it still
-    describes the model. Returns the adaptation report. Raises ``ValueError`` when the tag has no
+    describes the model; ``source``: that config.json, when already read. Returns the adaptation report. Raises ``ValueError`` when the tag has no
     published weights or a file is invalid, ``FileNotFoundError`` when a file cannot be had.
     """
     cfg = model.pretrained_cfg
     if not (cfg.get("hf_hub_id") or cfg.get("file")):
-        name = ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or "this model"
-        raise ValueError(
-            f"no trained weights are published for {name} yet (its pretrained config names no Hub repo): create "
+            raise ValueError(
+            f"no trained weights are published for {_name(cfg)} yet (its pretrained config names no Hub repo): create "
             f"it with pretrained=False, or load trained weights with create_model('hf-hub:org/name', "
             f"pretrained=True) or create_model('local-dir:/path/to/folder', pretrained=True)"
         )
     weights_name = cfg.get("hf_hub_filename") or WEIGHTS_NAME
     if not weights_name.endswith(".safetensors"):
         raise ValueError(f"{weights_name}: VeloxSeg loads safetensors weights only, never pickled checkpoints")
-    source = read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
+    source = source or read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
     try:
         weights_path = _fetch(cfg, weights_name, cache_dir)
     except FileNotFoundError as err:
@@ -225,8 +234,25 @@ def load_pretrained(model: VeloxSeg, cache_dir: str | Path | None = None) -> Ada
     model.load_state_dict(adapted)
     in_ch, n_classes = model.config.in_ch, model.config.n_classes
     model.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
-    _logger.info("loaded %s", weights_path)
+    _logger.info("%s: loaded %s", _name(cfg), weights_path)
     return report
+
+
+def published_config(cfg: dict[str, Any], cache_dir: str | Path | None = None) -> HubConfig | None:
+    """The checked config.json of the weights ``cfg`` names (a registry tag's pretrained config), or
+    None when it names none; the registry builds a tag's model with that config."""
+    if not (cfg.get("hf_hub_id") or cfg.get("file")):
+        return None
+    return read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
+
+
+def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def create_from_hub(
@@ -259,14 +285,38 @@ def create_from_hub(
     )
 
 
+def _name(cfg: dict[str, Any]) -> str:
+    return ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or "this model"
+
+
 def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Path:
-    """``filename`` of a local model folder (``file``) or, through the Hub cache, of a Hub repo (``hf_hub_id``)."""
+    """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``): through the Hub
+    cache, else, for a published tag, its shipped copy. Checked against ``sha256[filename]`` when given."""
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file in the local model folder")
-        return path
-    hub_id = source["hf_hub_id"]
+    else:
+        try:
+            path = _download(source["hf_hub_id"], filename, cache_dir)
+            _logger.info("%s: %s from the Hugging Face Hub (cache: %s)", _name(source), filename, path)
+        except FileNotFoundError as err:
+            shipped = SHIPPED_MODELS / _name(source) / filename
+            if not (source.get("sha256") and shipped.is_file()):
+                raise
+            _logger.info("%s: %s from the copy shipped with veloxseg, %s (%s)", _name(source), filename, shipped, err)
+            path = shipped
+    expected = (source.get("sha256") or {}).get(filename)
+    if expected is not None and sha256_of(path) != expected:
+        raise ValueError(
+            f"{path}: its SHA-256 is not the one registered for {_name(source)} ({expected}): the file was changed "
+            f"or is incomplete; delete it and download it again (or reinstall veloxseg for the shipped copy)"
+        )
+    return path
+
+
+def _download(hub_id: str, filename: str, cache_dir: str | Path | None) -> Path:
+    """``filename`` of Hub repo ``hub_id`` ("org/name[@revision]") through the Hub cache."""
     repo_id, _, revision = hub_id.partition("@")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))

@@ -4,16 +4,17 @@ After ``import veloxseg``, ``timm.create_model("veloxseg_small")`` and ``timm.li
 work as well as :func:`create_model` / :func:`list_models` here.
 """
 
+import dataclasses
 import difflib
 import fnmatch
 from typing import Any
 
 import timm
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
 from torch import nn
 
 from .config import NUM_LEVELS
-from .hub import create_from_hub, load_pretrained
+from .hub import create_from_hub, load_pretrained, published_config
 from .metadata import ModelMetadata
 from .model import VeloxSeg
 from .variants import VARIANTS, default_cfgs, timm_input_size, translate_timm_args, variant_cfg
@@ -31,6 +32,16 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     features_only = kwargs.get("features_only", False)
     if isinstance(kwargs.get("pretrained_cfg"), dict):  # a config.json's (hf-hub:/local-dir: names)
         kwargs["pretrained_cfg"] = variant_cfg(**kwargs["pretrained_cfg"])
+    settings, published = VARIANTS[variant], None
+    if pretrained or isinstance(kwargs.get("pretrained_cfg"), str):  # weights asked for, or a tag named
+        # A published tag's network is the one its config.json records (classes, channels, ROI), as for
+        # hf-hub: names; ``kwargs`` change it (and the weights are adapted).
+        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+        published = published_config(cfg.to_dict(), cache_dir)
+        if published is not None:
+            settings = published.config.to_dict()
+            kwargs["pretrained_cfg"] = dataclasses.replace(cfg, veloxseg=published.pretrained_cfg["veloxseg"])
+            kwargs.pop("pretrained_cfg_overlay", None)
     # timm fills in_chans / num_classes / global_pool / img_size from its 2-D pretrained config: dropped.
     model = build_model_with_cfg(
         VeloxSeg,
@@ -38,14 +49,14 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
         pretrained=False,  # timm's loader adapts 2-D stems and classifiers only; ours is in veloxseg.hub
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_LEVELS))),
         kwargs_filter=("num_classes", "in_chans", "global_pool", "img_size"),
-        **{**VARIANTS[variant], **translate_timm_args(kwargs)},
+        **{**settings, **translate_timm_args(kwargs)},
     )
     network = model.model if features_only else model
     cfg, metadata = network.config, network.pretrained_cfg.get("veloxseg")
     network.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
     network.pretrained_cfg["input_size"] = timm_input_size(cfg)
     if pretrained:
-        load_pretrained(network, cache_dir=cache_dir)
+        load_pretrained(network, cache_dir=cache_dir, source=published)
     if features_only:
         model.pretrained_cfg.update(veloxseg=network.pretrained_cfg["veloxseg"], input_size=timm_input_size(cfg))
     return model

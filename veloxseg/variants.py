@@ -1,6 +1,6 @@
 """The registered VeloxSeg variants and their pretrained configs.
 
-A leaf module (it imports nothing of veloxseg but the config and the metadata), so that the model,
+A leaf module (it imports nothing of veloxseg but the config), so that the model,
 the registry, the Hub I/O and the card read one table without importing each other.
 """
 
@@ -10,7 +10,6 @@ from typing import Any
 from timm.models import PretrainedCfg, generate_default_cfgs
 
 from .config import VeloxSegConfig
-from .metadata import ChannelInfo, ModelMetadata
 
 # Width settings per variant; everything else is the paper's configuration (VeloxSegConfig defaults).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -29,9 +28,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class VeloxSegPretrainedCfg(PretrainedCfg):
-    """timm's pretrained config plus the 3-D metadata (:class:`ModelMetadata` as a dict) under ``veloxseg``."""
+    """timm's pretrained config plus the 3-D metadata (:class:`ModelMetadata` as a dict) under ``veloxseg``
+    and, for a published tag, the SHA-256 of each of its files (checked on every load)."""
 
     veloxseg: dict[str, Any] | None = None
+    sha256: dict[str, str] | None = None
 
 
 def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
@@ -57,25 +58,24 @@ def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
     )
 
 
-# The paper's AutoPET-II task (the variants' default config: PET and CT as two single-channel groups,
-# 96^3 ROI). The trainer's config.json replaces spacing and normalisation when weights are published.
-AUTOPET2 = ModelMetadata(
-    channels=[ChannelInfo("PET", group=0), ChannelInfo("CT", group=1)],
-    labels={"background": 0, "lesion": 1},
-    training_data="AutoPET-II (MICCAI 2023 autoPET challenge): whole-body FDG-PET/CT with lesion masks",
-)
+HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<variant>.<tag>
 
-# Pretrained tags. A tag gets an hf_hub_id only once the trainer's weights for it are on the Hub
-# (hub/publish.py); until then pretrained=True says that none are published. The first tag with
-# weights becomes the variant's default; while none has any, the default is ``untrained``.
+# Published tags, each variant's default first: what the weights are and the SHA-256 of each file of
+# hub/<variant>.<tag>/ (hub/publish.py prints them). ``pretrained=True`` loads them from the Hub cache,
+# the Hub, else the copy shipped with the package (veloxseg.hub).
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "veloxseg_small.demo": dict(
+        description="TEMP",
+        sha256={
+            "config.json": "f299b4ec4a54b1d4da18aa009156d4601d3ac623e9b342e70f9a709157e6d374",
+            "model.safetensors": "ed7320412fb07cf10ec627f8c7c2963ea2788b1b0c6f121438b2e86ec14990b1",
+        },
+    ),
+}
+
 default_cfgs = generate_default_cfgs(
-    {
-        "veloxseg_tiny.untrained": variant_cfg(),
-        "veloxseg_small.untrained": variant_cfg(),
-        "veloxseg_base.untrained": variant_cfg(),
-        "veloxseg_small_hr.untrained": variant_cfg(),
-        "veloxseg_small.autopet2": variant_cfg(veloxseg=AUTOPET2.to_dict()),
-    }
+    {name: variant_cfg(hf_hub_id=f"{HUB_ORG}/{name}", **spec) for name, spec in PUBLISHED.items()}
+    | {f"{name}.untrained": variant_cfg() for name in VARIANTS if not any(t.startswith(f"{name}.") for t in PUBLISHED)}
 )
 
 
