@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 
 import veloxseg
 from veloxseg.data.datasets import read_dataset, validate_dataset
 from veloxseg.io import atomic_file
-from veloxseg.metadata import ModelMetadata
-from veloxseg.training import TrainConfig, resolve, train, validate
-from veloxseg.training.data import build_datasets, build_loaders, class_names
+from veloxseg.training import TrainConfig, train
+from veloxseg.training.validate import score_test_cases
 
 # The dataset.json name of the task each tag was trained on; those pairs are not transfer and are skipped.
 TRAINED_ON = {"petct_lesions": "VeloxSegSyntheticPETCT", "mni152_tissue": "MNI152BrainTissue"}
@@ -78,15 +76,9 @@ def command_of(config: TrainConfig) -> str:
 
 def test_dice(folder: Path, data: Path) -> dict[str, Any]:
     """Dice (per class and mean) of the model saved in ``folder`` on the whole test volumes of ``data``."""
-    spec = read_dataset(data)
-    model = veloxseg.create_model(f"local-dir:{folder}").eval()
-    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
-    config = resolve(TrainConfig(data=str(data), roi=model.config.roi_size))
-    _, test_set = build_datasets([], spec.test, metadata, config, config.roi)
-    _, test_loader = build_loaders(test_set, test_set, config)
-    classes = class_names(spec)
-    metrics, _ = validate(model, test_loader, Accelerator(cpu=True), config, classes)
-    return {"dice_mean": metrics["val/dice"], "dice": {c: metrics[f"val/dice_{c}"] for c in classes}}
+    metrics = score_test_cases(veloxseg.create_model(f"local-dir:{folder}").eval(), read_dataset(data))
+    dice = {name.removeprefix("test/dice_"): v for name, v in metrics.items() if name.startswith("test/dice_")}
+    return {"dice_mean": metrics["test/dice"], "dice": dice}
 
 
 def run(variant: str, start: str, data: Path, steps: int, seed: int) -> dict[str, Any]:

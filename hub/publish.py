@@ -9,7 +9,7 @@ gives finite logits of the right shape; README.md has the Hub front matter (lice
 library_name, datasets, metrics) and mentions the training command, the training data and each
 metric; for a folder named after a published tag (veloxseg.variants.PUBLISHED), that each file has the
 SHA-256 recorded there (the registry refuses any other), and that a NOTICE the card points to is
-there. ``--hashes`` prints the folder's hashes in the registry's layout. With --push the files are
+there. ``--hashes`` prints the folder's entry for that table. With --push the files are
 uploaded (veloxseg.hub.push_folder).
 """
 
@@ -74,10 +74,11 @@ def validate(folder: Path) -> list[str]:
     return problems
 
 
-def hashes(folder: Path) -> str:
-    """The folder's files' SHA-256, as an entry of veloxseg.variants.PUBLISHED takes them."""
-    lines = [f'        "{name}": "{hub.sha256_of(folder / name)}",' for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)]
-    return "\n".join(["    sha256={", *lines, "    },"])
+def registry_entry(folder: Path) -> str:
+    """The folder's entry for veloxseg.variants.PUBLISHED, with its files' SHA-256 (the description to fill in)."""
+    lines = [f'            "{n}": "{hub.sha256_of(folder / n)}",' for n in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)]
+    return "\n".join([f'    "{folder.name}": dict(', '        description="...",', "        sha256={", *lines,
+                      "        },", "    ),"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push", action="store_true", help="upload after the checks (default: dry run)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", help="branch to upload to (default: main)")
-    parser.add_argument("--hashes", action="store_true", help="print the files' SHA-256 for the registry")
+    parser.add_argument("--hashes", action="store_true", help="print the folder's entry for the registry")
     args = parser.parse_args(argv)
     if args.hashes:
-        print(hashes(args.folder))
+        print(registry_entry(args.folder))
 
     problems = validate(args.folder)
     if problems:

@@ -121,21 +121,69 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         make_demo_dataset(tmp_path, num_train=1)
 
 
-def test_brain_template_script_writes_aligned_cases(tmp_path: Path) -> None:
+def load_example(name: str):
+    """A script of examples/ as a module (it imports its neighbours, so examples/ goes on the path)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        module_spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # as an import would (its dataclasses look their module up there)
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+TEMPLATE_TASKS = {
+    "mni152": ({"background": 0, "grey_matter": 1, "white_matter": 2}, "Copyright (C) 1993-2009 Louis Collins"),
+    "colin27": (
+        {"background": 0, "cerebral_grey_matter": 1, "cerebellar_grey_matter": 2},
+        "Tzourio-Mazoyer et al. Automated anatomical labeling",
+    ),
+}
+
+
+@pytest.mark.parametrize("template", list(TEMPLATE_TASKS))
+def test_brain_template_script_writes_aligned_cases(tmp_path: Path, template: str) -> None:
     pytest.importorskip("nilearn", reason="nilearn (the veloxseg[demo] extra) ships the MNI templates")
-    module_spec = importlib.util.spec_from_file_location(
-        "brain_script", REPO / "examples" / "prepare_brain_templates.py"
-    )
-    script = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(script)
-    out = script.prepare(tmp_path / "brain", num_train=2, num_test=1, seed=0, resolution=4)
+    script = load_example("prepare_brain_templates")
+    if template == "colin27" and not (script.MRICRON_DIR / "ch2.nii.gz").is_file():
+        pytest.skip("Debian's mricron-data (Colin27 and AAL) is not installed")
+    out = script.prepare(tmp_path / "brain", num_train=2, num_test=1, seed=0, resolution=4, template=template)
     spec = read_dataset(out)
     validate_dataset(spec)
-    assert spec.channel_names == ["T1"] and spec.labels == {"background": 0, "grey_matter": 1, "white_matter": 2}
+    labels, notice = TEMPLATE_TASKS[template]
+    assert spec.channel_names == ["T1"] and spec.labels == labels
     for case in spec.training + spec.test:
         image, label = nib.load(case.images[0]), nib.load(case.label)
         assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        assert np.allclose(image.header.get_zooms(), 4)
         assert set(np.unique(np.asanyarray(label.dataobj))) == {0, 1, 2}
     first, second = (np.asanyarray(nib.load(c.images[0]).dataobj) for c in spec.training)
     assert not np.array_equal(first, second)  # augmented copies differ
-    assert "Copyright (C) 1993-2009 Louis Collins" in (out / "NOTICE.txt").read_text()
+    assert notice in (out / "NOTICE.txt").read_text()
+
+
+def test_missing_colin27_files_are_named(tmp_path: Path) -> None:
+    script = load_example("prepare_brain_templates")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/ch2.nii.gz.*apt-get install mricron-data"):
+        script.load_templates(3, "colin27", tmp_path)
+
+
+def test_ssl_corpus_holds_every_source_with_its_notice(tmp_path: Path) -> None:
+    pytest.importorskip("nilearn", reason="nilearn (the veloxseg[demo] extra) ships the MNI templates")
+    script = load_example("prepare_ssl_corpus")
+    out = script.prepare(tmp_path / "ssl", copies=1, synthetic=1, mricron_dir=tmp_path / "no-mricron")
+    spec = read_dataset(out)
+    validate_dataset(spec)
+    names = sorted(case.case_id for case in spec.training)
+    assert names == ["mni152_1mm_000", "mni152_2mm_000", "mni152_3mm_000", "synthetic_ct_000", "synthetic_pet_000"]
+    assert spec.channel_names == ["image"] and not spec.test
+    for case in spec.training:
+        mask = np.asanyarray(nib.load(case.label).dataobj)
+        assert 0.01 < mask.mean() < 0.9, case.case_id  # a rough object mask, for sampling
+    notice = (out / "NOTICE.txt").read_text()
+    assert "Copyright (C) 1993-2009 Louis Collins" in notice and "Synthetic PET/CT-like scans" in notice
+    assert "INIA19" not in notice  # absent here: skipped, so not claimed

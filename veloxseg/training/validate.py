@@ -10,9 +10,11 @@ from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
+from ..data.datasets import DatasetSpec
+from ..metadata import ModelMetadata
 from ..model import VeloxSeg
-from .config import TrainConfig
-from .data import plain
+from .config import TrainConfig, resolve
+from .data import build_datasets, build_loaders, class_names, plain
 
 
 @torch.no_grad()
@@ -56,3 +58,17 @@ def validate(
     metrics["val/hd95"] = float(finite.mean()) if finite.numel() else float("nan")
     model.train()
     return metrics, example
+
+
+def score_test_cases(model: VeloxSeg, spec: DatasetSpec) -> dict[str, float]:
+    """``validate``'s metrics of ``model`` on the dataset's labelled test cases (imagesTs/labelsTs), each
+    whole volume preprocessed as the model's metadata says; named ``test/dice``, ``test/dice_<class>``,
+    ``test/hd95``. Raises ValueError when the dataset has no labelled test cases."""
+    if not spec.test or any(case.label is None for case in spec.test):
+        raise ValueError(f"{spec.root}: no labelled test cases (imagesTs and labelsTs)")
+    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
+    config = resolve(TrainConfig(data=str(spec.root), roi=model.config.roi_size))
+    _, test_set = build_datasets([], spec.test, metadata, config, config.roi)
+    _, test_loader = build_loaders(test_set, test_set, config)
+    metrics, _ = validate(model, test_loader, Accelerator(cpu=True), config, class_names(spec))
+    return {name.replace("val/", "test/", 1): value for name, value in metrics.items()}
