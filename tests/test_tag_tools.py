@@ -1,0 +1,91 @@
+"""The tools behind the published tags: hub/make_tag.py turns a training run into a publishable
+hub/<tag>/ folder, and benchmarks/finetune.py compares fine-tuning from tags with training from scratch."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from veloxseg import hub
+from veloxseg.data.demo import make_demo_dataset
+from veloxseg.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path):
+    """A script as a module, its folder on the path for its neighbours (as when it is run)."""
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    """A small labelled task with test cases, named unlike any tag's training data."""
+    data = make_demo_dataset(tmp_path_factory.mktemp("task") / "data", num_train=3, num_test=1, shape=(64, 64, 64))
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "name": "UnseenTask"}))
+    return data
+
+
+@pytest.fixture(scope="module")
+def run(task, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    train(TrainConfig(model="veloxseg_tiny", data=str(task), roi=(64,), max_steps=2, val_every=2, output_dir=str(out),
+                      progress=False, command="python examples/train.py --model veloxseg_tiny --max-steps 2"))  # fmt: skip
+    return out
+
+
+def test_make_tag_writes_a_publishable_folder_with_its_registry_entry(run, task, tmp_path, capsys):
+    make_tag = load_script(ROOT / "hub" / "make_tag.py")
+    time_log = tmp_path / "run.log"
+    time_log.write_text("\tUser time (seconds): 3000.0\n\tSystem time (seconds): 600.0\n")
+    notice = tmp_path / "NOTICE.txt"
+    notice.write_text("Synthetic data of veloxseg.data.demo.\n")
+    name = "veloxseg_tiny.unseen_task"
+    argv = [str(run), name, "--about", "A test tag.", "--test-data", str(task), "--notice", str(notice),
+            "--time-log", str(time_log), "--data-command", "veloxseg demo-data DIR", "--hub-dir", str(tmp_path)]  # fmt: skip
+    assert make_tag.main(argv) == 0
+    folder = tmp_path / name
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTICE", "README.md", "config.json", "model.safetensors"]
+    assert load_script(ROOT / "hub" / "publish.py").validate(folder) == []
+    metrics = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["veloxseg"]["metrics"]
+    assert {"val_dice", "test_dice", "test_dice_lesion"} <= metrics.keys()
+    card = (folder / "README.md").read_text()
+    assert f"## This tag: `{name}`" in card and "1.00 CPU hours" in card and "veloxseg demo-data DIR" in card
+    printed = capsys.readouterr().out
+    for filename in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
+        assert f'"{filename}": "{hub.sha256_of(folder / filename)}"' in printed
+
+
+def test_make_tag_refuses_a_log_without_cpu_times(tmp_path):
+    make_tag = load_script(ROOT / "hub" / "make_tag.py")
+    log = tmp_path / "run.log"
+    log.write_text("step 10: loss 0.5\n")
+    with pytest.raises(ValueError, match=r"run\.log: no GNU time report"):
+        make_tag.cpu_hours(log)
+
+
+def test_finetune_compares_tags_with_scratch_and_skips_their_own_task(task, tmp_path):
+    finetune = load_script(ROOT / "benchmarks" / "finetune.py")
+    assert finetune.starts("veloxseg_tiny")[0] == "scratch" and len(finetune.starts("veloxseg_tiny")) > 1
+    out = tmp_path / "ft"
+    argv = ["--data", str(task), "--variant", "veloxseg_tiny", "--starts", "scratch", "petct_lesions", "--steps", "2",
+            "--out", str(out)]  # fmt: skip
+    assert finetune.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["start"] for r in rows] == ["scratch", "petct_lesions"]
+    assert all(0.0 <= r["dice_mean"] <= 1.0 and r["task"] == "UnseenTask" for r in rows)
+    assert "--stage finetune" in rows[1]["command"] and "--stage" not in rows[0]["command"]
+    table = out.with_suffix(".md").read_text()
+    assert "| UnseenTask | petct_lesions |" in table
+    assert finetune.TRAINED_ON["petct_lesions"] == "VeloxSegSyntheticPETCT"  # its own task is not transfer
