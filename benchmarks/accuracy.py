@@ -67,6 +67,7 @@ from veloxseg.training import (
     training_metadata,
     validate,
 )
+from veloxseg.training.config import DEMO_ROI
 from veloxseg.training.metrics import save_figure
 
 HERE = Path(__file__).resolve().parent
@@ -269,10 +270,10 @@ def load_benchmark_data(data: Path | None, test: bool = True) -> DatasetSpec:
 
 
 def base_config(data: Path | None, steps: int | None, roi: Sequence[int] | None, **settings: Any) -> TrainConfig:
-    """The settings every setup shares (the trainer's defaults, its demo-run ROI on the demo data)."""
+    """The settings every setup shares: the trainer's defaults, and by default its demo run's ROI (64^3, on
+    any data: one patch size for every network, small enough for CPU budgets)."""
+    roi = roi or DEMO_ROI
     config = resolve(TrainConfig(data=None if data is None else str(data), roi=roi, max_steps=steps or 100, **settings))
-    if config.roi is None:
-        raise ValueError("give the ROI (patch size) for a dataset other than the demo one")
     if config.threads:
         torch.set_num_threads(config.threads)
     return config
@@ -494,7 +495,7 @@ def main() -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="CPU minutes of training per setup (thread time)")
     budget.add_argument("--steps", type=int, help="training steps per setup (default 100 without --minutes)")
-    parser.add_argument("--roi", type=int, nargs="+", help="patch size, 1 or 3 ints (default: 64 on the demo data)")
+    parser.add_argument("--roi", type=int, nargs="+", help="patch size, 1 or 3 ints (default: 64)")
     parser.add_argument("--data", type=Path, nargs="+", default=[None], metavar="DIR",
                         help="nnU-Net v2 raw folder(s) with labelled imagesTs (default: the demo data)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="output path without suffix (default: results/accuracy[-DATA])")

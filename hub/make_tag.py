@@ -4,8 +4,9 @@
         --time-log RUN.log --about "What the weights are for." --data-command "python examples/..."
 
 Writes config.json and model.safetensors (the run's model, through ``save_pretrained``), with the
-test-set metrics of ``--test-data`` (whole imagesTs volumes, ``score_test_cases``) added to the
-run's validation metrics, and README.md: the trainer's model card plus a section on this tag (what it
+test-set metrics of ``--test-data`` added to the run's validation metrics (Dice on whole imagesTs
+volumes, ``score_test_cases``; for a ``pretrain`` run, the masked reconstruction error on its scans,
+``score_reconstruction``), and README.md: the trainer's model card plus a section on this tag (what it
 is, the data with its origin and license, the command, steps, CPU time and hardware, intended use and
 limitations). ``--notice`` is copied as NOTICE. Then prints the SHA-256 entry for
 ``veloxseg.variants.PUBLISHED``; check the folder with ``hub/publish.py``.
@@ -27,7 +28,7 @@ from veloxseg import hub
 from veloxseg.data.datasets import read_dataset
 from veloxseg.io import atomic_folder
 from veloxseg.metadata import ModelMetadata
-from veloxseg.training.validate import score_test_cases
+from veloxseg.training.validate import score_reconstruction, score_test_cases
 from veloxseg.variants import HUB_ORG
 
 HUB_DIR = Path(__file__).resolve().parent
@@ -104,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model = veloxseg.create_model(f"local-dir:{args.run_dir}", pretrained=True).eval()
     metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
+    run = json.loads((args.run_dir / "train_config.json").read_text())
     metrics = dict(metadata.metrics)
     if args.test_data:
-        test = score_test_cases(model, read_dataset(args.test_data))
+        spec = read_dataset(args.test_data)
+        if run["stage"] == "pretrain":  # no segmentation trained: its own objective on held-out scans
+            test = score_reconstruction(model, spec, run["mask_ratio"], run["mask_patch"])
+        else:
+            test = score_test_cases(model, spec)
         metrics.update({name.replace("/", "_"): value for name, value in test.items()})
     metrics.update({name: float(value) for name, value in args.metric})
     metadata = dataclasses.replace(metadata, metrics=metrics)
     folder = args.hub_dir / args.name
-    run = json.loads((args.run_dir / "train_config.json").read_text())
     hours = cpu_hours(args.time_log) if args.time_log else None
     with atomic_folder(folder) as tmp:  # an older folder of the tag is replaced only by a complete one
         hub.save_pretrained(model, tmp, metadata=metadata, repo_id=f"{HUB_ORG}/{args.name}")

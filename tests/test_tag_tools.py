@@ -67,6 +67,20 @@ def test_make_tag_writes_a_publishable_folder_with_its_registry_entry(run, task,
         assert f'"{filename}": "{hub.sha256_of(folder / filename)}"' in printed
 
 
+def test_a_pretrain_run_is_scored_by_its_reconstruction_of_held_out_scans(task, tmp_path):
+    run = tmp_path / "ssl"
+    train(TrainConfig(model="veloxseg_tiny", stage="pretrain", data=str(task), roi=(64,), max_steps=2,
+                      mask_ratio=0.5, output_dir=str(run), progress=False, command="examples/train.py --stage pretrain"))  # fmt: skip
+    make_tag = load_script(ROOT / "hub" / "make_tag.py")
+    argv = [str(run), "veloxseg_tiny.ssl_test", "--about", "A test tag.", "--test-data", str(task),
+            "--hub-dir", str(tmp_path)]  # fmt: skip
+    assert make_tag.main(argv) == 0
+    metrics = json.loads((tmp_path / "veloxseg_tiny.ssl_test" / "config.json").read_text())
+    metrics = metrics["pretrained_cfg"]["veloxseg"]["metrics"]
+    assert list(metrics) == ["test_masked_rc_mse"] and 0.0 < metrics["test_masked_rc_mse"] < 100.0
+    assert load_script(ROOT / "hub" / "publish.py").validate(tmp_path / "veloxseg_tiny.ssl_test") == []
+
+
 def test_make_tag_refuses_a_log_without_cpu_times(tmp_path):
     make_tag = load_script(ROOT / "hub" / "make_tag.py")
     log = tmp_path / "run.log"

@@ -9,12 +9,15 @@ from accelerate import Accelerator
 from monai.data import DataLoader
 from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.transforms import ResizeWithPadOrCrop
 
 from ..data.datasets import DatasetSpec
+from ..data.transforms import IMAGE, eval_transforms
 from ..metadata import ModelMetadata
 from ..model import VeloxSeg
 from .config import TrainConfig, resolve
 from .data import build_datasets, build_loaders, class_names, plain
+from .step import mask_random_patches
 
 
 @torch.no_grad()
@@ -72,3 +75,25 @@ def score_test_cases(model: VeloxSeg, spec: DatasetSpec) -> dict[str, float]:
     _, test_loader = build_loaders(test_set, test_set, config)
     metrics, _ = validate(model, test_loader, Accelerator(cpu=True), config, class_names(spec))
     return {name.replace("val/", "test/", 1): value for name, value in metrics.items()}
+
+
+@torch.no_grad()
+def score_reconstruction(model: VeloxSeg, spec: DatasetSpec, mask_ratio: float, mask_patch: int) -> dict[str, float]:
+    """Mean squared error of the teachers' reconstruction, the pretraining objective, on held-out scans:
+    the centre ``roi_size`` crop of each test case (else training case) of ``spec``, preprocessed as the
+    model's metadata says, with ``mask_ratio`` of its ``mask_patch``^3 cubes zeroed (seeded, so runs
+    compare); ``test/masked_rc_mse``. Raises ValueError for a model without teachers."""
+    if not model.config.teachers:
+        raise ValueError("the model has no teachers, so nothing reconstructs its input")
+    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
+    load, crop = eval_transforms(metadata), ResizeWithPadOrCrop(model.config.roi_size)
+    errors = []
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model.train()  # the teachers run in training mode only; nothing here is trained
+        for case in spec.test or spec.training:
+            image = plain(crop(load({IMAGE: list(case.images)})[IMAGE]))[None]
+            masked = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
+            errors.append(F.mse_loss(model(masked).reconstruction, image).item())
+        model.eval()
+    return {"test/masked_rc_mse": float(np.mean(errors))}

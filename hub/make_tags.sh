@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# How every published tag (veloxseg.variants.PUBLISHED) was made, on a 2-core CPU machine: one torch
+# thread per run, at most two runs at once, each under GNU time for its CPU hours. Run from the
+# repository root after `bash .ci/install` and `apt-get install mricron-data` (INIA19 for the SSL
+# corpus; Colin27 stays out of every tag's training: it is benchmarks/finetune.py's held-out task, and
+# its test scans score the SSL tags' reconstruction).
+#
+#   bash hub/make_tags.sh data     # the three training sets
+#   bash hub/make_tags.sh train    # every run (resumable: a run that stops is continued with --resume)
+#   bash hub/make_tags.sh tags     # hub/<tag>/ from the runs; then paste the printed entries into PUBLISHED
+set -euo pipefail
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
+
+PETCT="--data $DATA/petct --val-every 400 --checkpoint-every 200 --seed 0"  # the models' own 96^3 ROI
+MNI152="--data $DATA/mni152 --max-steps 1500 --val-every 500 --checkpoint-every 250 --seed 0 --roi 64"
+SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --max-steps 1200 --val-every 400 --checkpoint-every 200 --seed 0 --roi 64"
+
+run() {  # run NAME FLAGS...: one training run into $RUNS/NAME, its log (with GNU time's report) in $RUNS/NAME.log
+    local name=$1; shift
+    /usr/bin/time -v $PY examples/train.py --no-progress --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1 ||
+        /usr/bin/time -v $PY examples/train.py --no-progress --output-dir "$RUNS/$name" --resume "$@" >> "$RUNS/$name.log" 2>&1
+}
+
+tag() {  # tag RUN TAG ABOUT [make_tag.py flags]
+    local run=$1 name=$2 about=$3; shift 3
+    $PY hub/make_tag.py "$RUNS/$run" "$name" --about "$about" --time-log "$RUNS/$run.log" "$@"
+}
+
+case ${1:-} in
+data)
+    "$(dirname "$PY")/veloxseg" demo-data "$DATA/petct" --num-train 48 --num-test 8 --seed 0
+    $PY examples/prepare_brain_templates.py "$DATA/mni152" --num-train 16 --num-test 4 --seed 0
+    $PY examples/prepare_ssl_corpus.py "$DATA/ssl" --seed 0
+    $PY examples/prepare_brain_templates.py "$DATA/colin27" --template colin27 --num-train 16 --num-test 4 --seed 0
+    ;;
+train)
+    mkdir -p "$RUNS"
+    {
+        run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 2400
+        run veloxseg_small.petct --model veloxseg_small $PETCT --max-steps 2400
+        run veloxseg_small.mni152 --model veloxseg_small $MNI152
+        run veloxseg_small.ssl --model veloxseg_small $SSL
+    } &
+    {
+        run veloxseg_tiny.petct --model veloxseg_tiny $PETCT --max-steps 2400
+        run veloxseg_base.petct --model veloxseg_base $PETCT --max-steps 1200
+        run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152
+        run veloxseg_tiny.ssl --model veloxseg_tiny $SSL
+        run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL
+        run veloxseg_base.ssl --model veloxseg_base ${SSL/1200/700}
+    } &
+    wait
+    ;;
+tags)
+    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, 96^3 ROI."
+    mni="Grey / white matter segmentation of T1 brain MRI (MNI152 2009a template, randomly deformed copies, 3 mm), 64^3 ROI."
+    ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
+    petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
+    mni_data=(--test-data "$DATA/mni152" --notice "$DATA/mni152/NOTICE.txt"
+              --data-command "python examples/prepare_brain_templates.py $DATA/mni152 --num-train 16 --num-test 4 --seed 0")
+    ssl_data=(--test-data "$DATA/colin27" --notice "$DATA/ssl/NOTICE.txt" --data-command "python examples/prepare_ssl_corpus.py $DATA/ssl --seed 0")
+    for variant in veloxseg_tiny veloxseg_small veloxseg_base veloxseg_small_hr; do
+        tag $variant.petct $variant.petct_lesions "$petct" "${petct_data[@]}"
+        tag $variant.ssl $variant.ssl_generalist "$ssl" "${ssl_data[@]}"
+    done
+    for variant in veloxseg_small veloxseg_small_hr; do
+        tag $variant.mni152 $variant.mni152_tissue "$mni" "${mni_data[@]}"
+    done
+    ;;
+*)
+    echo "usage: bash hub/make_tags.sh data|train|tags" >&2
+    exit 2
+    ;;
+esac
