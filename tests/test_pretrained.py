@@ -31,8 +31,8 @@ def assert_holds(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         assert torch.equal(state[key], value), key
 
 
-def test_every_variant_has_published_tags_both_libraries_list():
-    assert {name.split(".")[0] for name in TAGS} == set(VARIANTS)
+def test_published_tags_name_known_variants_both_libraries_list():
+    assert TAGS and {name.split(".")[0] for name in TAGS} <= set(VARIANTS)
     assert set(timm.list_pretrained("veloxseg*")) == set(veloxseg.list_models(pretrained=True)) == set(TAGS)
     for name in TAGS:
         assert timm.models.get_pretrained_cfg(name).hf_hub_id == f"{HUB_ORG}/{name}"
@@ -52,7 +52,7 @@ def test_a_tag_loads_its_shipped_trained_weights_offline(name, caplog):
     assert len(trained) > len(shipped) // 2, "the shipped weights are mostly the initialisation"
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", sorted({name.split(".")[0] for name in PUBLISHED}))
 def test_pretrained_without_a_tag_is_the_default_tag(variant):
     model = veloxseg.create_model(variant, pretrained=True)
     assert f"{variant}.{model.pretrained_cfg['tag']}" == default_tag(variant)
