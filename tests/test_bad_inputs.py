@@ -267,7 +267,7 @@ def empty_labels(tmp_path_factory) -> Path:
                           "include the cubes 64, 96, 128, 160"),
         (["--roi", "32"], "use at least 64 on some axis; roi sizes that work for veloxseg_tiny include the cubes 64"),
         (["--model", "local-dir:"], "names no folder"),
-        (["--pretrained"], "no trained weights are published for veloxseg_tiny"),  # refused after the demo data
+        (["--model", "veloxseg_tiny.no_such_tag", "--pretrained"], "unknown pretrained tag 'veloxseg_tiny.no_such_tag'"),
         (["--data", "EMPTY"], "no training label holds a foreground voxel"),
     ],
 )  # fmt: skip

@@ -38,7 +38,7 @@ from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
 from .metadata import ModelMetadata
-from .variants import VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
+from .variants import HUB_ORG, VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
 
 if TYPE_CHECKING:  # the model imports this module for its save_pretrained / push_to_hub
     from .model import VeloxSeg
@@ -289,9 +289,20 @@ def _name(cfg: dict[str, Any]) -> str:
     return ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or "this model"
 
 
+def _published_tag(source: dict[str, Any]) -> str | None:
+    """The published tag (``variant.tag``) whose registered Hub repo ``source`` names, or None: a local
+    folder, another repo or another revision is the user's own, with no registered files."""
+    if source.get("file") or not source.get("sha256"):
+        return None
+    name = _name(source)
+    return name if source.get("hf_hub_id") == f"{HUB_ORG}/{name}" else None
+
+
 def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Path:
     """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``): through the Hub
-    cache, else, for a published tag, its shipped copy. Checked against ``sha256[filename]`` when given."""
+    cache, else, for a published tag, its shipped copy. A published tag's files are checked against
+    their registered ``sha256[filename]``."""
+    tag = _published_tag(source)
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
         if not path.is_file():
@@ -301,12 +312,12 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
             path = _download(source["hf_hub_id"], filename, cache_dir)
             _logger.info("%s: %s from the Hugging Face Hub (cache: %s)", _name(source), filename, path)
         except FileNotFoundError as err:
-            shipped = SHIPPED_MODELS / _name(source) / filename
-            if not (source.get("sha256") and shipped.is_file()):
+            shipped = SHIPPED_MODELS / str(tag) / filename
+            if not (tag and shipped.is_file()):
                 raise
-            _logger.info("%s: %s from the copy shipped with veloxseg, %s (%s)", _name(source), filename, shipped, err)
+            _logger.info("%s: %s from the copy shipped with veloxseg, %s (%s)", tag, filename, shipped, err)
             path = shipped
-    expected = (source.get("sha256") or {}).get(filename)
+    expected = source["sha256"].get(filename) if tag else None
     if expected is not None and sha256_of(path) != expected:
         raise ValueError(
             f"{path}: its SHA-256 is not the one registered for {_name(source)} ({expected}): the file was changed "
