@@ -15,6 +15,7 @@ limitations). ``--notice`` is copied as NOTICE. Then prints the SHA-256 entry fo
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import re
 import shutil
@@ -61,7 +62,7 @@ def tag_section(
     steps = run["max_steps"]
     budget = f"{steps} steps of {run['batch_size']} patches of {'x'.join(map(str, run['roi'] or ['model ROI']))}"
     cost = f"{hours:.2f} CPU hours" if hours is not None else "CPU time not recorded"
-    threads = run.get("threads") or "default"
+    threads = run.get("threads") or os.environ.get("OMP_NUM_THREADS", "default")  # hub/make_tags.sh sets both alike
     lines = [
         f"## This tag: `{name}`",
         "",

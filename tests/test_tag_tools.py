@@ -77,7 +77,8 @@ def test_a_pretrain_run_is_scored_by_its_reconstruction_of_held_out_scans(task, 
     assert make_tag.main(argv) == 0
     metrics = json.loads((tmp_path / "veloxseg_tiny.ssl_test" / "config.json").read_text())
     metrics = metrics["pretrained_cfg"]["veloxseg"]["metrics"]
-    assert list(metrics) == ["test_masked_rc_mse"] and 0.0 < metrics["test_masked_rc_mse"] < 100.0
+    assert list(metrics) == ["test_masked_rc_mse", "test_masked_input_mse"]
+    assert 0.0 < metrics["test_masked_rc_mse"] < 100.0 and 0.0 < metrics["test_masked_input_mse"] < 100.0
     assert load_script(ROOT / "hub" / "publish.py").validate(tmp_path / "veloxseg_tiny.ssl_test") == []
 
 

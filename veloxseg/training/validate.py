@@ -82,12 +82,13 @@ def score_reconstruction(model: VeloxSeg, spec: DatasetSpec, mask_ratio: float, 
     """Mean squared error of the teachers' reconstruction, the pretraining objective, on held-out scans:
     the centre ``roi_size`` crop of each test case (else training case) of ``spec``, preprocessed as the
     model's metadata says, with ``mask_ratio`` of its ``mask_patch``^3 cubes zeroed (seeded, so runs
-    compare); ``test/masked_rc_mse``. Raises ValueError for a model without teachers."""
+    compare); ``test/masked_rc_mse``, beside ``test/masked_input_mse``, the error of the masked input
+    itself (what copying the visible voxels scores). Raises ValueError for a model without teachers."""
     if not model.config.teachers:
         raise ValueError("the model has no teachers, so nothing reconstructs its input")
     metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
     load, crop = eval_transforms(metadata), ResizeWithPadOrCrop(model.config.roi_size)
-    errors = []
+    errors, copy_errors = [], []
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model.train()  # the teachers run in training mode only; nothing here is trained
@@ -95,5 +96,6 @@ def score_reconstruction(model: VeloxSeg, spec: DatasetSpec, mask_ratio: float, 
             image = plain(crop(load({IMAGE: list(case.images)})[IMAGE]))[None]
             masked = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
             errors.append(F.mse_loss(model(masked).reconstruction, image).item())
+            copy_errors.append(F.mse_loss(masked, image).item())
         model.eval()
-    return {"test/masked_rc_mse": float(np.mean(errors))}
+    return {"test/masked_rc_mse": float(np.mean(errors)), "test/masked_input_mse": float(np.mean(copy_errors))}
