@@ -42,16 +42,16 @@ train)
     mkdir -p "$RUNS"
     {
         run veloxseg_small.petct --model veloxseg_small $PETCT --max-steps 1500 --val-every 500
-        run veloxseg_small.mni152 --model veloxseg_small $MNI152 --max-steps 1000 --val-every 500
-        run veloxseg_small.ssl --model veloxseg_small $SSL --max-steps 600 --val-every 300
+        run veloxseg_small.mni152 --model veloxseg_small $MNI152 --max-steps 1500 --val-every 500
+        run veloxseg_small.ssl --model veloxseg_small $SSL --max-steps 1500 --val-every 500
     } &
     {
         run veloxseg_tiny.ssl --model veloxseg_tiny $SSL --max-steps 600 --val-every 300
         run veloxseg_base.petct --model veloxseg_base $PETCT --max-steps 600 --val-every 300
-        run veloxseg_base.ssl --model veloxseg_base $SSL --max-steps 300 --val-every 300
-        run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 800 --val-every 400
-        run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 600 --val-every 300
-        run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL --max-steps 400 --val-every 400
+        run veloxseg_base.ssl --model veloxseg_base $SSL --max-steps 500 --val-every 500
+        run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 1200 --val-every 400
+        run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 1500 --val-every 500
+        run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL --max-steps 1000 --val-every 500
         # published earlier, at the model's own 96^3 ROI: 2400 steps, 858 CPU s
         run veloxseg_tiny.petct --model veloxseg_tiny --data "$DATA/petct" --val-every 400 --checkpoint-every 200 --seed 0 --max-steps 2400
     } &

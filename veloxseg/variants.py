@@ -65,17 +65,31 @@ HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<v
 # the Hub, else the copy shipped with the package (veloxseg.hub).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe; test Dice 0.623.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.24 CPU h); test Dice 0.623.",
         sha256={
             "config.json": "460fb0f8c3a658070161cd95af83bb4da0398b6eae39724286315bfe3fc01475",
             "model.safetensors": "1e5f2098496aa048217cb1e07fd768baea57630b48824631ae8fb05c3a95049d",
         },
     ),
-    "veloxseg_small.demo": dict(
-        description="Demonstration weights from the README main command (veloxseg_small on the built-in PET/CT data, a few hundred steps): a smoke test of pretrained=True, not a model to fine-tune from.",
+    "veloxseg_tiny.ssl_generalist": dict(
+        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 600 steps (0.05 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "f299b4ec4a54b1d4da18aa009156d4601d3ac623e9b342e70f9a709157e6d374",
-            "model.safetensors": "ed7320412fb07cf10ec627f8c7c2963ea2788b1b0c6f121438b2e86ec14990b1",
+            "config.json": "a79f4820eb1b4ebc64e1db7dda2bca259169bebba1c2665055143b1d9c6a8947",
+            "model.safetensors": "01239212af74256eb4785d5f119c62d3a59120e1aac7549ceb17704dcc7df848",
+        },
+    ),
+    "veloxseg_small.petct_lesions": dict(
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.24 CPU h); test Dice 0.664.",
+        sha256={
+            "config.json": "215fe01d51618fc565ed0a3970416ab9da9ffee4252614bc3d7419f815a545ca",
+            "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
+        },
+    ),
+    "veloxseg_base.petct_lesions": dict(
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.28 CPU h); test Dice 0.612.",
+        sha256={
+            "config.json": "4e4ddc2d6482e06601c1b10eedaaee9a345e811a320b51736483fbcc2685cf3b",
+            "model.safetensors": "2e0da5e7bed3016c11924545b279f40e26c2fef9edff5786ddf013d0ba282dce",
         },
     ),
 }
