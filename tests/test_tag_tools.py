@@ -104,3 +104,17 @@ def test_finetune_compares_tags_with_scratch_and_skips_their_own_task(task, tmp_
     table = out.with_suffix(".md").read_text()
     assert "| UnseenTask | petct_lesions |" in table
     assert finetune.TRAINED_ON["petct_lesions"] == "VeloxSegSyntheticPETCT"  # its own task is not transfer
+
+
+def test_tags_table_has_every_published_tag_with_its_budget_cost_and_held_out_numbers():
+    from veloxseg.variants import PUBLISHED
+
+    rows = load_script(ROOT / "hub" / "tags_table.py").table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == list(PUBLISHED)
+    for row, name in zip(rows, PUBLISHED):
+        metrics = json.loads((hub.SHIPPED_MODELS / name / hub.CONFIG_NAME).read_text())
+        metrics = metrics["pretrained_cfg"]["veloxseg"]["metrics"]
+        assert "?" not in row and " steps of " in row, row
+        number = metrics.get("test_dice", metrics.get("test_masked_rc_mse"))
+        assert f"{number:.3f}" in row, row
+    assert sum("(default)" in row for row in rows) == len({name.split(".")[0] for name in PUBLISHED})

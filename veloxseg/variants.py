@@ -79,14 +79,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_small.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.24 CPU h); test Dice 0.664.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.28 CPU h); test Dice 0.664.",
         sha256={
             "config.json": "215fe01d51618fc565ed0a3970416ab9da9ffee4252614bc3d7419f815a545ca",
             "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.28 CPU h); test Dice 0.612.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.24 CPU h); test Dice 0.612.",
         sha256={
             "config.json": "4e4ddc2d6482e06601c1b10eedaaee9a345e811a320b51736483fbcc2685cf3b",
             "model.safetensors": "2e0da5e7bed3016c11924545b279f40e26c2fef9edff5786ddf013d0ba282dce",
