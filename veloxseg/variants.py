@@ -85,11 +85,25 @@ PUBLISHED: dict[str, dict[str, Any]] = {
             "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
         },
     ),
+    "veloxseg_small.mni152_tissue": dict(
+        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.21 CPU h); test Dice 0.881.",
+        sha256={
+            "config.json": "b93e64282bd4dde0147ce682a0dbd7a042ff84d3518b254f7b9b4afbe8f1c2c3",
+            "model.safetensors": "7518e94dcf3dd3a34b3fe90f0a0ab51f0a453bb9f1b9f282cbaef28782d9397c",
+        },
+    ),
     "veloxseg_base.petct_lesions": dict(
         description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.24 CPU h); test Dice 0.612.",
         sha256={
             "config.json": "4e4ddc2d6482e06601c1b10eedaaee9a345e811a320b51736483fbcc2685cf3b",
             "model.safetensors": "2e0da5e7bed3016c11924545b279f40e26c2fef9edff5786ddf013d0ba282dce",
+        },
+    ),
+    "veloxseg_base.ssl_generalist": dict(
+        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 500 steps (0.11 CPU h); decoder untrained: fine-tune it.",
+        sha256={
+            "config.json": "06f397c639716736254473e4aee546524e2aeb69928c213714057b44ae97be62",
+            "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
         },
     ),
 }
