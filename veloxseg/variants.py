@@ -92,6 +92,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
             "model.safetensors": "7518e94dcf3dd3a34b3fe90f0a0ab51f0a453bb9f1b9f282cbaef28782d9397c",
         },
     ),
+    "veloxseg_small.ssl_generalist": dict(
+        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 1500 steps (0.17 CPU h); decoder untrained: fine-tune it.",
+        sha256={
+            "config.json": "5f964d291d0207be09bbde8dbef704d4783d6d67cda0114150fbde03d6ad2c20",
+            "model.safetensors": "d762be12feadb6760d3bb0ecdebae641f61e5e810ec0dc42d5e9315f8dac37c7",
+        },
+    ),
     "veloxseg_base.petct_lesions": dict(
         description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.24 CPU h); test Dice 0.612.",
         sha256={
@@ -104,6 +111,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         sha256={
             "config.json": "06f397c639716736254473e4aee546524e2aeb69928c213714057b44ae97be62",
             "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
+        },
+    ),
+    "veloxseg_small_hr.petct_lesions": dict(
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.22 CPU h); test Dice 0.634.",
+        sha256={
+            "config.json": "9c31f29ea0ffb2798cac04b22dc23df5ce26059aead88709e9389cbdb2e34b50",
+            "model.safetensors": "f0b1230ae89fddec2e08a7a5e278a53cc7284548bfe1a60d2167c289c47e4132",
         },
     ),
 }
