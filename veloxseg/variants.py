@@ -60,9 +60,10 @@ def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
 
 HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<variant>.<tag>
 
-# Published tags, each variant's default first: what the weights are and the SHA-256 of each file of
-# hub/<variant>.<tag>/ (hub/publish.py prints them). ``pretrained=True`` loads them from the Hub cache,
-# the Hub, else the copy shipped with the package (veloxseg.hub).
+# Published tags: what the weights are and the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py
+# prints them). ``pretrained=True`` loads them from the Hub cache, the Hub, else the copy shipped with the
+# package (veloxseg.hub). Each variant's default comes first: the kind of tag that fine-tuned best on a task
+# it was not trained on (benchmarks/results/finetune-colin27.md: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.24 CPU h); test Dice 0.623.",
@@ -78,18 +79,18 @@ PUBLISHED: dict[str, dict[str, Any]] = {
             "model.safetensors": "01239212af74256eb4785d5f119c62d3a59120e1aac7549ceb17704dcc7df848",
         },
     ),
-    "veloxseg_small.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.28 CPU h); test Dice 0.664.",
-        sha256={
-            "config.json": "215fe01d51618fc565ed0a3970416ab9da9ffee4252614bc3d7419f815a545ca",
-            "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
-        },
-    ),
     "veloxseg_small.mni152_tissue": dict(
         description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.21 CPU h); test Dice 0.881.",
         sha256={
             "config.json": "b93e64282bd4dde0147ce682a0dbd7a042ff84d3518b254f7b9b4afbe8f1c2c3",
             "model.safetensors": "7518e94dcf3dd3a34b3fe90f0a0ab51f0a453bb9f1b9f282cbaef28782d9397c",
+        },
+    ),
+    "veloxseg_small.petct_lesions": dict(
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.28 CPU h); test Dice 0.664.",
+        sha256={
+            "config.json": "215fe01d51618fc565ed0a3970416ab9da9ffee4252614bc3d7419f815a545ca",
+            "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
@@ -111,6 +112,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         sha256={
             "config.json": "06f397c639716736254473e4aee546524e2aeb69928c213714057b44ae97be62",
             "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
+        },
+    ),
+    "veloxseg_small_hr.mni152_tissue": dict(
+        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.22 CPU h); test Dice 0.914.",
+        sha256={
+            "config.json": "5c101921afd457c6ed2ad606314bd8636eddd751410093e31cbd473e6aee82af",
+            "model.safetensors": "d3bc1cc471ce4f5f4a58a24ed95c1e13fbd1e5b5e6818a54e2ead2c2a847a90e",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
