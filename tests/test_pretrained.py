@@ -32,7 +32,9 @@ def assert_holds(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def test_published_tags_name_known_variants_both_libraries_list():
-    assert TAGS and {name.split(".")[0] for name in TAGS} <= set(VARIANTS)
+    assert {name.split(".")[0] for name in TAGS} == set(VARIANTS)  # every variant has trained weights
+    for variant in VARIANTS:  # a lesion model on the paper's two-group PET/CT shape, and a self-supervised one
+        assert {f"{variant}.petct_lesions", f"{variant}.ssl_generalist"} <= set(TAGS)
     assert set(timm.list_pretrained("veloxseg*")) == set(veloxseg.list_models(pretrained=True)) == set(TAGS)
     for name in TAGS:
         assert timm.models.get_pretrained_cfg(name).hf_hub_id == f"{HUB_ORG}/{name}"
