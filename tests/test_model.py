@@ -3,9 +3,11 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import veloxseg
 from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
+from veloxseg.layers.conv import grouped_conv3d
 from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
@@ -137,6 +139,39 @@ def test_pixel_shuffle_3d_channels_last_input(dtype, f):
     got = pixel_shuffle_3d(x.contiguous(memory_format=torch.channels_last_3d), f)
     assert got.is_contiguous() and got.dtype == dtype
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("f", [2, 4])
+def test_pixel_shuffle_3d_channels_last_gradient(f):
+    """In training the chunked shuffle's backward returns the generic permute's gradient exactly."""
+    x = torch.randn(2, 3 * f**3, 3, 2, 4)
+    grad = torch.randn(2, 3, 3 * f, 2 * f, 4 * f)
+    leaf_cf = x.clone().requires_grad_()
+    leaf_cl = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    pixel_shuffle_3d(leaf_cf, f).backward(grad)
+    pixel_shuffle_3d(leaf_cl, f).backward(grad)
+    assert torch.equal(leaf_cl.grad, leaf_cf.grad)
+
+
+@pytest.mark.parametrize("channels, groups, kernel", [(16, 4, (5, 5, 3)), (32, 4, (3, 3, 3)), (8, 2, (1, 1, 1))])
+def test_grouped_conv3d_dense_weight_gradient(channels, groups, kernel):
+    """CPU training takes the grouped conv's weight gradient from the dense conv's diagonal blocks:
+    the forward is the same bit for bit, every gradient matches autograd's through F.conv3d."""
+    x = torch.randn(2, channels, 6, 5, 4)
+    weight = torch.randn(channels, channels // groups, *kernel) * 0.1
+    bias = torch.randn(channels)
+    padding = tuple(k // 2 for k in kernel)
+    grad = torch.randn(2, channels, 6, 5, 4)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = grouped_conv3d(*leaves, padding, groups)
+    assert type(out.grad_fn).__name__.startswith("_DenseWeightGradConv3d")
+    reference = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected = F.conv3d(*reference, padding=padding, groups=groups)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(leaves, reference):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_relative_position_index_formula():

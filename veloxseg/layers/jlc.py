@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import grouped_conv3d
 from .norm import instance_norm
 
 # oneDNN runs grouped 3-D convs with groups this narrow at about half the speed of 8-channel ones: on
@@ -50,7 +51,7 @@ def width_folded_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     folded = fold_conv_weight(weight)
     bias = None if bias is None else bias.repeat_interleave(2)
     padding = tuple(k // 2 for k in folded.shape[2:])
-    return unfold_width(F.conv3d(fold_width(x), folded, bias, padding=padding, groups=groups))
+    return unfold_width(grouped_conv3d(fold_width(x), folded, bias, padding, groups))
 
 
 class JLCBlock(nn.Module):
@@ -111,4 +112,4 @@ class JLCBlock(nn.Module):
         fold = self.narrow_groups and conv.kernel_size[-1] > 1 and x.shape[-1] % 2 == 0
         if fold and not torch.compiler.is_compiling():
             return width_folded_conv3d(x, conv.weight, conv.bias, conv.groups)
-        return conv(x)
+        return grouped_conv3d(x, conv.weight, conv.bias, conv.padding, conv.groups)
