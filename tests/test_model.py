@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import veloxseg
 from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
-from veloxseg.layers.conv import grouped_conv3d
+from veloxseg.layers.conv import OneDNNConv3d, grouped_conv3d
 from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
@@ -172,6 +172,25 @@ def test_grouped_conv3d_dense_weight_gradient(channels, groups, kernel):
     expected.backward(grad)
     for got, want in zip(leaves, reference):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias, input_grad", [(True, True), (False, False)])
+def test_onednn_conv_channels_last_backward(bias, input_grad):
+    """``channels_last_backward``: the same forward bit for bit, gradients as autograd's through F.conv3d."""
+    conv = OneDNNConv3d(4, 6, 3, padding=1, bias=bias, channels_last_backward=True)
+    x = torch.randn(2, 4, 6, 5, 4).requires_grad_(input_grad)
+    grad = torch.randn(2, 6, 6, 5, 4)
+    out = conv(x)
+    assert type(out.grad_fn).__name__.startswith("_ChannelsLastBackwardConv3d")
+    with torch.no_grad():
+        assert torch.equal(out, conv(x))  # the inference path: the plain oneDNN conv
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(input_grad)
+    params = [p.detach().clone().requires_grad_() for p in conv.parameters()]
+    F.conv3d(x_ref, *params, padding=1).backward(grad)
+    for got, want in zip([*conv.parameters(), x], [*params, x_ref]):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_relative_position_index_formula():

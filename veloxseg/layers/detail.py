@@ -26,7 +26,8 @@ class DetailPath(nn.Module):
     transposed conv, concatenated with the stem's output, mixed by a 1x1 and a 3^3 conv (instance
     norm and GELU after each) and a 1x1 conv into 2^3 n_classes channels, then pixel-shuffled by 2.
     The 3^3 conv is dense: a depth-wise one has as few FLOPs but its CPU backward took 2.5x as long;
-    it runs on oneDNN, which PyTorch skips for 8 channels (74 instead of 4 ms at 48^3, one thread).
+    it runs on oneDNN, which PyTorch skips for 8 channels (74 instead of 4 ms at 48^3, one thread), and
+    its backward on channels-last tensors.
     The last conv starts at zero, so an untrained path leaves the network's logits unchanged.
     """
 
@@ -35,7 +36,7 @@ class DetailPath(nn.Module):
         self.stem = OneDNNConv3d(in_ch, width, 4, stride=2, padding=1)
         self.up = nn.ConvTranspose3d(u1_ch, width, 2, stride=2)
         self.mix = nn.Conv3d(2 * width, width, 1)
-        self.spatial = OneDNNConv3d(width, width, 3, padding=1)
+        self.spatial = OneDNNConv3d(width, width, 3, padding=1, channels_last_backward=True)
         self.out = nn.Conv3d(width, 8 * n_classes, 1)
 
     def reset_output(self) -> None:
