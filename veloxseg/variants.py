@@ -63,7 +63,7 @@ HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<v
 # Published tags: what the weights are and the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py
 # prints them). ``pretrained=True`` loads them from the Hub cache, the Hub, else the copy shipped with the
 # package (veloxseg.hub). Each variant's default comes first: the kind of tag that fine-tuned best on a task
-# it was not trained on (benchmarks/results/finetune-colin27.md: tissue, then lesions, then SSL).
+# it was not trained on (benchmarks/results/finetune-colin27*.md: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.24 CPU h); test Dice 0.623.",
