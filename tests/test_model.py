@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import veloxseg
 from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
-from veloxseg.layers.conv import OneDNNConv3d, grouped_conv3d
+from veloxseg.layers import conv
+from veloxseg.layers.conv import OneDNNConv3d, PatchConv3d, grouped_conv3d
 from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
@@ -153,10 +154,12 @@ def test_pixel_shuffle_3d_channels_last_gradient(f):
     assert torch.equal(leaf_cl.grad, leaf_cf.grad)
 
 
+@pytest.mark.parametrize("method", ["dense", "channels_last"])
 @pytest.mark.parametrize("channels, groups, kernel", [(16, 4, (5, 5, 3)), (32, 4, (3, 3, 3)), (8, 2, (1, 1, 1))])
-def test_grouped_conv3d_dense_weight_gradient(channels, groups, kernel):
-    """CPU training takes the grouped conv's weight gradient from the dense conv's diagonal blocks:
-    the forward is the same bit for bit, every gradient matches autograd's through F.conv3d."""
+def test_grouped_conv3d_fast_weight_gradient(monkeypatch, method, channels, groups, kernel):
+    """CPU training takes the grouped conv's weight gradient by this CPU's faster detour (both tested
+    here): the forward is the same bit for bit, every gradient matches autograd's through F.conv3d."""
+    monkeypatch.setattr(conv, "weight_grad_method", lambda: method)
     x = torch.randn(2, channels, 6, 5, 4)
     weight = torch.randn(channels, channels // groups, *kernel) * 0.1
     bias = torch.randn(channels)
@@ -164,14 +167,42 @@ def test_grouped_conv3d_dense_weight_gradient(channels, groups, kernel):
     grad = torch.randn(2, channels, 6, 5, 4)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     out = grouped_conv3d(*leaves, padding, groups)
-    assert type(out.grad_fn).__name__.startswith("_DenseWeightGradConv3d")
+    assert type(out.grad_fn).__name__.startswith("_FastWeightGradConv3d")
     reference = [t.clone().requires_grad_() for t in (x, weight, bias)]
     expected = F.conv3d(*reference, padding=padding, groups=groups)
     assert torch.equal(out, expected)
     out.backward(grad)
     expected.backward(grad)
     for got, want in zip(leaves, reference):
+        assert got.grad.is_contiguous()
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_grad_method_follows_cpu(monkeypatch):
+    for capability, method in [("AVX512", "dense"), ("AVX512_BF16", "dense"), ("AVX2", "channels_last"), ("DEFAULT", "channels_last")]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert conv.weight_grad_method() == method
+
+
+@pytest.mark.parametrize("in_ch, bias, input_grad", [(1, True, False), (2, False, True)])
+def test_patch_conv_backward(in_ch, bias, input_grad):
+    """The patch embedding's GEMM backward: same forward bit for bit, gradients as autograd's through F.conv3d."""
+    embed = PatchConv3d(in_ch, 6, 2)
+    if not bias:
+        embed.bias = None
+    x = torch.randn(2, in_ch, 4, 6, 8).requires_grad_(input_grad)
+    out = embed(x)
+    assert type(out.grad_fn).__name__.startswith("_PatchConvBackward")
+    with torch.no_grad():
+        assert torch.equal(out, F.conv3d(x, embed.weight, embed.bias, stride=2))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(input_grad)
+    params = [p.detach().clone().requires_grad_() for p in embed.parameters()]
+    F.conv3d(x_ref, params[0], params[1] if bias else None, stride=2).backward(grad)
+    for got, want in zip([*embed.parameters(), x], [*params, x_ref]):
+        if want.requires_grad:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias, input_grad", [(True, True), (False, False)])

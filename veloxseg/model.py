@@ -10,7 +10,9 @@ from torch import nn
 
 from . import hub
 from .config import NUM_LEVELS, VeloxSegConfig
-from .layers import DetailPath, JLCBlock, OneDNNConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d
+from .layers import (
+    DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d,
+)  # fmt: skip
 
 
 @dataclass
@@ -79,7 +81,7 @@ class AttentionStream(nn.Module):
         super().__init__()
         p, groups = cfg.patch_size, cfg.num_groups
         self.in_ch = cfg.in_ch
-        self.patch_embeds = nn.ModuleList(nn.Conv3d(c, cfg.attn_width(1), p, stride=p) for c in cfg.in_ch)
+        self.patch_embeds = nn.ModuleList(PatchConv3d(c, cfg.attn_width(1), p) for c in cfg.in_ch)
         self.embed_drop = nn.Dropout(cfg.proj_drop)
         self.levels = nn.ModuleList()
         self.merges = nn.ModuleList()

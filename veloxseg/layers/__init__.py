@@ -3,7 +3,7 @@
 The attention stream works on channels-last (B, D, H, W, C) tensors, the conv stream on
 channels-first (B, C, D, H, W) ones."""
 
-from .conv import OneDNNConv3d, PointwiseConv3d
+from .conv import OneDNNConv3d, PatchConv3d, PointwiseConv3d
 from .detail import DetailPath
 from .jlc import JLCBlock
 from .norm import instance_norm
@@ -16,6 +16,7 @@ __all__ = [
     "JLCBlock",
     "OneDNNConv3d",
     "PairedWindowAttention",
+    "PatchConv3d",
     "PatchMerging3d",
     "PointwiseConv3d",
     "PWABlock",

@@ -79,6 +79,64 @@ class _ChannelsLastBackwardConv3d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+class PatchConv3d(nn.Conv3d):
+    """Patch embedding: ``nn.Conv3d(in_ch, out_ch, p, stride=p)``, each output voxel reads its own p^3 patch.
+
+    Same parameters and forward as ``nn.Conv3d``. While training on the CPU in float32 its backward is
+    two GEMMs over the patches (:class:`_PatchConvBackward`): PyTorch's CPU weight gradient of this
+    conv is slow (veloxseg_small_hr's 1 -> 16 4^3 embedding at 2 x 64^3, one thread, an AMD EPYC: 50 ms
+    in a training step, 9 ms alone; the GEMM takes 4 ms).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, patch_size: int) -> None:
+        super().__init__(in_channels, out_channels, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+            and eager()
+        ):
+            return _PatchConvBackward.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B * D/p * H/p * W/p, C * p^3): one row per non-overlapping p^3 patch."""
+    b, c, d, h, w = x.shape
+    x = x.view(b, c, d // p, p, h // p, p, w // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(-1, c * p**3)
+
+
+class _PatchConvBackward(torch.autograd.Function):
+    """A kernel = stride conv with its backward as GEMMs over the patches (see :class:`PatchConv3d`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, stride=weight.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        p, c_out = weight.shape[-1], weight.shape[0]
+        rows = grad.permute(0, 2, 3, 4, 1).reshape(-1, c_out)  # (B * N, C_out), N = patches per volume
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            b, c, d, h, w = x.shape
+            grad_patches = (rows @ weight.reshape(c_out, -1)).view(b, d // p, h // p, w // p, c, p, p, p)
+            grad_x = grad_patches.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (rows.t() @ patches(x, p)).view(weight.shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
 class PointwiseConv3d(nn.Conv3d):
     """A 1x1x1 conv applied to a channels-last tensor: (..., C_in) -> (..., C_out).
 
@@ -93,23 +151,31 @@ class PointwiseConv3d(nn.Conv3d):
         return F.linear(x, self.weight.flatten(1), self.bias)
 
 
-# PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels: with 32 input channels
-# in 4 groups (veloxseg_small's level 1, width-folded, batch 2 x 64^3, one thread) the 5x5x3 kernel's
-# takes 13.9 ms, the dense conv's on the same tensors 6.2 ms; from 64 channels on dense is the slower
-# (2.5x at 64 channels in 8 groups). Measured for every JLC conv of tiny, small and base.
-DENSE_WEIGHT_GRAD_MAX_CHANNELS = 32
+# PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels, and which detour is
+# faster depends on the CPU (veloxseg_small's level-1 5x5x3 conv, 32 width-folded channels in 4 groups,
+# batch 2 x 64^3, one thread; benchmarks/results/speed_notes.md):
+# - AVX-512 (an Intel Xeon): the dense conv's weight gradient, 6.2 instead of 13.9 ms;
+# - AVX2 (an AMD EPYC): dense is slower there (31.6 vs 17.6 ms); the grouped one on channels-last
+#   copies of the input and of the output gradient takes 14.5 ms instead.
+# From 64 channels on, PyTorch's own is the fastest on both.
+FAST_WEIGHT_GRAD_MAX_CHANNELS = 32
+
+
+def weight_grad_method() -> str:
+    """How :func:`grouped_conv3d` computes narrow weight gradients on this CPU: "dense" or "channels_last"."""
+    return "dense" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "channels_last"
 
 
 def grouped_conv3d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, ...], groups: int
 ) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=padding, groups=groups)`` (stride 1), the same forward; when
-    training on the CPU in float32 with at most ``DENSE_WEIGHT_GRAD_MAX_CHANNELS`` input channels, its weight
-    gradient is the dense conv's, of which only the diagonal blocks are kept (:class:`_DenseWeightGradConv3d`).
+    training on the CPU in float32 with at most ``FAST_WEIGHT_GRAD_MAX_CHANNELS`` input channels, its weight
+    gradient takes the faster detour for this CPU (:class:`_FastWeightGradConv3d`).
     Shapes: (B, C_in, D, H, W) -> (B, C_out, D, H, W)."""
     if (
         groups > 1
-        and x.shape[1] <= DENSE_WEIGHT_GRAD_MAX_CHANNELS
+        and x.shape[1] <= FAST_WEIGHT_GRAD_MAX_CHANNELS
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")  # bf16 autocast: PyTorch's own conv and backward
@@ -117,19 +183,19 @@ def grouped_conv3d(
         and torch.is_grad_enabled()
         and eager()
     ):
-        return _DenseWeightGradConv3d.apply(x, weight, bias, tuple(padding), groups)
+        return _FastWeightGradConv3d.apply(x, weight, bias, tuple(padding), groups, weight_grad_method())
     return F.conv3d(x, weight, bias, padding=padding, groups=groups)
 
 
-class _DenseWeightGradConv3d(torch.autograd.Function):
-    """Grouped conv whose backward computes the weight gradient as that of the dense conv (C_out, C_in, k)
-    and keeps its ``groups`` diagonal blocks: more FLOPs, but on a faster CPU path. The input gradient
-    is the grouped conv's own."""
+class _FastWeightGradConv3d(torch.autograd.Function):
+    """Grouped conv whose backward computes the weight gradient by ``method``: "dense", as that of the
+    dense conv (C_out, C_in, k), keeping its ``groups`` diagonal blocks (more FLOPs, on a faster CPU path),
+    or "channels_last", PyTorch's grouped one on channels-last copies. The input gradient is PyTorch's own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, groups):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, padding, groups, method):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.groups, ctx.has_bias = padding, groups, bias is not None
+        ctx.padding, ctx.groups, ctx.method, ctx.has_bias = padding, groups, method, bias is not None
         return F.conv3d(x, weight, bias, padding=padding, groups=groups)
 
     @staticmethod
@@ -142,7 +208,7 @@ class _DenseWeightGradConv3d(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, ones, ctx.padding, ones, False, zeros, groups, [True, False, False]
             )[0]
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and ctx.method == "dense":
             c_out, c_in_group, *kernel = weight.shape
             dense = weight.new_empty(c_out, c_in_group * groups, *kernel)  # only its shape is read
             grad_dense = torch.ops.aten.convolution_backward(
@@ -150,6 +216,12 @@ class _DenseWeightGradConv3d(torch.autograd.Function):
             )[1]
             blocks = grad_dense.view(groups, c_out // groups, groups, c_in_group, *kernel)
             grad_weight = torch.stack([blocks[g, :, g] for g in range(groups)]).view(weight.shape)
+        elif ctx.needs_input_grad[1]:
+            layout = torch.channels_last_3d
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad.contiguous(memory_format=layout), x.contiguous(memory_format=layout), weight, None,
+                ones, ctx.padding, ones, False, zeros, groups, [False, True, False],
+            )[1].contiguous()  # fmt: skip
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3, 4))
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
