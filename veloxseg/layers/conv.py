@@ -84,7 +84,7 @@ class PatchConv3d(nn.Conv3d):
 
     Same parameters and forward as ``nn.Conv3d``. While training on the CPU in float32 its backward is
     two GEMMs over the patches (:class:`_PatchConvBackward`): PyTorch's CPU weight gradient of this
-    conv is slow (veloxseg_small_hr's 1 -> 16 4^3 embedding at 2 x 64^3, one thread, an AMD EPYC: 50 ms
+    conv is slow (veloxseg_small_hr's 1 -> 16 4^3 embedding at 2 x 64^3, one thread, an AVX2 AMD EPYC: 50 ms
     in a training step, 9 ms alone; the GEMM takes 4 ms).
     """
 
@@ -154,9 +154,9 @@ class PointwiseConv3d(nn.Conv3d):
 # PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels, and which detour is
 # faster depends on the CPU (veloxseg_small's level-1 5x5x3 conv, 32 width-folded channels in 4 groups,
 # batch 2 x 64^3, one thread; benchmarks/results/speed_notes.md):
-# - AVX-512 (an Intel Xeon): the dense conv's weight gradient, 6.2 instead of 13.9 ms;
-# - AVX2 (an AMD EPYC): dense is slower there (31.6 vs 17.6 ms); the grouped one on channels-last
-#   copies of the input and of the output gradient takes 14.5 ms instead.
+# - AVX-512 (an AMD EPYC with avx512_bf16): the dense conv's weight gradient, 6.2 instead of 13.9 ms;
+# - AVX2 only (an AMD EPYC without AVX-512): dense is slower there (31.6 vs 17.6 ms); the grouped one
+#   on channels-last copies of the input and of the output gradient takes 14.5 ms instead.
 # From 64 channels on, PyTorch's own is the fastest on both.
 FAST_WEIGHT_GRAD_MAX_CHANNELS = 32
 

@@ -96,7 +96,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     """The authors' AdamW over the trainable parameters, as PyTorch's fused kernel on CPUs and CUDA GPUs.
 
     Fused: one kernel per tensor instead of about ten ops; VeloxSeg has many small tensors (veloxseg_small_hr
-    167, UNet 26), so its update took 20 instead of 5 ms per step on one CPU thread (an AMD EPYC)."""
+    167, UNet 26), so its update took 20 instead of 5 ms per step on one CPU thread (an AVX2 AMD EPYC)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
