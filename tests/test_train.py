@@ -26,6 +26,7 @@ from veloxseg.training import (
     TrainConfig,
     TrainResult,
     build_model,
+    build_optimizer,
     build_scheduler,
     resolve,
     scaled_windows,
@@ -136,6 +137,26 @@ def test_scaled_windows_follow_the_roi() -> None:
     assert scaled_windows(windows, (96, 96, 96), (128, 96, 64))[1] == [8, 6, 4]
     with pytest.raises(ValueError, match="each axis must be a multiple of"):
         scaled_windows(windows, (96, 96, 96), (80, 80, 80))
+
+
+def test_optimizer_is_fused_adamw_of_the_trainable_parameters() -> None:
+    """AdamW with the config's rate and decay, fused on the CPU, over the parameters that train only; its
+    update equals the for-loop AdamW's."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.05))
+    assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == 1e-2
+    assert optimizer.defaults["weight_decay"] == 0.05
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model[1].parameters())
+    reference = [p.detach().clone().requires_grad_() for p in model[1].parameters()]
+    loop = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.05, foreach=False)
+    for params in (list(model[1].parameters()), reference):
+        for p in params:
+            p.grad = torch.ones_like(p)
+    optimizer.step()
+    loop.step()
+    for got, want in zip(model[1].parameters(), reference):
+        torch.testing.assert_close(got, want)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr() -> None:
