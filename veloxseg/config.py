@@ -167,6 +167,11 @@ class VeloxSegConfig:
             )
         if not isinstance(self.detail_ch, int) or self.detail_ch < 0:
             raise ValueError(f"detail_ch must be an int >= 0 (0: no detail path), got {self.detail_ch!r}")
+        if self.detail_ch and self.patch_size != 4:
+            raise ValueError(
+                f"detail_ch needs patch_size 4 (the detail path brings 1/4-resolution features to 1/2), "
+                f"got patch_size {self.patch_size}"
+            )
         if not self.kernel_sizes or any(k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError(f"kernel_sizes must be odd (same-size padding), got {list(self.kernel_sizes)}")
         for level in range(1, NUM_LEVELS + 1):

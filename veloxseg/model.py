@@ -170,15 +170,16 @@ class DecoderLadder(nn.Module):
 
 
 class SegmentationDecoder(nn.Module):
-    """Student decoder: ladder, full-resolution head via 3-D pixel shuffle, deep-supervision heads,
-    and with ``detail_ch`` a :class:`DetailPath` whose corrections are added to the full-resolution logits."""
+    """Student decoder: ladder, full-resolution head via 3-D pixel shuffle, deep-supervision heads.
+    With ``detail_ch`` the head stops at half resolution (2x shuffle) and a :class:`DetailPath` takes
+    its logits to full resolution."""
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
         super().__init__()
-        self.patch_size = cfg.patch_size
+        self.head_upscale = 2 if cfg.detail_ch else cfg.patch_size
         self.ladder = DecoderLadder(cfg)
         self.head = OneDNNConv3d(
-            cfg.conv_width(1), cfg.patch_size**3 * cfg.n_classes, 3, padding=1, channels_last_input=True
+            cfg.conv_width(1), self.head_upscale**3 * cfg.n_classes, 3, padding=1, channels_last_input=True
         )
         self.aux_heads = nn.ModuleList(
             nn.Conv3d(cfg.conv_width(level), cfg.n_classes, 1) for level in range(2, NUM_LEVELS + 1)
@@ -193,9 +194,9 @@ class SegmentationDecoder(nn.Module):
         """[e_1..e_4] (and the detail path's stem output) -> (logits list [full, u_2, u_3, e_4 heads at
         their own scale], u_1)."""
         u = self.ladder(features)
-        logits = [pixel_shuffle_3d(self.head(u[0]), self.patch_size)]
+        logits = [pixel_shuffle_3d(self.head(u[0]), self.head_upscale)]
         if self.detail is not None:
-            logits[0] = logits[0] + self.detail(detail_stem, u[0])
+            logits[0] = self.detail(detail_stem, u[0], logits[0])
         if self.training and self.aux_heads is not None:
             logits += [head(f) for head, f in zip(self.aux_heads, [u[1], u[2], features[3]])]
         return logits, u[0]

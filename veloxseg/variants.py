@@ -115,24 +115,24 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
-        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.22 CPU h); test Dice 0.914.",
+        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.24 CPU h); test Dice 0.918.",
         sha256={
-            "config.json": "5c101921afd457c6ed2ad606314bd8636eddd751410093e31cbd473e6aee82af",
-            "model.safetensors": "d3bc1cc471ce4f5f4a58a24ed95c1e13fbd1e5b5e6818a54e2ead2c2a847a90e",
+            "config.json": "cf22b207e8264f55297247d1a5aa2d9f73c3c55a9dec3e4c93099df8ac0f0bbe",
+            "model.safetensors": "453cd5a460ea3db76a372ba434108eaccbe9b61b8ef2650dc914ba781a416dee",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.22 CPU h); test Dice 0.634.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.22 CPU h); test Dice 0.636.",
         sha256={
-            "config.json": "9c31f29ea0ffb2798cac04b22dc23df5ce26059aead88709e9389cbdb2e34b50",
-            "model.safetensors": "f0b1230ae89fddec2e08a7a5e278a53cc7284548bfe1a60d2167c289c47e4132",
+            "config.json": "7948c1cc3ede07ba607b829c522c1e6da0fb511ee57790eb180c286d8662a40a",
+            "model.safetensors": "ac0e50bc0964d07c4fd1f9beb3b70f012c121c63b6be03b3e545b8ba354bacb3",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
-        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 1000 steps (0.13 CPU h); decoder untrained: fine-tune it.",
+        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 1000 steps (0.15 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "d4de9cf13fd03735f9ae860eecff6b9a94909330a0af6ca9b79d87567240f0f9",
-            "model.safetensors": "97882c05f8e1bf26333e2a10acd3eead02c53bd108eeeccbdb9e2215794e303e",
+            "config.json": "7553ee2eb2dcec8d730f21f81fded72ab75968bb6b4eca2df6453e31fc56f397",
+            "model.safetensors": "f2ffc0ef838b1101ee289a98dfa75baa63d79b46b3e1bd6bd835455cd010e73c",
         },
     ),
 }
