@@ -37,13 +37,15 @@ def test_detail_path_shapes_and_gradients() -> None:
     assert out.shape == (2, 3, 32, 32, 16)
     out.square().sum().backward()
     assert path.out.weight.grad.abs().sum() > 0 and path.stem.weight.grad is not None
+    # each half-resolution logit feeds its 2^3 output block
     blocks = out.detach().unflatten(2, (16, 2)).unflatten(4, (16, 2)).unflatten(6, (8, 2))
-    assert torch.allclose(coarse.grad, 2 * blocks.sum((3, 5, 7)), atol=1e-5)  # each half-resolution logit feeds its 2^3 block
+    assert torch.allclose(coarse.grad, 2 * blocks.sum((3, 5, 7)), atol=1e-5)
 
 
 def test_hr_trains_and_counts_its_path_in_inference_parameters() -> None:
     model = veloxseg.create_model("veloxseg_small_hr", teachers=False, deep_supervision=False, **ROI).train()
     small = veloxseg.create_model("veloxseg_small", teachers=False, deep_supervision=False, **ROI)
+
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 

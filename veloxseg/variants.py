@@ -20,8 +20,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "veloxseg_base": dict(
         base_ch=32, attn_base_ch=32, min_dim_group=(8, 16, 16, 32), num_heads=(2, 4, 4, 8), min_dim_head=(8, 16, 16, 32)
     ),
-    # Not in the paper: small plus a half-resolution detail path (layers/detail.py), the recommended
-    # variant (benchmarks/results/accuracy.md: it learns sub-patch detail that small cannot).
+    # Not in the paper: small with a half-resolution head and a detail path that takes its logits to full
+    # resolution (layers/detail.py), the recommended variant (benchmarks/results/accuracy.md: it learns
+    # sub-patch detail that small cannot).
     "veloxseg_small_hr": dict(detail_ch=8),
 }
 
