@@ -351,11 +351,16 @@ def search_learning_rates(
 ) -> dict[str, Any]:  # fmt: skip
     """For each setup, train at every rate of ``grid`` on the training part of a validation split of each
     dataset and score on its validation part; record the rate of the best mean validation Dice in
-    ``record_path`` (setups of the paper's recipe keep the paper's rate). Returns the record."""
+    ``record_path`` (setups of the paper's recipe keep the paper's rate). Scores recorded earlier for the
+    setup at the same budget are kept, so a search over new rates extends the grid instead of replacing it.
+    Returns the record."""
+    budget = f"{minutes:g} CPU minutes" if minutes else f"{steps or 100} steps"
     for name in models:
         if SETUPS[name].recipe == "paper":
             continue
-        scores: dict[str, dict[str, float]] = {}
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
+        earlier = record["setups"].get(name, {})
+        scores: dict[str, dict[str, float]] = earlier["validation_dice"] if earlier.get("budget") == budget else {}
         for data in datasets:
             base = base_config(data, steps, roi, **settings)
             spec = load_benchmark_data(data, test=False)
@@ -364,8 +369,9 @@ def search_learning_rates(
                 row = run(name, spec, train_cases, val_cases, setup_config(name, base, lr), minutes)
                 scores.setdefault(f"{lr:g}", {})[spec.root.name] = row["dice_mean"]
                 print(f"{name} lr {lr:g} on {spec.root.name}: validation Dice {row['dice_mean']:.3f}", flush=True)
+        names = set(scores[f"{grid[0]:g}"])
+        scores = {lr: by_data for lr, by_data in scores.items() if set(by_data) == names}  # earlier, other data: drop
         best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
-        budget = f"{minutes:g} CPU minutes" if minutes else f"{steps or 100} steps"
         record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}  # another search's
         record["setups"][name] = {"lr": float(best), "validation_dice": scores, "budget": budget}
         record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -502,7 +508,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default: %(default)s)")
     parser.add_argument("--lr", type=float, help="peak learning rate of every setup (default: each setup's recorded)")
     parser.add_argument("--search-lr", action="store_true",
-                        help=f"choose each setup's rate from {list(LR_GRID)} on validation splits and record it")
+                        help="choose each setup's rate from --lr-grid on validation splits and record it")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=list(LR_GRID), metavar="LR",
+                        help="rates --search-lr tries (default: %(default)s); scores of earlier rates at the same "
+                        "budget are kept")
     parser.add_argument("--workers", type=int, help="data loading processes (default: the trainer's)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -510,7 +519,7 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
     settings = {"batch_size": args.batch_size, "num_workers": args.workers, "cpu": args.cpu}
     if args.search_lr:
-        search_learning_rates(args.models, args.data, args.minutes, args.steps, args.roi, **settings)
+        search_learning_rates(args.models, args.data, args.minutes, args.steps, args.roi, args.lr_grid, **settings)
         return
     for data in args.data:
         out = args.out or HERE / "results" / ("accuracy" if data is None else f"accuracy-{data.name}")

@@ -88,3 +88,20 @@ def test_search_records_the_best_rate_on_validation(accuracy, data: Path, tmp_pa
     test_ids = {c.case_id for c in accuracy.read_dataset(data).test}
     for train_ids, eval_ids in seen:
         assert eval_ids and not train_ids & eval_ids and not eval_ids & test_ids  # never the test set
+
+
+def test_search_over_new_rates_extends_the_recorded_grid(accuracy, data: Path, tmp_path: Path, monkeypatch) -> None:
+    peak = {"lr": 4e-3, "dice": 0.9}
+    monkeypatch.setattr(accuracy, "run", lambda name, spec, tr, ev, config, minutes=None: {
+        "dice_mean": peak["dice"] - abs(config.lr - peak["lr"])})  # fmt: skip
+    record_path = tmp_path / "learning_rates.json"
+    search = dict(minutes=None, steps=2, roi=(64, 32, 32), record_path=record_path, cpu=True)
+    accuracy.search_learning_rates(["UNet"], [data], **search)
+    accuracy.search_learning_rates(["UNet"], [data], grid=(1.6e-2,), **search)  # worse than 4e-3: the choice stays
+    record = json.loads(record_path.read_text())["setups"]["UNet"]
+    assert record["lr"] == 4e-3 and set(record["validation_dice"]) == {"0.002", "0.004", "0.008", "0.016"}
+    peak.update(lr=1.6e-2, dice=0.95)  # a new run at 1.6e-2 now beats the recorded 4e-3
+    accuracy.search_learning_rates(["UNet"], [data], grid=(1.6e-2,), **search)
+    assert json.loads(record_path.read_text())["setups"]["UNet"]["lr"] == 1.6e-2
+    accuracy.search_learning_rates(["UNet"], [data], grid=(1e-3,), **{**search, "steps": 3})  # another budget
+    assert set(json.loads(record_path.read_text())["setups"]["UNet"]["validation_dice"]) == {"0.001"}
