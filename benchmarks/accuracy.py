@@ -18,8 +18,9 @@ not shorten it), and the schedule warms up and decays over that time; ``--steps 
 steps instead. Run with one torch thread (the default on 2-CPU machines) for budgets that compare.
 
 Learning rates: each setup's rate is recorded in ``results/learning_rates.json``, chosen by
-``--search-lr`` from a small grid on a validation split of the training cases (never the test set):
-a plain run reads it and does not search again. The paper's recipe keeps the paper's 2.5e-4.
+``--search-lr`` from a small grid (``--lr-grid``) on a validation split of the training cases (never the
+test set): a plain run reads it and does not search again. A search over rates not yet tried keeps the
+scores recorded at the same budget, so it extends the grid. The paper's recipe keeps the paper's 2.5e-4.
 
 Results are written after every run, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 """
