@@ -105,3 +105,6 @@ def test_search_over_new_rates_extends_the_recorded_grid(accuracy, data: Path, t
     assert json.loads(record_path.read_text())["setups"]["UNet"]["lr"] == 1.6e-2
     accuracy.search_learning_rates(["UNet"], [data], grid=(1e-3,), **{**search, "steps": 3})  # another budget
     assert set(json.loads(record_path.read_text())["setups"]["UNet"]["validation_dice"]) == {"0.001"}
+    monkeypatch.setattr(accuracy.torch.backends.cpu, "get_cpu_capability", lambda: "another CPU")
+    accuracy.search_learning_rates(["UNet"], [data], grid=(2e-3,), **{**search, "steps": 3})
+    assert set(json.loads(record_path.read_text())["setups"]["UNet"]["validation_dice"]) == {"0.002"}
