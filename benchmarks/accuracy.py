@@ -20,7 +20,8 @@ steps instead. Run with one torch thread (the default on 2-CPU machines) for bud
 Learning rates: each setup's rate is recorded in ``results/learning_rates.json``, chosen by
 ``--search-lr`` from a small grid (``--lr-grid``) on a validation split of the training cases (never the
 test set): a plain run reads it and does not search again. A search over rates not yet tried keeps the
-scores recorded at the same budget on the same kind of CPU, so it extends the grid. The paper's recipe keeps the paper's 2.5e-4.
+scores recorded at the same budget on the same kind of CPU, so it extends the grid. The paper's recipe
+keeps the paper's 2.5e-4.
 
 Results are written after every run, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 """
