@@ -51,7 +51,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from veloxseg.data.datasets import Case, DatasetSpec, read_dataset, split_cases, validate_dataset
 from veloxseg.data.demo import GENERATOR_VERSION, make_demo_dataset
-from veloxseg.io import atomic_folder
+from veloxseg.io import atomic_file, atomic_folder
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.model import VeloxSegOutput
 from veloxseg.training import (
@@ -356,12 +356,14 @@ def search_learning_rates(
     ``record_path`` (setups of the paper's recipe keep the paper's rate). Scores recorded earlier for the
     setup at the same budget on the same kind of CPU are kept, so a search over new rates extends the grid
     instead of replacing it. Returns the record."""
+    if not grid or any(not lr > 0 for lr in grid):
+        raise ValueError(f"the learning-rate grid needs rates > 0, got {list(grid)}")
     budget = f"{minutes:g} CPU minutes" if minutes else f"{steps or 100} steps"
     cpu = torch.backends.cpu.get_cpu_capability()  # a CPU budget buys ~3x the steps on AVX512 as on AVX2
     for name in models:
         if SETUPS[name].recipe == "paper":
             continue
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}  # others' too
         earlier = record["setups"].get(name, {})
         same_budget = (earlier.get("budget"), earlier.get("cpu")) == (budget, cpu)
         scores: dict[str, dict[str, float]] = earlier["validation_dice"] if same_budget else {}
@@ -376,10 +378,9 @@ def search_learning_rates(
         names = set(scores[f"{grid[0]:g}"])
         scores = {lr: by_data for lr, by_data in scores.items() if set(by_data) == names}  # earlier, other data: drop
         best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}  # another search's
         record["setups"][name] = {"lr": float(best), "validation_dice": scores, "budget": budget, "cpu": cpu}
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        with atomic_file(record_path) as tmp:  # every setup's rate lives in this file: never half-written
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -492,9 +493,11 @@ def run_title(run_info: dict[str, Any]) -> str:
 
 def write_results(rows: list[dict[str, Any]], run_info: dict[str, Any], out: Path) -> None:
     """``out``.json (run settings and rows), ``out``.md (tables) and ``out``.png (Dice bar chart)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"run": run_info, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, run_info))
+    # rewritten after every run of a long benchmark: an interruption leaves the previous complete files
+    with atomic_file(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps({"run": run_info, "rows": rows}, indent=2) + "\n")
+    with atomic_file(out.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown(rows, run_info))
     plot({run_title(run_info): rows}, out.with_suffix(".png"))
 
 

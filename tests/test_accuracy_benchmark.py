@@ -108,3 +108,10 @@ def test_search_over_new_rates_extends_the_recorded_grid(accuracy, data: Path, t
     monkeypatch.setattr(accuracy.torch.backends.cpu, "get_cpu_capability", lambda: "another CPU")
     accuracy.search_learning_rates(["UNet"], [data], grid=(2e-3,), **{**search, "steps": 3})
     assert set(json.loads(record_path.read_text())["setups"]["UNet"]["validation_dice"]) == {"0.002"}
+
+
+@pytest.mark.parametrize("grid", [(), (4e-3, 0.0), (-1e-3,)])
+def test_search_refuses_a_grid_without_positive_rates(accuracy, data: Path, tmp_path: Path, grid) -> None:
+    with pytest.raises(ValueError, match="rates > 0"):
+        accuracy.search_learning_rates(["UNet"], [data], None, 2, grid=grid, record_path=tmp_path / "lr.json")
+    assert not (tmp_path / "lr.json").exists()
