@@ -491,14 +491,20 @@ def run_title(run_info: dict[str, Any]) -> str:
     return f"{Path(run_info['data']).name}: test Dice after {run_info['budget']} ({run_info['device']})"
 
 
+def result_file(out: Path, extension: str) -> Path:
+    """``out`` with ``extension`` appended, not substituted: a name such as ``hr-lr0.004`` keeps its
+    ``.004`` (``with_suffix`` would drop it, and runs at 0.004 and 0.008 would overwrite each other)."""
+    return out.with_name(out.name + extension)
+
+
 def write_results(rows: list[dict[str, Any]], run_info: dict[str, Any], out: Path) -> None:
     """``out``.json (run settings and rows), ``out``.md (tables) and ``out``.png (Dice bar chart)."""
     # rewritten after every run of a long benchmark: an interruption leaves the previous complete files
-    with atomic_file(out.with_suffix(".json")) as tmp:
+    with atomic_file(result_file(out, ".json")) as tmp:
         tmp.write_text(json.dumps({"run": run_info, "rows": rows}, indent=2) + "\n")
-    with atomic_file(out.with_suffix(".md")) as tmp:
+    with atomic_file(result_file(out, ".md")) as tmp:
         tmp.write_text(markdown(rows, run_info))
-    plot({run_title(run_info): rows}, out.with_suffix(".png"))
+    plot({run_title(run_info): rows}, result_file(out, ".png"))
 
 
 def main() -> None:

@@ -115,3 +115,17 @@ def test_search_refuses_a_grid_without_positive_rates(accuracy, data: Path, tmp_
     with pytest.raises(ValueError, match="rates > 0"):
         accuracy.search_learning_rates(["UNet"], [data], None, 2, grid=grid, record_path=tmp_path / "lr.json")
     assert not (tmp_path / "lr.json").exists()
+
+
+def test_result_names_with_a_dot_keep_it(accuracy, tmp_path: Path) -> None:
+    # runs named by their rate must not overwrite each other: "x-lr0.004" and "x-lr0.008" are two results
+    row = {"model": "UNet", "loss": "L_seg", "seed": 0, "lr": 4e-3, "dice": {"lesion": 0.5}, "dice_mean": 0.5,
+           "hd95_mm": None, "params_m": 1.0, "trained_params_m": 1.0, "steps": 1, "step_s": 0.1,
+           "train_min": 0.1, "train_cpu_min": 0.1, "test_s": 1.0, "final_train_loss": 1.0}
+    for lr in ("0.004", "0.008"):
+        info = {"data": "demo", "train_cases": 1, "test_cases": 1, "budget": "1 steps", "batch_size": 2,
+                "roi": [32, 32, 32], "optimizer": "AdamW", "seeds": [0], "device": "CPU", "torch_threads": 1,
+                "load_average_start": 0.0, "load_average_end": 0.0, "wall_min": 0.1, "command": lr}
+        accuracy.write_results([{**row, "lr": float(lr)}], info, tmp_path / f"x-lr{lr}")
+    for lr in ("0.004", "0.008"):
+        assert json.loads((tmp_path / f"x-lr{lr}.json").read_text())["rows"][0]["lr"] == float(lr)
