@@ -363,8 +363,7 @@ def search_learning_rates(
     for name in models:
         if SETUPS[name].recipe == "paper":
             continue
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}  # others' too
-        earlier = record["setups"].get(name, {})
+        earlier = json.loads(record_path.read_text())["setups"].get(name, {}) if record_path.is_file() else {}
         same_budget = (earlier.get("budget"), earlier.get("cpu")) == (budget, cpu)
         scores: dict[str, dict[str, float]] = earlier["validation_dice"] if same_budget else {}
         for data in datasets:
@@ -378,10 +377,12 @@ def search_learning_rates(
         names = set(scores[f"{grid[0]:g}"])
         scores = {lr: by_data for lr, by_data in scores.items() if set(by_data) == names}  # earlier, other data: drop
         best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
+        # read again: a search of another setup running beside this one may have recorded its rate meanwhile
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
         record["setups"][name] = {"lr": float(best), "validation_dice": scores, "budget": budget, "cpu": cpu}
         with atomic_file(record_path) as tmp:  # every setup's rate lives in this file: never half-written
             tmp.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    return json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -110,6 +110,20 @@ def test_search_over_new_rates_extends_the_recorded_grid(accuracy, data: Path, t
     assert set(json.loads(record_path.read_text())["setups"]["UNet"]["validation_dice"]) == {"0.002"}
 
 
+def test_searches_side_by_side_keep_each_others_rates(accuracy, data: Path, tmp_path: Path, monkeypatch) -> None:
+    record_path = tmp_path / "learning_rates.json"
+
+    def run_while_another_search_records(name, spec, tr, ev, config, minutes=None):  # noqa: ANN001, ANN202
+        if not record_path.is_file():  # a search of SegResNet in another process finishes meanwhile
+            record_path.write_text(json.dumps({"setups": {"SegResNet": {"lr": 2e-3}}}))
+        return {"dice_mean": 1.0 - abs(config.lr - 4e-3)}
+
+    monkeypatch.setattr(accuracy, "run", run_while_another_search_records)
+    accuracy.search_learning_rates(["UNet"], [data], None, 2, roi=(64, 32, 32), record_path=record_path, cpu=True)
+    record = json.loads(record_path.read_text())["setups"]
+    assert record["SegResNet"] == {"lr": 2e-3} and record["UNet"]["lr"] == 4e-3
+
+
 @pytest.mark.parametrize("grid", [(), (4e-3, 0.0), (-1e-3,)])
 def test_search_refuses_a_grid_without_positive_rates(accuracy, data: Path, tmp_path: Path, grid) -> None:
     with pytest.raises(ValueError, match="rates > 0"):
