@@ -19,15 +19,16 @@ steps instead. Run with one torch thread (the default on 2-CPU machines) for bud
 
 Learning rates: each setup's rate is recorded in ``results/learning_rates.json``, chosen by
 ``--search-lr`` from a small grid (``--lr-grid``) on a validation split of the training cases (never the
-test set): a plain run reads it and does not search again. A search over rates not yet tried keeps the
-scores recorded at the same budget on the same kind of CPU, so it extends the grid. The paper's recipe
-keeps the paper's 2.5e-4.
+test set): a plain run reads it and does not search again. ``--seed 0 1`` averages over two splits and
+runs. A search over rates or seeds not yet tried keeps the scores recorded at the same budget on the
+same kind of CPU, so it extends the grid. The paper's recipe keeps the paper's 2.5e-4.
 
 Results are written after every run, as ``OUT.json``, ``OUT.md`` and ``OUT.png``.
 """
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -349,11 +350,13 @@ def run_benchmark(
 def search_learning_rates(
     models: list[str], datasets: Sequence[Path | None], minutes: float | None, steps: int | None,
     roi: Sequence[int] | None = None, grid: Sequence[float] = LR_GRID, record_path: Path = LEARNING_RATES,
-    **settings: Any,
+    seeds: Sequence[int] = (0,), **settings: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """For each setup, train at every rate of ``grid`` on the training part of a validation split of each
     dataset and score on its validation part; record the rate of the best mean validation Dice in
-    ``record_path`` (setups of the paper's recipe keep the paper's rate). Scores recorded earlier for the
+    ``record_path`` (setups of the paper's recipe keep the paper's rate). Each seed draws its own split
+    and its own training run, so more seeds average out small validation splits; a score is recorded
+    per dataset and seed (``"brain"`` for seed 0, ``"brain, seed 1"`` for seed 1). Scores recorded earlier for the
     setup at the same budget on the same kind of CPU are kept, so a search over new rates extends the grid
     instead of replacing it. Returns the record."""
     if not grid or any(not lr > 0 for lr in grid):
@@ -366,14 +369,15 @@ def search_learning_rates(
         earlier = json.loads(record_path.read_text())["setups"].get(name, {}) if record_path.is_file() else {}
         same_budget = (earlier.get("budget"), earlier.get("cpu")) == (budget, cpu)
         scores: dict[str, dict[str, float]] = earlier["validation_dice"] if same_budget else {}
-        for data in datasets:
-            base = base_config(data, steps, roi, **settings)
+        for data, seed in itertools.product(datasets, seeds):
+            base = base_config(data, steps, roi, seed=seed, **settings)
             spec = load_benchmark_data(data, test=False)
             train_cases, val_cases = split_cases(spec, base.val_fraction, base.seed, base.fold)
+            split = spec.root.name if seed == 0 else f"{spec.root.name}, seed {seed}"
             for lr in grid:
                 row = run(name, spec, train_cases, val_cases, setup_config(name, base, lr), minutes)
-                scores.setdefault(f"{lr:g}", {})[spec.root.name] = row["dice_mean"]
-                print(f"{name} lr {lr:g} on {spec.root.name}: validation Dice {row['dice_mean']:.3f}", flush=True)
+                scores.setdefault(f"{lr:g}", {})[split] = row["dice_mean"]
+                print(f"{name} lr {lr:g} on {split}: validation Dice {row['dice_mean']:.3f}", flush=True)
         names = set(scores[f"{grid[0]:g}"])
         scores = {lr: by_data for lr, by_data in scores.items() if set(by_data) == names}  # earlier, other data: drop
         best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
@@ -527,13 +531,16 @@ def main() -> None:
                         help="rates --search-lr tries (default: %(default)s); scores of earlier rates at the same "
                         "budget and CPU kind are kept")
     parser.add_argument("--workers", type=int, help="data loading processes (default: the trainer's)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0); with --search-lr, each seed "
+                        "also draws its own validation split")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
     settings = {"batch_size": args.batch_size, "num_workers": args.workers, "cpu": args.cpu}
     if args.search_lr:
-        search_learning_rates(args.models, args.data, args.minutes, args.steps, args.roi, args.lr_grid, **settings)
+        search_learning_rates(
+            args.models, args.data, args.minutes, args.steps, args.roi, args.lr_grid, seeds=args.seeds, **settings
+        )  # fmt: skip
         return
     for data in args.data:
         out = args.out or HERE / "results" / ("accuracy" if data is None else f"accuracy-{data.name}")

@@ -124,6 +124,25 @@ def test_searches_side_by_side_keep_each_others_rates(accuracy, data: Path, tmp_
     assert record["SegResNet"] == {"lr": 2e-3} and record["UNet"]["lr"] == 4e-3
 
 
+def test_search_averages_over_seeds(accuracy, data: Path, tmp_path: Path, monkeypatch) -> None:
+    seen_seeds = set()
+
+    def fake_run(name, spec, train_cases, eval_cases, config, minutes=None):  # noqa: ANN001, ANN202
+        seen_seeds.add(config.seed)
+        best = 4e-3 if config.seed == 0 else 8e-3  # seed 0 prefers 4e-3 a little, seed 1 8e-3 a lot
+        return {"dice_mean": 1.0 - abs(config.lr - best) * (1 if config.seed == 0 else 10)}
+
+    monkeypatch.setattr(accuracy, "run", fake_run)
+    record_path = tmp_path / "learning_rates.json"
+    search = dict(minutes=None, steps=2, roi=(64, 32, 32), record_path=record_path, cpu=True)
+    accuracy.search_learning_rates(["UNet"], [data], **search)
+    assert json.loads(record_path.read_text())["setups"]["UNet"]["lr"] == 4e-3
+    accuracy.search_learning_rates(["UNet"], [data], seeds=(1,), **search)  # adds seed 1 to the recorded seed 0
+    record = json.loads(record_path.read_text())["setups"]["UNet"]
+    assert set(record["validation_dice"]["0.004"]) == {data.name, f"{data.name}, seed 1"}
+    assert record["lr"] == 8e-3 and seen_seeds == {0, 1}
+
+
 @pytest.mark.parametrize("grid", [(), (4e-3, 0.0), (-1e-3,)])
 def test_search_refuses_a_grid_without_positive_rates(accuracy, data: Path, tmp_path: Path, grid) -> None:
     with pytest.raises(ValueError, match="rates > 0"):
