@@ -38,7 +38,7 @@ RECIPES: dict[str, Recipe] = {
         loss_weights={"pretrain": (0.0, 1.0, 0.0), "segment": (1.0, 0.0, 0.0), "finetune": (1.0, 0.0, 0.0)},
         deep_supervision=False,
         dropout=0.0,
-        lr=8e-3,  # chosen on validation splits of two tasks for every variant: benchmarks/results/learning_rates.json
+        lr=8e-3,  # veloxseg_small_hr's, chosen on validation splits: benchmarks/results/learning_rates.json
         max_grad_norm=1.0,
     ),
     "paper": Recipe(
