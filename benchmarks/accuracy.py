@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py --minutes 2 --seed 0 1 2               # every setup, 2 CPU minutes each
     python benchmarks/accuracy.py --data DIR --models veloxseg_small_hr UNet --minutes 5 --seed 0
-    python benchmarks/accuracy.py --search-lr --minutes 1 --models UNet  # record UNet's learning rate
+    python benchmarks/accuracy.py --search-lr --minutes 2 --seed 0 1 --models UNet  # record UNet's rate
 
 Every setup trains with the trainer's own parts (:mod:`veloxseg.training`): from the same seed on the
 same cases with the same preprocessing, crops, augmentation and batch order (``build_datasets``,
@@ -356,9 +356,9 @@ def search_learning_rates(
     dataset and score on its validation part; record the rate of the best mean validation Dice in
     ``record_path`` (setups of the paper's recipe keep the paper's rate). Each seed draws its own split
     and its own training run, so more seeds average out small validation splits; a score is recorded
-    per dataset and seed (``"brain"`` for seed 0, ``"brain, seed 1"`` for seed 1). Scores recorded earlier for the
-    setup at the same budget on the same kind of CPU are kept, so a search over new rates extends the grid
-    instead of replacing it. Returns the record."""
+    per dataset and seed (``"brain"`` for seed 0, ``"brain, seed 1"`` for seed 1). Scores recorded
+    earlier for the setup at the same budget on the same kind of CPU are kept, so a search over new
+    rates or seeds extends the record instead of replacing it. Returns the record."""
     if not grid or any(not lr > 0 for lr in grid):
         raise ValueError(f"the learning-rate grid needs rates > 0, got {list(grid)}")
     budget = f"{minutes:g} CPU minutes" if minutes else f"{steps or 100} steps"
@@ -531,8 +531,8 @@ def main() -> None:
                         help="rates --search-lr tries (default: %(default)s); scores of earlier rates at the same "
                         "budget and CPU kind are kept")
     parser.add_argument("--workers", type=int, help="data loading processes (default: the trainer's)")
-    parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0); with --search-lr, each seed "
-                        "also draws its own validation split")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds",
+                        help="seeds (default: 0); with --search-lr, each seed also draws its own validation split")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = parser.parse_args()
     command = shlex.join(["python", "benchmarks/accuracy.py", *sys.argv[1:]])
