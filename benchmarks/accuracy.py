@@ -149,7 +149,7 @@ def setup_config(name: str, base: TrainConfig, lr: float | None = None) -> Train
 def recorded_lr(name: str) -> float:
     """Setup ``name``'s learning rate from ``results/learning_rates.json``; a default-recipe ablation
     (``veloxseg_small_hr-sdkt``) takes its network's; else the recipe's."""
-    recorded = json.loads(LEARNING_RATES.read_text())["setups"] if LEARNING_RATES.is_file() else {}
+    recorded = read_record(LEARNING_RATES)["setups"]
     setup = SETUPS[name]
     own = recorded.get(name) or (recorded.get(setup.network) if setup.recipe == "default" else None)
     return own["lr"] if own else RECIPES[setup.recipe].lr
@@ -347,6 +347,11 @@ def run_benchmark(
     return rows
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """The recorded learning rates at ``path``: ``{"setups": {name: {"lr": ..., ...}}}``, empty if none."""
+    return json.loads(path.read_text()) if path.is_file() else {"setups": {}}
+
+
 def search_learning_rates(
     models: list[str], datasets: Sequence[Path | None], minutes: float | None, steps: int | None,
     roi: Sequence[int] | None = None, grid: Sequence[float] = LR_GRID, record_path: Path = LEARNING_RATES,
@@ -366,7 +371,7 @@ def search_learning_rates(
     for name in models:
         if SETUPS[name].recipe == "paper":
             continue
-        earlier = json.loads(record_path.read_text())["setups"].get(name, {}) if record_path.is_file() else {}
+        earlier = read_record(record_path)["setups"].get(name, {})
         same_budget = (earlier.get("budget"), earlier.get("cpu")) == (budget, cpu)
         scores: dict[str, dict[str, float]] = earlier["validation_dice"] if same_budget else {}
         for data, seed in itertools.product(datasets, seeds):
@@ -382,11 +387,11 @@ def search_learning_rates(
         scores = {lr: by_data for lr, by_data in scores.items() if set(by_data) == names}  # earlier, other data: drop
         best = max(scores, key=lambda lr: statistics.mean(scores[lr].values()))
         # read again: a search of another setup running beside this one may have recorded its rate meanwhile
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
+        record = read_record(record_path)
         record["setups"][name] = {"lr": float(best), "validation_dice": scores, "budget": budget, "cpu": cpu}
         with atomic_file(record_path) as tmp:  # every setup's rate lives in this file: never half-written
             tmp.write_text(json.dumps(record, indent=2) + "\n")
-    return json.loads(record_path.read_text()) if record_path.is_file() else {"setups": {}}
+    return read_record(record_path)
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
