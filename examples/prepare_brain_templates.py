@@ -1,6 +1,6 @@
 """Prepare a small real-image brain task from a template that a package ships (nothing is downloaded).
 
-Two templates (``--template``):
+Three tasks (``--template``):
 
 * ``mni152`` (default): grey / white matter of the MNI ICBM 2009a T1 template. The template and its
   tissue probability maps ship inside the nilearn wheel; nilearn is an optional extra:
@@ -11,13 +11,17 @@ Two templates (``--template``):
   Both files ship in Debian's mricron-data package (``apt-get install mricron-data``; the files are
   read from ``--mricron-dir``). No VeloxSeg tag is trained on it: it is the held-out task of
   ``benchmarks/finetune.py``.
+* ``colin27_deep``: four deep grey matter structures of the same Colin27 T1 and AAL atlas (left and
+  right merged): caudate, putamen, thalamus and hippocampus, small structures (at 2 mm a few
+  thousand voxels each) beside a large background. Use ``--resolution 2``: at 3 mm the structures
+  are a few voxels thick.
 
 There is one image per template, so the cases are random deformations of it (rotation, scaling,
 shear, shift) with random intensity changes (gain, gamma, bias field, noise), drawn from ``--seed``.
 They are written as an nnU-Net v2 raw folder with a notice on the template's origin and copyright.
 Usage::
 
-    python examples/prepare_brain_templates.py OUT_DIR [--template mni152|colin27] [--num-train 8]
+    python examples/prepare_brain_templates.py OUT_DIR [--template mni152|colin27|colin27_deep] [--num-train 8]
         [--num-test 2] [--seed 0] [--resolution 3]
 """
 
@@ -63,9 +67,8 @@ The {num_cases} cases here are random deformations and intensity changes of that
 COLIN27_NOTICE = """\
 Images derived from the Colin27 T1 average (ch2.nii.gz) and the AAL atlas drawn on it
 (aal.nii.gz), as shipped in Debian's mricron-data package (MRIcron templates; Debian records the
-package under the BSD-3-clause license, copyright Chris Rorden), resampled by nilearn
-{nilearn_version} to {resolution} mm. AAL regions 1-90 are merged into cerebral grey matter,
-91-116 into cerebellar grey matter.
+package under the BSD-3-clause license, copyright Chris Rorden), averaged over {resolution} mm
+blocks. {regions}
 
 Please cite:
 - C. J. Holmes, R. Hoge, L. Collins, R. Woods, A. W. Toga, A. C. Evans. Enhancement of MR images
@@ -88,6 +91,7 @@ class Template:
     description: str
     reference: str
     notice: str
+    aal_regions: tuple[tuple[int, int], ...] = ()  # Colin27 tasks: AAL regions (first, last) of each class
 
 
 TEMPLATES = {
@@ -104,6 +108,15 @@ TEMPLATES = {
         "Cerebral / cerebellar grey matter (AAL) of augmented copies of the Colin27 T1",
         "Debian package mricron-data (MRIcron templates ch2.nii.gz, aal.nii.gz)",
         COLIN27_NOTICE,
+        ((1, 90), (91, 116)),
+    ),
+    "colin27_deep": Template(
+        {"background": 0, "caudate": 1, "putamen": 2, "thalamus": 3, "hippocampus": 4},
+        "Colin27AALDeepGreyMatter",
+        "Caudate, putamen, thalamus and hippocampus (AAL, left and right merged) of augmented copies of the Colin27 T1",
+        "Debian package mricron-data (MRIcron templates ch2.nii.gz, aal.nii.gz)",
+        COLIN27_NOTICE,
+        ((71, 72), (73, 74), (77, 78), (37, 38)),
     ),
 }
 
@@ -113,10 +126,10 @@ def load_templates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(1 + K, X, Y, Z) float32 stack [T1, one probability map per foreground class] in [0, 1] (T1
     rescaled to its maximum), and its (4, 4) affine, at ``resolution`` mm."""
-    if template == "colin27":
-        return _load_colin27(resolution, Path(mricron_dir))
-    if template != "mni152":
+    if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if TEMPLATES[template].aal_regions:
+        return _load_colin27(resolution, Path(mricron_dir), TEMPLATES[template].aal_regions)
     from nilearn import datasets  # optional dependency
 
     t1 = datasets.load_mni152_template(resolution=resolution)
@@ -128,9 +141,11 @@ def load_templates(
     return np.stack([t1_data, gm_data, wm_data]), t1.affine
 
 
-def _load_colin27(resolution: int, mricron_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Colin27's 1 mm T1 and AAL class masks, averaged over ``resolution``^3 blocks (the class masks become
-    partial-volume fractions)."""
+def _load_colin27(
+    resolution: int, mricron_dir: Path, regions: tuple[tuple[int, int], ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colin27's 1 mm T1 and one mask per class (AAL regions ``first..last``), averaged over
+    ``resolution``^3 blocks (the class masks become partial-volume fractions)."""
     paths = [mricron_dir / "ch2.nii.gz", mricron_dir / "aal.nii.gz"]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -141,13 +156,20 @@ def _load_colin27(resolution: int, mricron_dir: Path) -> tuple[np.ndarray, np.nd
     t1, aal = (nib.load(p) for p in paths)
     if t1.shape != aal.shape or not np.allclose(t1.affine, aal.affine) or not np.allclose(t1.header.get_zooms(), 1):
         raise RuntimeError(f"{paths[0]} and {paths[1]} are not on the same 1 mm grid")
-    regions = np.asanyarray(aal.dataobj)
+    atlas = np.asanyarray(aal.dataobj)
     t1_data = np.asanyarray(t1.dataobj).astype(np.float32)
-    stack = np.stack([t1_data / t1_data.max(), (regions >= 1) & (regions <= 90), (regions >= 91) & (regions <= 116)])
+    stack = np.stack([t1_data / t1_data.max(), *((atlas >= first) & (atlas <= last) for first, last in regions)])
     pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(stack.astype(np.float32)), resolution).numpy()
     affine = t1.affine @ np.diag([resolution, resolution, resolution, 1.0])
     affine[:3, 3] += t1.affine[:3, :3] @ np.full(3, (resolution - 1) / 2)  # block centres
     return pooled, affine
+
+
+def region_notice(task: Template) -> str:
+    """The notice's sentence on which AAL regions make up each class (empty without AAL regions)."""
+    classes = [name for name in task.labels if name != "background"]
+    merged = "; ".join(f"{first}-{last} into {name}" for (first, last), name in zip(task.aal_regions, classes))
+    return f"AAL regions merged: {merged}." if merged else ""
 
 
 def tissue_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -225,7 +247,8 @@ def prepare(
     )
     (out / "NOTICE.txt").write_text(
         task.notice.format(
-            nilearn_version=nilearn.__version__, resolution=resolution, num_cases=num_train + num_test, seed=seed
+            nilearn_version=nilearn.__version__, resolution=resolution, num_cases=num_train + num_test, seed=seed,
+            regions=region_notice(task),
         )
     )
     return out

@@ -140,7 +140,11 @@ TEMPLATE_TASKS = {
     "mni152": ({"background": 0, "grey_matter": 1, "white_matter": 2}, "Copyright (C) 1993-2009 Louis Collins"),
     "colin27": (
         {"background": 0, "cerebral_grey_matter": 1, "cerebellar_grey_matter": 2},
-        "Tzourio-Mazoyer et al. Automated anatomical labeling",
+        "AAL regions merged: 1-90 into cerebral_grey_matter; 91-116 into cerebellar_grey_matter.",
+    ),
+    "colin27_deep": (
+        {"background": 0, "caudate": 1, "putamen": 2, "thalamus": 3, "hippocampus": 4},
+        "AAL regions merged: 71-72 into caudate; 73-74 into putamen; 77-78 into thalamus; 37-38 into hippocampus.",
     ),
 }
 
@@ -149,7 +153,7 @@ TEMPLATE_TASKS = {
 def test_brain_template_script_writes_aligned_cases(tmp_path: Path, template: str) -> None:
     pytest.importorskip("nilearn", reason="nilearn (the veloxseg[demo] extra) ships the MNI templates")
     script = load_example("prepare_brain_templates")
-    if template == "colin27" and not (script.MRICRON_DIR / "ch2.nii.gz").is_file():
+    if template.startswith("colin27") and not (script.MRICRON_DIR / "ch2.nii.gz").is_file():
         pytest.skip("Debian's mricron-data (Colin27 and AAL) is not installed")
     out = script.prepare(tmp_path / "brain", num_train=2, num_test=1, seed=0, resolution=4, template=template)
     spec = read_dataset(out)
@@ -160,7 +164,7 @@ def test_brain_template_script_writes_aligned_cases(tmp_path: Path, template: st
         image, label = nib.load(case.images[0]), nib.load(case.label)
         assert image.shape == label.shape and np.allclose(image.affine, label.affine)
         assert np.allclose(image.header.get_zooms(), 4)
-        assert set(np.unique(np.asanyarray(label.dataobj))) == {0, 1, 2}
+        assert set(np.unique(np.asanyarray(label.dataobj))) == set(labels.values())
     first, second = (np.asanyarray(nib.load(c.images[0]).dataobj) for c in spec.training)
     assert not np.array_equal(first, second)  # augmented copies differ
     assert notice in (out / "NOTICE.txt").read_text()
