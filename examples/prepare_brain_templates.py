@@ -247,7 +247,10 @@ def prepare(
     )
     (out / "NOTICE.txt").write_text(
         task.notice.format(
-            nilearn_version=nilearn.__version__, resolution=resolution, num_cases=num_train + num_test, seed=seed,
+            nilearn_version=nilearn.__version__,
+            resolution=resolution,
+            num_cases=num_train + num_test,
+            seed=seed,
             regions=region_notice(task),
         )
     )
