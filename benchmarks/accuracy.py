@@ -126,8 +126,6 @@ class MonaiNet(nn.Module):
         return VeloxSegOutput([logits]) if self.training else logits
 
 
-
-
 def build_network(name: str, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
     """The network of setup ``name`` for the dataset's channels and classes, at patch size ``config.roi``."""
     setup = SETUPS[name]

@@ -16,6 +16,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 import veloxseg
+import veloxseg.training.data
 from veloxseg.cli import main
 from veloxseg.config import VeloxSegConfig
 from veloxseg.data.datasets import DatasetError, read_dataset, validate_dataset
@@ -23,7 +24,6 @@ from veloxseg.data.demo import make_demo_dataset
 from veloxseg.hub import read_config
 from veloxseg.metadata import ChannelInfo, ModelMetadata
 from veloxseg.predict import predict
-import veloxseg.training.data
 from veloxseg.training import TrainConfig
 from veloxseg.training.config import resolve
 

@@ -6,13 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import veloxseg
-from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
-from veloxseg.layers import conv
+from veloxseg.layers import JLCBlock, conv, pixel_shuffle_3d, window_scales
 from veloxseg.layers.conv import OneDNNConv3d, PatchConv3d, grouped_conv3d
 from veloxseg.layers.pwa import relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
-
 
 
 @pytest.mark.parametrize("name", ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"])
@@ -263,8 +261,8 @@ def test_folded_jlc_block_is_the_plain_one(kernel_sizes):
     """Narrow groups run on the width-folded input: same outputs and gradients as the plain convs."""
     torch.manual_seed(0)
     block = JLCBlock(16, 4, kernel_sizes)
-    for conv in block.spatial_convs:
-        torch.nn.init.normal_(conv.bias, std=0.5)
+    for spatial in block.spatial_convs:
+        torch.nn.init.normal_(spatial.bias, std=0.5)
     x = torch.randn(2, 16, 6, 4, 8, requires_grad=True)
     assert block.narrow_groups
     folded = block(x)

@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 import veloxseg
 import veloxseg.hub
 import veloxseg.training.data
+from veloxseg.data import DatasetError, make_demo_dataset
+from veloxseg.losses import VeloxSegLoss
+from veloxseg.model import VeloxSegOutput
 from veloxseg.training import (
     RECIPES,
     TrainConfig,
@@ -35,9 +38,6 @@ from veloxseg.training import (
 )
 from veloxseg.training.checkpoints import TRAINER_STATE, latest_checkpoint
 from veloxseg.training.step import mask_random_patches
-from veloxseg.data import DatasetError, make_demo_dataset
-from veloxseg.losses import VeloxSegLoss
-from veloxseg.model import VeloxSegOutput
 
 from .conftest import SMALL_ROI
 
