@@ -3,6 +3,7 @@
 Runs use veloxseg_tiny at a 64^3 ROI on a 4-case demo dataset of 40 x 40 x 32 voxels.
 """
 
+import dataclasses
 import json
 import runpy
 import shutil
@@ -247,6 +248,22 @@ def test_recipes_set_the_loss_the_model_parts_and_the_learning_rate(demo_data: P
     assert resolve(TrainConfig(data=str(demo_data), roi=64, sdkt_weight=1.0)).sdkt_weight == 1.0
     with pytest.raises(ValueError, match="unknown recipe 'papr'"):
         resolve(TrainConfig(data=str(demo_data), recipe="papr"))
+
+
+def test_head_init_scale_scales_a_new_models_head(demo_data: Path) -> None:
+    from veloxseg.data.datasets import read_dataset
+
+    spec = read_dataset(demo_data)
+    config = resolve(TrainConfig(data=str(demo_data), roi=64))
+    torch.manual_seed(0)
+    kaiming = build_model(config, spec).decoder.head.weight
+    torch.manual_seed(0)
+    scaled = build_model(dataclasses.replace(config, head_init_scale=0.1), spec).decoder.head.weight
+    torch.testing.assert_close(scaled, 0.1 * kaiming)
+    with pytest.raises(ValueError, match="head_init_scale must be > 0"):
+        resolve(TrainConfig(data=str(demo_data), head_init_scale=0.0))
+    with pytest.raises(ValueError, match="does not go with pretrained weights"):
+        resolve(TrainConfig(data=str(demo_data), stage="finetune", head_init_scale=0.1))
 
 
 class NormRecordingSGD(torch.optim.SGD):

@@ -44,6 +44,9 @@ def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
         **roi_overrides(config),
     }
     model = create_model(config.model, pretrained=config.pretrained, **overrides)
+    if config.head_init_scale is not None:  # resolve() allows it only without pretrained weights
+        with torch.no_grad():
+            model.decoder.head.weight.mul_(config.head_init_scale)
     if not config.seg_weight:
         model.decoder.requires_grad_(False)
     return model

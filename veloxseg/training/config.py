@@ -111,6 +111,12 @@ class TrainConfig:
         None, "weight of L_sdkt (Gram distillation); default the recipe's (0 or 2), 0 to pretrain", type=float
     )
     one_way_sdkt: bool = option(False, "no L_sdkt gradient into the teachers (detached teacher Gram matrices)")
+    head_init_scale: float | None = option(
+        None,
+        "multiply a new model's segmentation head weights by this (e.g. 0.1: near-uniform first predictions; "
+        "helped tissue classes, not lesions); default: the spec's Kaiming init",
+        type=float,
+    )
     mask_ratio: float = option(
         0.0, "share of input cubes zeroed before reconstruction (masked-volume pretraining, e.g. 0.5)"
     )
@@ -200,6 +206,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"else 1"
         )
     spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
+    if config.head_init_scale is not None and not config.head_init_scale > 0:
+        raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
+    if config.head_init_scale is not None and (config.pretrained or config.stage == "finetune"):
+        raise ValueError("head_init_scale sets a new model's head: it does not go with pretrained weights")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
