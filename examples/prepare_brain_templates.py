@@ -221,8 +221,6 @@ def prepare(
     mricron_dir: str | Path = MRICRON_DIR,
 ) -> Path:
     """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path."""
-    import nilearn
-
     out = Path(out_dir)
     if (out / "dataset.json").exists():
         raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
@@ -245,15 +243,12 @@ def prepare(
         reference=task.reference,
         licence="see NOTICE.txt",
     )
-    (out / "NOTICE.txt").write_text(
-        task.notice.format(
-            nilearn_version=nilearn.__version__,
-            resolution=resolution,
-            num_cases=num_train + num_test,
-            seed=seed,
-            regions=region_notice(task),
-        )
-    )
+    details = {"resolution": resolution, "num_cases": num_train + num_test, "seed": seed, "regions": region_notice(task)}
+    if not task.aal_regions:  # the MNI152 notice names the nilearn release its files came from
+        import nilearn
+
+        details["nilearn_version"] = nilearn.__version__
+    (out / "NOTICE.txt").write_text(task.notice.format(**details))
     return out
 
 
@@ -277,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.mricron_dir,
         )  # fmt: skip
     except ImportError:
-        parser.error('nilearn is needed: pip install "veloxseg[demo]" (or pip install nilearn)')
+        parser.error('the mni152 template needs nilearn: pip install "veloxseg[demo]" (or pip install nilearn)')
     except FileNotFoundError as err:
         parser.error(str(err))
     print(f"wrote {args.num_train} training and {args.num_test} test cases to {out}")
