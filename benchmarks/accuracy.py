@@ -126,11 +126,12 @@ class MonaiNet(nn.Module):
         return VeloxSegOutput([logits]) if self.training else logits
 
 
-def build_network(name: str, spec: DatasetSpec, config: TrainConfig) -> nn.Module:
-    """The network of setup ``name`` for the dataset's channels and classes, at patch size ``config.roi``."""
+def build_network(name: str, spec: DatasetSpec, config: TrainConfig, train_cases: Sequence[Case]) -> nn.Module:
+    """The network of setup ``name`` for the dataset's channels and classes, at patch size ``config.roi``
+    (a VeloxSeg head's class prior counted in ``train_cases``)."""
     setup = SETUPS[name]
     if setup.network.startswith("veloxseg"):
-        return build_model(config, spec)  # the recipe's teachers, heads and dropout
+        return build_model(config, spec, train_cases)  # the recipe's teachers, heads, dropout and head init
     net = build_baseline(setup.network, len(spec.channel_names), len(spec.labels), config.roi)
     return MonaiNet(net, config.roi, len(spec.labels))
 
@@ -205,7 +206,7 @@ def run(
     )
     metadata = training_metadata(config, spec, len(train_cases), len(eval_cases))  # the trainer's preprocessing
     train_set, eval_set = build_datasets(train_cases, eval_cases, metadata, config, config.roi)
-    model = build_network(name, spec, config)
+    model = build_network(name, spec, config, train_cases)
     inference_params, trained_params = parameters(model)
     loss_fn = VeloxSegLoss(*SETUPS[name].loss_weights())
     optimizer = build_optimizer(model, config)

@@ -250,20 +250,65 @@ def test_recipes_set_the_loss_the_model_parts_and_the_learning_rate(demo_data: P
         resolve(TrainConfig(data=str(demo_data), recipe="papr"))
 
 
-def test_head_init_scale_scales_a_new_models_head(demo_data: Path) -> None:
+def test_default_recipe_starts_the_head_small_with_the_class_prior(demo_data: Path) -> None:
+    import argparse
+
     from veloxseg.data.datasets import read_dataset
+    from veloxseg.training.config import add_train_arguments, config_from_args
 
     spec = read_dataset(demo_data)
     config = resolve(TrainConfig(data=str(demo_data), roi=64))
+    assert (config.head_init_scale, config.head_class_prior) == (0.1, True)
+    train_cases = spec.training[:3]
     torch.manual_seed(0)
-    kaiming = build_model(config, spec).decoder.head.weight
+    head = build_model(config, spec, train_cases).decoder.head
     torch.manual_seed(0)
-    scaled = build_model(dataclasses.replace(config, head_init_scale=0.1), spec).decoder.head.weight
-    torch.testing.assert_close(scaled, 0.1 * kaiming)
+    spec_init = build_model(dataclasses.replace(config, head_init_scale=1.0, head_class_prior=False), spec).decoder.head
+    torch.testing.assert_close(head.weight, 0.1 * spec_init.weight)
+    assert not spec_init.bias.any()
+    # the bias: log share of each class among the voxels of the training cases' labels, 2^3 sub-voxels per class
+    labels = np.concatenate([np.asarray(nib.load(c.label).dataobj).ravel() for c in train_cases]).astype(int)
+    shares = np.bincount(labels, minlength=len(spec.labels)) / labels.size
+    expected = torch.tensor(np.log(np.maximum(shares, 1e-4)), dtype=torch.float32).repeat_interleave(8)
+    torch.testing.assert_close(head.bias, expected)
+    assert head.bias[0] > head.bias[8]  # background, the commonest class, starts the most likely
+
+    paper = resolve(TrainConfig(data=str(demo_data), roi=64, recipe="paper"))
+    assert (paper.head_init_scale, paper.head_class_prior) == (1.0, False)
+    finetune = resolve(TrainConfig(data=str(demo_data), stage="finetune"))
+    assert (finetune.head_init_scale, finetune.head_class_prior) == (None, False)
+    assert resolve(TrainConfig(data=str(demo_data), stage="pretrain")).head_class_prior is False  # no labels needed
+    assert resolve(config) == config  # resolving twice changes nothing
     with pytest.raises(ValueError, match="head_init_scale must be > 0"):
         resolve(TrainConfig(data=str(demo_data), head_init_scale=0.0))
-    with pytest.raises(ValueError, match="does not go with pretrained weights"):
-        resolve(TrainConfig(data=str(demo_data), stage="finetune", head_init_scale=0.1))
+    for setting in (dict(head_init_scale=0.1), dict(head_class_prior=True)):
+        with pytest.raises(ValueError, match="does not go with pretrained weights"):
+            resolve(TrainConfig(data=str(demo_data), stage="finetune", **setting))
+    with pytest.raises(ValueError, match="head_class_prior needs the labels"):
+        resolve(TrainConfig(data=str(demo_data), stage="pretrain", head_class_prior=True))
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert config_from_args(parser.parse_args([])).head_class_prior is None
+    assert config_from_args(parser.parse_args(["--no-head-class-prior"])).head_class_prior is False
+    assert resolve(config_from_args(parser.parse_args(["--no-head-class-prior"]))).head_class_prior is False
+
+
+def test_class_frequencies_count_label_voxels_and_name_a_bad_label(tmp_path: Path) -> None:
+    from veloxseg.data import Case, class_frequencies
+
+    def label(name: str, values: np.ndarray) -> Path:
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(values.astype(np.uint8), np.eye(4)), path)
+        return path
+
+    a = label("a.nii.gz", np.array([0, 0, 0, 1, 1, 2]).reshape(1, 2, 3))
+    b = label("b.nii.gz", np.zeros((1, 1, 2)))
+    shares = class_frequencies([Case("a", (), a), Case("b", (), b)], 4)
+    np.testing.assert_allclose(shares, [5 / 8, 2 / 8, 1 / 8, 0.0])
+    with pytest.raises(ValueError, match=r"c: label values \[3\] are not classes 0..2"):
+        class_frequencies([Case("c", (), label("c.nii.gz", np.array([[[0, 3]]])))], 3)
+    with pytest.raises(ValueError, match="d: no label"):
+        class_frequencies([Case("d", ())], 3)
 
 
 class NormRecordingSGD(torch.optim.SGD):

@@ -201,6 +201,22 @@ class SegmentationDecoder(nn.Module):
             logits += [head(f) for head, f in zip(self.aux_heads, [u[1], u[2], features[3]])]
         return logits, u[0]
 
+    @torch.no_grad()
+    def init_head(self, scale: float = 1.0, class_frequencies: torch.Tensor | None = None) -> None:
+        """Start the segmentation head at ``scale`` times its weights and, given the share of each class
+        in the training labels (n_classes,), with that share's logarithm as its bias: with small weights an
+        untrained model then predicts every class at about its share (RetinaNet's prior init). Shares are floored at 1e-4,
+        so a class absent from the training labels keeps a finite logit. For a new model only."""
+        self.head.weight.mul_(scale)
+        if class_frequencies is not None:
+            if class_frequencies.shape != (self.head.out_channels // self.head_upscale**3,):
+                raise ValueError(
+                    f"class_frequencies needs one share per class "
+                    f"({self.head.out_channels // self.head_upscale**3}), got shape {tuple(class_frequencies.shape)}"
+                )
+            log_prior = class_frequencies.double().clamp_min(1e-4).log().to(self.head.bias)
+            self.head.bias.copy_(log_prior.repeat_interleave(self.head_upscale**3))  # f^3 sub-voxels per class
+
 
 class ReconstructionTeacher(nn.Module):
     """Teacher of one modality group: fuses its attention features with the conv features and

@@ -127,6 +127,28 @@ def validate_dataset(
         raise DatasetError(spec.root, problems)
 
 
+def class_frequencies(cases: Sequence[Case], n_classes: int) -> np.ndarray:
+    """The share of each class 0..n_classes-1 among the voxels of the cases' labels, shape (n_classes,).
+
+    Reads every label once (a dataset's class balance, as nnU-Net's fingerprint counts it); a class absent
+    from all of them gets 0. Raises ValueError naming the case whose label is missing or holds a value
+    outside 0..n_classes-1.
+    """
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for case in cases:
+        if case.label is None:
+            raise ValueError(f"{case.case_id}: no label to count classes in")
+        values = np.asarray(nib.load(case.label).dataobj)
+        found = np.unique(values)
+        bad = found[(found < 0) | (found >= n_classes) | (found != np.round(found))]
+        if bad.size:
+            raise ValueError(f"{case.case_id}: label values {bad.tolist()} are not classes 0..{n_classes - 1}")
+        counts += np.bincount(values.astype(np.int64).ravel(), minlength=n_classes)
+    if not counts.sum():
+        raise ValueError("no labelled voxels to count classes in")
+    return counts / counts.sum()
+
+
 def kfold_splits(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
     """nnU-Net-style folds: a shuffled list of ``{"train": [...], "val": [...]}``, each case in one ``val``."""
     if not 2 <= num_folds <= len(case_ids):

@@ -1,6 +1,7 @@
 """Accelerator, model, optimiser and learning-rate schedule of a training run."""
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from accelerate.utils import DataLoaderConfiguration, is_tensorboard_available
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from ..config import VeloxSegConfig
-from ..data.datasets import DatasetSpec
+from ..data.datasets import Case, DatasetSpec, class_frequencies
 from ..model import VeloxSeg
 from ..registry import create_model
 from .config import TrainConfig
@@ -32,11 +33,12 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
+def build_model(config: TrainConfig, spec: DatasetSpec, train_cases: Sequence[Case] | None = None) -> VeloxSeg:
     """The model for the dataset: one modality group per channel, one class per label, teachers only
-    when a loss uses them, and the recipe's deep supervision and dropout. A ``roi`` other than the
-    model's scales its attention windows. Pretraining (no L_seg) freezes the student decoder, which
-    learns from L_seg only."""
+    when a loss uses them, and the recipe's deep supervision, dropout and head init (the class prior
+    counted in ``train_cases``' labels, default every training case). A ``roi`` other than the model's
+    scales its attention windows. Pretraining (no L_seg) freezes the student decoder, which learns from
+    L_seg only."""
     overrides: dict[str, Any] = {
         "in_ch": [1] * len(spec.channel_names),
         "n_classes": len(spec.labels),
@@ -44,9 +46,12 @@ def build_model(config: TrainConfig, spec: DatasetSpec) -> VeloxSeg:
         **roi_overrides(config),
     }
     model = create_model(config.model, pretrained=config.pretrained, **overrides)
-    if config.head_init_scale is not None:  # resolve() allows it only without pretrained weights
-        with torch.no_grad():
-            model.decoder.head.weight.mul_(config.head_init_scale)
+    if config.head_init_scale is not None or config.head_class_prior:  # resolve(): a new model only
+        shares = None
+        if config.head_class_prior:
+            cases = spec.training if train_cases is None else train_cases
+            shares = torch.from_numpy(class_frequencies(cases, len(spec.labels)))
+        model.decoder.init_head(config.head_init_scale or 1.0, shares)
     if not config.seg_weight:
         model.decoder.requires_grad_(False)
     return model

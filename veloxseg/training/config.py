@@ -113,9 +113,15 @@ class TrainConfig:
     one_way_sdkt: bool = option(False, "no L_sdkt gradient into the teachers (detached teacher Gram matrices)")
     head_init_scale: float | None = option(
         None,
-        "multiply a new model's segmentation head weights by this (e.g. 0.1: near-uniform first predictions; "
-        "helped tissue classes, not lesions); default: the spec's Kaiming init",
+        "multiply a new model's segmentation head weights by this; default the recipe's (0.1: near-uniform "
+        "first predictions; paper: 1, the spec's Kaiming init)",
         type=float,
+    )
+    head_class_prior: bool | None = option(
+        None,
+        "start a new model's head bias at the log share of each class in the training labels (read once); "
+        "default the recipe's (on; paper: off)",
+        action=argparse.BooleanOptionalAction,
     )
     mask_ratio: float = option(
         0.0, "share of input cubes zeroed before reconstruction (masked-volume pretraining, e.g. 0.5)"
@@ -153,7 +159,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             action = "store_false" if f.default else "store_true"
             parser.add_argument(f"--{'no-' if f.default else ''}{name}", dest=f.name, action=action, **options)
             continue
-        options.setdefault("type", str if f.default is None or isinstance(f.default, tuple) else type(f.default))
+        if "action" not in options:  # an action (--x/--no-x) brings its own parsing
+            options.setdefault("type", str if f.default is None or isinstance(f.default, tuple) else type(f.default))
         if f.default is not None and f.default != ():
             options["help"] += " (default: %(default)s)"
         parser.add_argument(f"--{name}", dest=f.name, default=f.default, **options)
@@ -208,8 +215,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
     if config.head_init_scale is not None and not config.head_init_scale > 0:
         raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
-    if config.head_init_scale is not None and (config.pretrained or config.stage == "finetune"):
-        raise ValueError("head_init_scale sets a new model's head: it does not go with pretrained weights")
+    new_model = not (config.pretrained or config.stage == "finetune")
+    for name in ("head_init_scale", "head_class_prior"):
+        if getattr(config, name) not in (None, False) and not new_model:
+            raise ValueError(f"{name} sets a new model's head: it does not go with pretrained weights")
+    if config.head_class_prior and not seg:
+        raise ValueError("head_class_prior needs the labels of a segmentation stage (seg_weight > 0)")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):
@@ -228,6 +239,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         spacing=spacing,
         lr=config.lr or recipe.lr,
         max_grad_norm=recipe.max_grad_norm if config.max_grad_norm is None else config.max_grad_norm,
+        # a new model's head: the recipe's start unless set; pretrained weights keep theirs
+        head_init_scale=config.head_init_scale or (recipe.head_init_scale if new_model else None),
+        head_class_prior=(
+            recipe.head_class_prior and new_model and bool(seg)
+            if config.head_class_prior is None else config.head_class_prior
+        ),
         seg_weight=seg,
         rc_weight=rc,
         sdkt_weight=sdkt,

@@ -59,7 +59,7 @@ def train(config: TrainConfig) -> TrainResult:
         spec = prepare_dataset(config, accelerator)
         train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
         metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
-        model = build_model(config, spec)
+        model = build_model(config, spec, train_cases)
         train_set, val_set = build_datasets(train_cases, val_cases, metadata, config, model.config.roi_size)
         train_loader, val_loader = build_loaders(train_set, val_set, config)
     if accelerator.is_main_process:

@@ -16,8 +16,8 @@ scale = float(os.environ.get("HEAD_SCALE", "0.1"))
 build_network = accuracy.build_network
 
 
-def scaled_head_network(name, spec, config):
-    model = build_network(name, spec, config)
+def scaled_head_network(name, spec, config, *cases):
+    model = build_network(name, spec, config, *cases)
     if hasattr(model, "decoder"):  # VeloxSeg; MONAI's networks are left alone
         with torch.no_grad():
             model.decoder.head.weight.mul_(scale)

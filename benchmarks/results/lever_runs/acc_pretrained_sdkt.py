@@ -31,9 +31,9 @@ built = {}
 build_network = accuracy.build_network
 
 
-def same_network(name, spec, config):
+def same_network(name, spec, config, *cases):
     """The network of the first call, for both phases."""
-    built.setdefault("model", build_network(name, spec, config))
+    built.setdefault("model", build_network(name, spec, config, *cases))
     return built["model"]
 
 

@@ -30,8 +30,8 @@ def class_frequencies(labels: tuple[Path, ...], n_classes: int) -> np.ndarray:
     return np.maximum(counts / counts.sum(), 1e-4)
 
 
-def prior_head(name, spec, config):
-    model = build_network(name, spec, config)
+def prior_head(name, spec, config, *cases):
+    model = build_network(name, spec, config, *cases)
     if hasattr(model, "decoder"):
         n_classes = len(spec.labels)
         log_prior = torch.tensor(np.log(class_frequencies(tuple(c.label for c in spec.training), n_classes)))

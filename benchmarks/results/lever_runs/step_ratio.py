@@ -38,7 +38,7 @@ for name in names:
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
     metadata = training_metadata(config, spec, len(spec.training), len(spec.test))
     train_set, eval_set = build_datasets(spec.training, spec.test, metadata, config, config.roi)
-    model = accuracy.build_network(name, spec, config).train()
+    model = accuracy.build_network(name, spec, config, spec.training).train()
     optimizer = build_optimizer(model, config)
     loader, _ = build_loaders(train_set, eval_set, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

@@ -19,8 +19,8 @@ scale = float(os.environ.get("HEAD_SCALE", "1"))
 build_network = accuracy.build_network
 
 
-def scaled(name, spec, config):
-    model = build_network(name, spec, config)
+def scaled(name, spec, config, *cases):
+    model = build_network(name, spec, config, *cases)
     if hasattr(model, "decoder"):
         with torch.no_grad():
             model.decoder.head.weight.mul_(scale)
