@@ -67,10 +67,10 @@ HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<v
 # it was not trained on (benchmarks/results/finetune-colin27*.md: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.24 CPU h); test Dice 0.623.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.52 CPU h); test Dice 0.640.",
         sha256={
-            "config.json": "460fb0f8c3a658070161cd95af83bb4da0398b6eae39724286315bfe3fc01475",
-            "model.safetensors": "1e5f2098496aa048217cb1e07fd768baea57630b48824631ae8fb05c3a95049d",
+            "config.json": "1da223760609c9a97a2d168d52bce20b367abb1a1dc86b261251e97e98c930a9",
+            "model.safetensors": "abcf736e7aa6c4734d1ceee6188242dfe1b348bd267b0d994918667e1462e5c5",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
@@ -81,17 +81,17 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
-        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.21 CPU h); test Dice 0.881.",
+        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.15 CPU h); test Dice 0.899.",
         sha256={
-            "config.json": "b93e64282bd4dde0147ce682a0dbd7a042ff84d3518b254f7b9b4afbe8f1c2c3",
-            "model.safetensors": "7518e94dcf3dd3a34b3fe90f0a0ab51f0a453bb9f1b9f282cbaef28782d9397c",
+            "config.json": "326f387742d896db8192e823e2e22c98336b36ce6094080b784ccaa8c3c2c155",
+            "model.safetensors": "81a5086100b3990c02fb7dd5e9b5266266c890c07fb376b3d51c2a0193a86c10",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.28 CPU h); test Dice 0.664.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.17 CPU h); test Dice 0.668.",
         sha256={
-            "config.json": "215fe01d51618fc565ed0a3970416ab9da9ffee4252614bc3d7419f815a545ca",
-            "model.safetensors": "225b2264d369fd82b23c47f2c6359ea90cf5f233455d9e5b8c5694cb5beb0755",
+            "config.json": "9a8713b50b43a4910fd5833ad0f888794d58b487726536a768ef8eecd6e760bf",
+            "model.safetensors": "39f1b70d7fd6a9ac58fce94d72564be2152a9f147391c58eae674b3c3282577a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
@@ -102,10 +102,10 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_base.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.24 CPU h); test Dice 0.612.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.12 CPU h); test Dice 0.613.",
         sha256={
-            "config.json": "4e4ddc2d6482e06601c1b10eedaaee9a345e811a320b51736483fbcc2685cf3b",
-            "model.safetensors": "2e0da5e7bed3016c11924545b279f40e26c2fef9edff5786ddf013d0ba282dce",
+            "config.json": "628f768ce3a56cdd94d48ddbd1507efc316fc9abdf26bcd886a71449da7fe4a8",
+            "model.safetensors": "373e4dcb11f7723a0298d4f7ea19c430d914f6d1351935fe4f3a4c0cc0dda552",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
@@ -116,17 +116,17 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
-        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.24 CPU h); test Dice 0.918.",
+        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.17 CPU h); test Dice 0.924.",
         sha256={
-            "config.json": "cf22b207e8264f55297247d1a5aa2d9f73c3c55a9dec3e4c93099df8ac0f0bbe",
-            "model.safetensors": "453cd5a460ea3db76a372ba434108eaccbe9b61b8ef2650dc914ba781a416dee",
+            "config.json": "3d721fd0d2858e86a62f7b9d20bd960511a0b01693bb946427e23eb86e49a94b",
+            "model.safetensors": "8fa0f5b20adad4e8a294e019134e9d099925af43b0433e2c4c278a7b3ef9f544",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.22 CPU h); test Dice 0.636.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.15 CPU h); test Dice 0.612.",
         sha256={
-            "config.json": "7948c1cc3ede07ba607b829c522c1e6da0fb511ee57790eb180c286d8662a40a",
-            "model.safetensors": "ac0e50bc0964d07c4fd1f9beb3b70f012c121c63b6be03b3e545b8ba354bacb3",
+            "config.json": "4e3ec74c1fc623a0778153c1a46992a485743b7170518f3833e51b944635ca3d",
+            "model.safetensors": "c1b2d5818bba092f061c04a6e9e8cdac92168bce4ce6a7a796d0867c99b6e25a",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
