@@ -123,7 +123,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.15 CPU h); test Dice 0.612.",
+        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.15 CPU h); test Dice 0.611.",
         sha256={
             "config.json": "4e3ec74c1fc623a0778153c1a46992a485743b7170518f3833e51b944635ca3d",
             "model.safetensors": "c1b2d5818bba092f061c04a6e9e8cdac92168bce4ce6a7a796d0867c99b6e25a",
