@@ -5,12 +5,12 @@
     python benchmarks/accuracy.py --search-lr --minutes 2 --seed 0 1 --models UNet  # record UNet's rate
 
 Every setup trains with the trainer's own parts (:mod:`veloxseg.training`): from the same seed on the
-same cases with the same preprocessing, crops, augmentation and batch order (``build_datasets``,
-``build_loaders``, ``batches``), AdamW with a linear warm-up and a cosine decay, and the trainer's
+same cases with the same preprocessing, crops, augmentation and batch order (``build_train_set``,
+``build_train_loader``, ``batches``), AdamW with a linear warm-up and a cosine decay, and the trainer's
 ``train_step``. A setup is a network, a recipe (:mod:`veloxseg.training.recipe`: loss, deep supervision,
-dropout) and a peak learning rate. Each whole test volume (imagesTs) is then segmented by
-sliding-window inference and scored against labelsTs by the trainer's ``validate``: Dice per class and
-its mean, HD95 in mm.
+dropout) and a peak learning rate. Each whole test volume (imagesTs) is then segmented as ``veloxseg
+predict`` segments it (the trainer's ``validate``, through ``veloxseg.predict.predict_probabilities``)
+and scored against labelsTs on its own grid: Dice per class and its mean, HD95 in mm.
 
 Budget: ``--minutes M`` gives every setup the same CPU time of the training thread (``time.thread_time``:
 forward, backward, optimiser and, with no loader workers, the data augmentation; a busy neighbour does
@@ -59,8 +59,8 @@ from veloxseg.training import (
     RECIPES,
     TrainConfig,
     batches,
-    build_datasets,
-    build_loaders,
+    build_train_loader,
+    build_train_set,
     build_model,
     build_optimizer,
     build_scheduler,
@@ -114,12 +114,13 @@ ABLATION = ["veloxseg_small_hr", "veloxseg_small_hr-sdkt"]
 
 class MonaiNet(nn.Module):
     """A MONAI network in VeloxSeg's interface, for ``VeloxSegLoss`` and ``validate``: ``config.roi_size``,
-    ``config.n_classes``, and a training-mode forward returning a :class:`VeloxSegOutput`."""
+    ``config.n_classes``, ``config.in_ch`` (one modality group per channel, as the trainer's metadata has
+    them), and a training-mode forward returning a :class:`VeloxSegOutput`."""
 
-    def __init__(self, net: nn.Module, roi: tuple[int, int, int], n_classes: int) -> None:
+    def __init__(self, net: nn.Module, roi: tuple[int, int, int], n_channels: int, n_classes: int) -> None:
         super().__init__()
         self.net = net
-        self.config = SimpleNamespace(roi_size=roi, n_classes=n_classes)
+        self.config = SimpleNamespace(roi_size=roi, n_classes=n_classes, in_ch=(1,) * n_channels)
 
     def forward(self, x: torch.Tensor) -> VeloxSegOutput | torch.Tensor:
         logits = self.net(x)
@@ -133,7 +134,7 @@ def build_network(name: str, spec: DatasetSpec, config: TrainConfig, train_cases
     if setup.network.startswith("veloxseg"):
         return build_model(config, spec, train_cases)  # the recipe's teachers, heads, dropout and head init
     net = build_baseline(setup.network, len(spec.channel_names), len(spec.labels), config.roi)
-    return MonaiNet(net, config.roi, len(spec.labels))
+    return MonaiNet(net, config.roi, len(spec.channel_names), len(spec.labels))
 
 
 def setup_config(name: str, base: TrainConfig, lr: float | None = None) -> TrainConfig:
@@ -205,13 +206,13 @@ def run(
         cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
     )
     metadata = training_metadata(config, spec, len(train_cases), len(eval_cases))  # the trainer's preprocessing
-    train_set, eval_set = build_datasets(train_cases, eval_cases, metadata, config, config.roi)
+    train_set = build_train_set(train_cases, metadata, config, config.roi)
     model = build_network(name, spec, config, train_cases)
     inference_params, trained_params = parameters(model)
     loss_fn = VeloxSegLoss(*SETUPS[name].loss_weights())
     optimizer = build_optimizer(model, config)
-    train_loader, eval_loader = build_loaders(train_set, eval_set, config)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    train_loader = build_train_loader(train_set, config)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     budget = CpuBudget(minutes) if minutes else None
     if budget is None:
         scheduler = build_scheduler(optimizer, config, config.max_steps)
@@ -233,7 +234,7 @@ def run(
 
     start = time.perf_counter()
     classes = class_names(spec)
-    metrics, _ = validate(accelerator.unwrap_model(model), eval_loader, accelerator, config, classes)
+    metrics, _ = validate(accelerator.unwrap_model(model), eval_cases, accelerator, metadata, classes, config.sw_batch_size)
     accelerator.free_memory()
     tail = losses[-max(1, len(losses) // 10) :]
     return {

@@ -14,8 +14,11 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
 
 # 64^3 ROI throughout: at 96^3 a step of veloxseg_small costs about 3 CPU s here, of base 8 s.
-PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0"
-MNI152="--data $DATA/mni152 --roi 64 --checkpoint-every 100 --seed 0"
+# Every run trains at its data's spacing fingerprint (the trainer's default), recorded in the tag.
+# PET/CT: modality dropout, so one tag segments PET/CT, PET alone or CT alone.
+# MNI152: SynthSeg-style domain randomisation, so the tissue tags work on T1 brains of other sources.
+PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0 --modality-dropout 0.5"
+MNI152="--data $DATA/mni152 --roi 64 --checkpoint-every 100 --seed 0 --domain-randomisation"
 SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --roi 64 --checkpoint-every 100 --seed 0"
 
 run() {  # run NAME FLAGS...: one training run into $RUNS/NAME, its log (with GNU time's report) in $RUNS/NAME.log
@@ -52,8 +55,7 @@ train)
         run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 1200 --val-every 400
         run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 1500 --val-every 500
         run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL --max-steps 1000 --val-every 500
-        # published earlier, at the model's own 96^3 ROI: 2400 steps, 858 CPU s
-        run veloxseg_tiny.petct --model veloxseg_tiny --data "$DATA/petct" --val-every 400 --checkpoint-every 200 --seed 0 --max-steps 2400
+        run veloxseg_tiny.petct --model veloxseg_tiny $PETCT --max-steps 2000 --val-every 500
     } &
     wait
     ;;

@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import json_ready
 
-NORMALISATIONS = ("ct", "zscore", "none")
+NORMALISATIONS = ("ct", "zscore", "foreground_zscore", "none")
 AXIS_CODES = ("LR", "PA", "IS")  # one letter of each pair, in any order: "RAS", "LPS", ...
 
 
@@ -28,7 +28,8 @@ class ChannelInfo:
     """One input channel. ``normalisation``: "ct" (a fixed mapping, the same for every scan:
     ``(clip(x, *clip) - mean) / std``; the trainer stores its HU window as ``clip`` and the window's
     centre and half-width as ``mean`` and ``std``, mapping the window to [-1, 1]), "zscore" (per-scan
-    z-score over the nonzero foreground) or "none". :mod:`veloxseg.data.transforms` applies it."""
+    z-score over the nonzero voxels), "foreground_zscore" (per-scan z-score over the voxels above a tenth
+    of the 99.5th percentile, the same whatever the background holds) or "none". :mod:`veloxseg.data.transforms` applies it."""
 
     name: str
     group: int  # modality group index (position in in_ch)

@@ -119,9 +119,13 @@ def predict_probabilities(
     overlap: float = 0.5,
     sw_batch_size: int = 1,
     device: str | torch.device | None = None,
+    metadata: ModelMetadata | None = None,
 ) -> torch.Tensor:
     """Softmax class probabilities (n_classes, X, Y, Z) on the scan's own voxel grid.
 
+    The one inference path of VeloxSeg: ``veloxseg predict``, validation during training, the tags'
+    test scores and the benchmarks all segment through it. ``metadata``: the preprocessing to apply
+    (default: the model's own, :func:`model_metadata`; the trainer passes the metadata it will save).
     Runs on ``device`` (default: where the model's parameters are); the whole-scan arrays stay on
     the CPU. The model is put in eval mode for the call and restored afterwards.
     """
@@ -130,7 +134,7 @@ def predict_probabilities(
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     device = resolve_device(device)
-    metadata = model_metadata(model)
+    metadata = metadata or model_metadata(model)
     _check_channels(model, metadata, scan)
     _warn_label_like_channels(metadata, scan)
     preprocess = Compose(preprocessing_transforms(metadata))  # training's: orientation, spacing, normalisation

@@ -76,7 +76,20 @@ class TrainConfig:
     fold: int = option(0, "validation fold of splits_final.json")
     val_fraction: float = option(0.2, "validation share when there is no splits_final.json")
     spacing: tuple[float, float, float] | None = option(
-        None, "resample to this spacing in mm; default: keep each scan's", type=float, nargs=3, metavar=("X", "Y", "Z")
+        None,
+        "resample every scan to this spacing in mm (RAS axes); default: the training cases' spacing fingerprint "
+        "(the median per axis; the 10th percentile along an axis over 3x coarser than the finest)",
+        type=float,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+    )
+    native_spacing: bool = option(
+        False, "train on each scan's own voxel grid, no resampling (the model's metadata then says spacing null)"
+    )
+    domain_randomisation: bool = option(
+        False,
+        "SynthSeg-style intensity randomisation of MR-like channels (per-tissue contrast, gamma, bias field, "
+        "resolution, blur, noise) for models meant to work on scans from other sources",
     )
     cache: bool = option(True, "keep the preprocessed volumes in memory (--no-cache: preprocess them each epoch)")
     num_workers: int | None = option(None, "data loading processes; default a quarter of the CPUs, at most 4", type=int)
@@ -135,7 +148,7 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "newest checkpoints kept")
     log_every: int = option(10, "log the training losses every N steps")
     sw_batch_size: int = option(2, "sliding windows per forward in validation")
-    sw_overlap: float = option(0.25, "sliding-window overlap in validation")
+    sw_overlap: float = option(0.5, "sliding-window overlap in validation (veloxseg predict's default)")
     progress: bool = option(True, "show a progress bar (--no-progress: do not)")
     # Hardware
     mixed_precision: str = option("no", "bf16 (CPU or GPU) or fp16 (GPU)", choices=("no", "bf16", "fp16"))
@@ -213,6 +226,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"else 1"
         )
     spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
+    if spacing is not None and config.native_spacing:
+        raise ValueError("give spacing or native_spacing, not both")
     if config.head_init_scale is not None and not config.head_init_scale > 0:
         raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
     new_model = not (config.pretrained or config.stage == "finetune")

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -23,10 +24,12 @@ from monai.transforms import Randomizable
 
 from ..data.datasets import Case, DatasetError, DatasetSpec, from_hf_dataset, read_dataset, validate_dataset
 from ..data.demo import make_demo_dataset
-from ..data.transforms import channel_infos, eval_transforms, make_dataset, train_transforms
+from ..data.transforms import channel_infos, make_dataset, train_transforms
 from ..io import atomic_folder
 from ..metadata import ModelMetadata
 from .config import TrainConfig
+
+ANISOTROPY = 3.0  # an axis this many times coarser than the finest is planned as nnU-Net does (see spacing_fingerprint)
 
 
 def prepare_dataset(config: TrainConfig, accelerator: Accelerator) -> DatasetSpec:
@@ -87,16 +90,40 @@ def class_names(spec: DatasetSpec) -> list[str]:
     return [name for name, value in sorted(spec.labels.items(), key=lambda kv: kv[1]) if value > 0]
 
 
+def spacing_fingerprint(cases: Sequence[Case], orientation: str = "RAS") -> tuple[float, float, float]:
+    """The target spacing (mm along the axes of ``orientation``) of training on ``cases``, as nnU-Net
+    plans it: the median of the cases' spacings per axis, except that along an axis whose median is
+    over ``ANISOTROPY`` times the finest axis's the 10th percentile is taken (a few coarse scans do not
+    make every scan coarse). Reads the first image header of each case only."""
+    spacings = []
+    for case in cases:
+        image = nib.load(case.images[0])
+        zooms = np.asarray(image.header.get_zooms()[:3], dtype=np.float64)
+        axes = nib.orientations.io_orientation(image.affine)[:, 0].astype(int)  # voxel axis -> world axis (RAS)
+        in_world = np.empty(3)
+        in_world[axes] = zooms
+        target = nib.orientations.axcodes2ornt(orientation)[:, 0].astype(int)  # RAS axis of each target axis
+        spacings.append(in_world[target])
+    spacings = np.asarray(spacings)
+    fingerprint = np.median(spacings, axis=0)
+    coarse = int(np.argmax(fingerprint))
+    if fingerprint[coarse] > ANISOTROPY * fingerprint.min():
+        fingerprint[coarse] = np.percentile(spacings[:, coarse], 10)
+    return tuple(round(float(s), 4) for s in fingerprint)
+
+
 def training_metadata(config: TrainConfig, spec: DatasetSpec, num_train: int, num_val: int) -> ModelMetadata:
     """The metadata saved with the model: the preprocessing of every channel (:func:`channel_infos`),
-    the labels, the spacing, and for the model card what it was trained on (metrics are added when saving)."""
+    the labels, the spacing (``config.spacing``, else the fingerprint of the training cases, else with
+    ``config.native_spacing`` None), and for the model card what it was trained on (metrics are added
+    when saving)."""
     described = json.loads((spec.root / "dataset.json").read_text())  # read_dataset keeps no name or description
     name = config.hf_dataset or described.get("name") or spec.root.name
     about = f" ({described['description']})" if described.get("description") else ""
     return ModelMetadata(
         channels=channel_infos(spec.channel_names),
         labels=dict(spec.labels),
-        spacing=config.spacing,
+        spacing=None if config.native_spacing else config.spacing or spacing_fingerprint(spec.training),
         training_data=f"{name}{about}: {num_train} training and {num_val} validation cases, fold {config.fold}",
         datasets=[name],
         training_command=config.command,
@@ -128,24 +155,23 @@ class PerSampleSeeds(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def build_datasets(
-    train_cases: Sequence[Case], eval_cases: Sequence[Case], metadata: ModelMetadata, config: TrainConfig,
-    roi_size: Sequence[int],
-) -> tuple[PerSampleSeeds, Dataset]:  # fmt: skip
+def build_train_set(
+    train_cases: Sequence[Case], metadata: ModelMetadata, config: TrainConfig, roi_size: Sequence[int]
+) -> PerSampleSeeds:
     """Training items: ``config.crops_per_volume`` random ``roi_size`` patches of a case, ``image``
-    (C, *roi_size) and ``label`` (1, *roi_size); evaluation items: whole preprocessed volumes."""
-    train_transform = train_transforms(metadata, roi_size, num_samples=config.crops_per_volume)
-    train_set = make_dataset(train_cases, train_transform, config.cache)
-    return PerSampleSeeds(train_set, config.seed), make_dataset(eval_cases, eval_transforms(metadata), config.cache)
+    (C, *roi_size) and ``label`` (1, *roi_size). (Validation segments whole scans as ``veloxseg
+    predict`` does: :func:`veloxseg.training.validate.validate`.)"""
+    transform = train_transforms(
+        metadata, roi_size, num_samples=config.crops_per_volume, domain_randomisation=config.domain_randomisation
+    )
+    return PerSampleSeeds(make_dataset(train_cases, transform, config.cache), config.seed)
 
 
-def build_loaders(train_set: PerSampleSeeds, eval_set: Dataset, config: TrainConfig) -> tuple[DataLoader, DataLoader]:
-    """Shuffled training batches of ``config.batch_size`` patches (``batch_size / crops_per_volume``
-    cases), and evaluation batches of one whole volume."""
-    loader_kwargs = {"num_workers": config.num_workers, "generator": torch.Generator().manual_seed(config.seed)}
+def build_train_loader(train_set: PerSampleSeeds, config: TrainConfig) -> DataLoader:
+    """Shuffled training batches of ``config.batch_size`` patches (``batch_size / crops_per_volume`` cases)."""
     volumes = config.batch_size // config.crops_per_volume
-    train_loader = DataLoader(train_set, batch_size=volumes, shuffle=True, **loader_kwargs)
-    return train_loader, DataLoader(eval_set, batch_size=1, **loader_kwargs)
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(train_set, batch_size=volumes, shuffle=True, num_workers=config.num_workers, generator=generator)
 
 
 def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:

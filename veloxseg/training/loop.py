@@ -19,8 +19,8 @@ from .checkpoints import checkpoint_to_resume, load_checkpoint, new_state, save_
 from .config import TrainConfig, resolve
 from .data import (
     batches,
-    build_datasets,
-    build_loaders,
+    build_train_loader,
+    build_train_set,
     class_names,
     prepare_dataset,
     steps_per_epoch,
@@ -60,15 +60,15 @@ def train(config: TrainConfig) -> TrainResult:
         train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
         metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
         model = build_model(config, spec, train_cases)
-        train_set, val_set = build_datasets(train_cases, val_cases, metadata, config, model.config.roi_size)
-        train_loader, val_loader = build_loaders(train_set, val_set, config)
+        train_set = build_train_set(train_cases, metadata, config, model.config.roi_size)
+        train_loader = build_train_loader(train_set, config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     loss_fn = VeloxSegLoss(config.seg_weight, config.rc_weight, config.sdkt_weight, config.one_way_sdkt)
     optimizer = build_optimizer(model, config)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     total_steps = config.max_steps or config.epochs * steps_per_epoch(train_loader, config.grad_accum)
     scheduler = accelerator.prepare(build_scheduler(optimizer, config, total_steps))
 
@@ -106,7 +106,9 @@ def train(config: TrainConfig) -> TrainResult:
             progress.set_postfix(loss=f"{values['train/loss']:.4f}", patches_s=f"{values['train/patches_per_s']:.1f}")
         with meter.paused():  # validation and checkpoints are not training time
             if config.stage != "pretrain" and (step % config.val_every == 0 or step == total_steps):
-                metrics, example = validate(unwrapped, val_loader, accelerator, config, class_names(spec))
+                metrics, example = validate(
+                    unwrapped, val_cases, accelerator, metadata, class_names(spec), config.sw_batch_size, config.sw_overlap
+                )
                 log.log(metrics, step)
                 state["metrics"] = metrics
                 if metrics["val/dice"] > state["best_dice"]:

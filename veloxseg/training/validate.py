@@ -1,80 +1,103 @@
-"""Validation: whole volumes segmented by sliding windows, scored by Dice and HD95."""
+"""Scoring: whole cases segmented by :func:`veloxseg.predict.predict_probabilities` (the path of
+``veloxseg predict``: the model's preprocessing, Gaussian sliding windows, probabilities mapped back
+to each scan's own grid) and compared with their labels there, by Dice and HD95."""
 
 import warnings
+from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from monai.data import DataLoader
-from monai.inferers import sliding_window_inference
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.transforms import ResizeWithPadOrCrop
 
-from ..data.datasets import DatasetSpec
+from ..data.datasets import Case, DatasetSpec
 from ..data.transforms import IMAGE, eval_transforms
 from ..metadata import ModelMetadata
 from ..model import VeloxSeg
-from .config import TrainConfig, resolve
-from .data import build_datasets, build_loaders, class_names, plain
+from ..predict import load_scan, predict_probabilities
+from .data import class_names, plain
 from .step import mask_random_patches
 
 
 @torch.no_grad()
-def validate(
-    model: VeloxSeg, loader: DataLoader, accelerator: Accelerator, config: TrainConfig, class_names: list[str]
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Sliding-window inference on whole validation volumes; Dice per foreground class and their mean,
-    and HD95 (mm; the mean over cases where both prediction and label are non-empty).
+def score_cases(
+    model: torch.nn.Module,
+    cases: Sequence[Case],
+    classes: Sequence[str],
+    metadata: ModelMetadata | None = None,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+    """Segment each labelled case as ``veloxseg predict`` does and score it on its own voxel grid.
 
-    Returns (metrics, example): example holds the first case's ``image`` (C, D, H, W), ``label`` and
-    ``prediction`` (D, H, W) for the validation plot.
+    Returns (dice, hd95, example): dice and hd95 (mm) are (cases, len(classes)) with NaN where a class
+    is absent from both label and prediction (Dice) or from either (HD95); example holds the first
+    case's ``image`` (C, X, Y, Z), ``label`` and ``prediction`` (X, Y, Z) for the validation plot.
     """
-    model.eval()
-    n_classes = model.config.n_classes
-    dice_metric = DiceMetric(include_background=False, reduction="none")
+    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     hd95_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+    n_classes = len(classes) + 1
     dices, hd95s, example = [], [], {}
-    for batch in loader:
-        image, label = plain(batch["image"]), plain(batch["label"])
-        affine = torch.as_tensor(batch["image"].affine, dtype=torch.float64).cpu().reshape(-1, 4, 4)
-        spacing = torch.linalg.vector_norm(affine[:, :3, :3], dim=1).tolist()  # voxel size (mm) per axis
-        with accelerator.autocast():
-            logits = sliding_window_inference(
-                image, model.config.roi_size, config.sw_batch_size, model, overlap=config.sw_overlap
-            )
-        prediction = logits.argmax(1, keepdim=True)
-        pred_onehot, label_onehot = (F.one_hot(t[:, 0].long(), n_classes).movedim(-1, 1) for t in (prediction, label))
+    for case in cases:
+        if case.label is None:
+            raise ValueError(f"case {case.case_id} has no label to score against")
+        scan = load_scan(list(case.images))
+        probs = predict_probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, metadata=metadata)
+        prediction = probs.argmax(0)
+        label = torch.from_numpy(np.asarray(nib.load(case.label).dataobj).astype(np.int64).reshape(prediction.shape))
+        pred_onehot, label_onehot = (F.one_hot(t[None], n_classes).movedim(-1, 1) for t in (prediction, label))
+        spacing = np.linalg.norm(scan.affine[:3, :3], axis=0).tolist()  # voxel size (mm) per axis
         with warnings.catch_warnings():  # empty predictions early in training: counted as NaN/inf below
             warnings.simplefilter("ignore")
-            hd95 = hd95_metric(pred_onehot, label_onehot, spacing=spacing)
-        dices.append(dice_metric(pred_onehot, label_onehot))
-        hd95s.append(hd95)
+            hd95s.append(hd95_metric(pred_onehot, label_onehot, spacing=spacing))
+            dices.append(dice_metric(pred_onehot, label_onehot))
         if not example:
-            example = {"image": image[0].float().cpu().numpy(), "label": label[0, 0].cpu().numpy(),
-                       "prediction": prediction[0, 0].cpu().numpy()}  # fmt: skip
-    dice, hd95 = (accelerator.gather_for_metrics(torch.cat(values)).float().cpu() for values in (dices, hd95s))
-    per_class = torch.nanmean(dice, 0)
-    metrics = {"val/dice": float(torch.nanmean(per_class))}
-    metrics.update({f"val/dice_{name}": float(value) for name, value in zip(class_names, per_class)})
+            example = {"image": scan.data, "label": label.numpy(), "prediction": prediction.numpy()}
+    empty = torch.empty(0, len(classes))
+    return (torch.cat(dices) if dices else empty), (torch.cat(hd95s) if hd95s else empty), example
+
+
+def summarise(dice: torch.Tensor, hd95: torch.Tensor, classes: Sequence[str], prefix: str) -> dict[str, float]:
+    """``prefix/dice`` (mean over classes of the per-class mean over cases), ``prefix/dice_<class>``,
+    ``prefix/hd95`` (mm, the mean over the finite case-class values) and ``prefix/cases``."""
+    per_class = torch.nanmean(dice.float(), 0)
+    metrics = {f"{prefix}/dice": float(torch.nanmean(per_class))}
+    metrics.update({f"{prefix}/dice_{name}": float(value) for name, value in zip(classes, per_class)})
     finite = hd95[torch.isfinite(hd95)]
-    metrics["val/hd95"] = float(finite.mean()) if finite.numel() else float("nan")
+    metrics[f"{prefix}/hd95"] = float(finite.mean()) if finite.numel() else float("nan")
+    metrics[f"{prefix}/cases"] = float(dice.shape[0])
+    return metrics
+
+
+def validate(
+    model: VeloxSeg, cases: Sequence[Case], accelerator: Accelerator, metadata: ModelMetadata, classes: list[str],
+    sw_batch_size: int = 1, overlap: float = 0.5,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:  # fmt: skip
+    """``val/`` metrics of :func:`score_cases` on the validation cases, shared among the processes
+    (each scores every ``num_processes``-th case), preprocessed with the training ``metadata``."""
+    mine = list(cases)[accelerator.process_index :: accelerator.num_processes]
+    model.eval()
+    with accelerator.autocast():
+        dice, hd95, example = score_cases(model, mine, classes, metadata, overlap=overlap, sw_batch_size=sw_batch_size)
+    if accelerator.num_processes > 1:  # each process scored its own cases: every row, once
+        dice, hd95 = (torch.cat(accelerator.gather_object([t])) for t in (dice, hd95))
     model.train()
-    return metrics, example
+    return summarise(dice, hd95, classes, "val"), example
 
 
 def score_test_cases(model: VeloxSeg, spec: DatasetSpec) -> dict[str, float]:
-    """``validate``'s metrics of ``model`` on the dataset's labelled test cases (imagesTs/labelsTs), each
-    whole volume preprocessed as the model's metadata says; named ``test/dice``, ``test/dice_<class>``,
-    ``test/hd95``. Raises ValueError when the dataset has no labelled test cases."""
+    """The ``test/`` metrics of ``model`` on the dataset's labelled test cases (imagesTs/labelsTs),
+    segmented exactly as ``veloxseg predict`` segments them. Raises ValueError when the dataset has no
+    labelled test cases."""
     if not spec.test or any(case.label is None for case in spec.test):
         raise ValueError(f"{spec.root}: no labelled test cases (imagesTs and labelsTs)")
-    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
-    config = resolve(TrainConfig(data=str(spec.root), roi=model.config.roi_size))
-    _, test_set = build_datasets([], spec.test, metadata, config, config.roi)
-    _, test_loader = build_loaders(test_set, test_set, config)
-    metrics, _ = validate(model, test_loader, Accelerator(cpu=True), config, class_names(spec))
-    return {name.replace("val/", "test/", 1): value for name, value in metrics.items()}
+    classes = class_names(spec)
+    dice, hd95, _ = score_cases(model.eval(), spec.test, classes)
+    return summarise(dice, hd95, classes, "test")
 
 
 @torch.no_grad()
