@@ -227,6 +227,48 @@ def test_train_step_steps_once_per_gradient_accumulation() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_train_step_drops_modality_groups_per_sample() -> None:
+    """--modality-dropout: each sample's forward gets its own random subset; the paper loss (teachers
+    reconstructing every group, the dropped ones included) still trains every stream."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1, 1], **SMALL_ROI)
+    seen = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["present"]), with_kwargs=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {"image": torch.randn(4, 3, 64, 64, 64), "label": (torch.rand(4, 1, 64, 64, 64) > 0.9).float()}
+    for _ in range(2):
+        terms = train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator, modality_dropout=1.0)
+        assert torch.isfinite(terms["loss"])
+    masks = torch.cat(seen)
+    assert masks.shape == (8, 3) and masks.any(1).all() and not masks.all(1).any()  # proper, non-empty
+    assert len({tuple(m) for m in masks.tolist()}) > 1  # drawn per sample
+    train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
+    assert seen[-1] is None  # without the flag: the plain network
+
+
+def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Path, tmp_path: Path) -> None:
+    result = run(data=str(demo_data), output_dir=str(tmp_path / "anymod"), max_steps=2, modality_dropout=0.5)
+    assert json.loads((result.output_dir / "train_config.json").read_text())["modality_dropout"] == 0.5
+    saved = json.loads((result.output_dir / "config.json").read_text())["pretrained_cfg"]["veloxseg"]
+    assert saved["modality_dropout"] == 0.5
+    assert "Modality dropout: 0.5 of the training patches" in (result.output_dir / "README.md").read_text()
+    one_channel = tmp_path / "one"
+    shutil.copytree(demo_data, one_channel)
+    meta = json.loads((one_channel / "dataset.json").read_text())
+    meta["channel_names"] = {"0": meta["channel_names"]["0"]}
+    (one_channel / "dataset.json").write_text(json.dumps(meta))
+    for path in (one_channel / "imagesTr").glob("*_0001.nii.gz"):
+        path.unlink()
+    with pytest.raises(ValueError, match="modality_dropout needs 2 or more modality groups .* leave --modality"):
+        run(data=str(one_channel), output_dir=str(tmp_path / "one-out"), modality_dropout=0.5)
+    assert not (tmp_path / "one-out").exists()
+
+
 def test_recipes_set_the_loss_the_model_parts_and_the_learning_rate(demo_data: Path) -> None:
     from veloxseg.data.datasets import read_dataset
 
@@ -505,6 +547,7 @@ def test_bad_datasets_are_rejected_before_training(demo_data: Path, tmp_path: Pa
         (dict(mixed_precision="fp16", cpu=True), "fp16 needs a CUDA GPU"),
         (dict(hf_dataset="some/dataset"), "hf_image_columns"),
         (dict(hf_dataset="some/dataset", data="some/folder"), "not both"),
+        (dict(modality_dropout=1.5), r"modality_dropout must be in \[0, 1\]"),
     ],
 )
 def test_bad_settings_are_rejected(tmp_path: Path, settings: dict, message: str) -> None:

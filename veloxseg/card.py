@@ -85,6 +85,13 @@ def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: 
         evaluation = "No evaluation metrics were recorded for these weights."
     command = f"```bash\n{metadata.training_command}\n```" if metadata.training_command else "Not recorded."
     datasets = ", ".join(metadata.datasets) or "-"
+    subsets = (
+        f"\n\nModality dropout: {metadata.modality_dropout:g} of the training patches lost a random subset of their "
+        f"modality groups, so the model segments from any non-empty subset of {channels}: "
+        f"`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files."
+        if metadata.modality_dropout
+        else ""
+    )
     return f"""# {repo_id or architecture}
 
 VeloxSeg ({architecture}) for 3-D segmentation of {targets} from {channels}. VeloxSeg (ICLR 2026) pairs a
@@ -124,7 +131,7 @@ Orientation {metadata.orientation}, voxel spacing {spacing}. Channels, in input 
 
 Data: {metadata.training_data or "not recorded."}
 
-Datasets: {datasets}
+Datasets: {datasets}{subsets}
 
 Command:
 

@@ -74,6 +74,9 @@ class ModelMetadata:
     metrics: dict[str, float] = field(default_factory=dict)  # name -> value on the held-out data
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids or dataset names (model card)
     training_command: str = ""  # the command that trained the weights (model card)
+    # share of training patches that lost a random subset of their modality groups (--modality-dropout);
+    # such a model was trained to run on any subset: model(x, present=[...])
+    modality_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""

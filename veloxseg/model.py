@@ -1,5 +1,6 @@
 """The VeloxSeg network: attention stream + JLC conv stream, student decoder, reconstruction teachers."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,8 @@ from .config import NUM_LEVELS, VeloxSegConfig
 from .layers import (
     DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d,
 )  # fmt: skip
+from .metadata import ModelMetadata
+from .modalities import Present, present_mask
 
 
 @dataclass
@@ -74,7 +77,9 @@ class AttentionStream(nn.Module):
     """Per-group patch embedding, then PWA levels with patch merging in between.
 
     ``embed`` then ``forward``: (B, sum(in_ch), D, H, W) -> per level i, a list of M channels-last
-    tensors (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i).
+    tensors (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i). Each group has its own stream (the
+    groups meet only inside the paired-window attention), so a sample without a group runs without
+    its stream: see ``forward``'s ``present``.
     """
 
     def __init__(self, cfg: VeloxSegConfig) -> None:
@@ -98,22 +103,49 @@ class AttentionStream(nn.Module):
             if level < NUM_LEVELS:
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
-    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1)."""
+    def embed(self, x: torch.Tensor, present: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1); None for a
+        group that no sample has (``present`` (B, M) bool, None: all)."""
         parts = x.split(list(self.in_ch), 1)
         return [
             self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous())
-            for embed, part in zip(self.patch_embeds, parts)
+            if present is None or present[:, group].any() else None
+            for group, (embed, part) in enumerate(zip(self.patch_embeds, parts))
         ]
 
-    def forward(self, xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Embedded tokens (see ``embed``) -> per level, per group features."""
+    def forward(
+        self, tokens: list[torch.Tensor | None], present: torch.Tensor | None = None
+    ) -> list[list[torch.Tensor]]:
+        """Embedded tokens (see ``embed``) -> per level, per group features.
+
+        present: (B, M) bool, the groups each sample has (None: all). The samples that share a subset of
+        groups run together through the streams of that subset alone; a missing group's features are
+        zeros, so the conv stream's mixers and the teachers (1x1 convs) get nothing from it, exactly as
+        if its weight columns were left out."""
+        if present is None:
+            return self.run(tokens, range(len(tokens)))
+        features: list[list[torch.Tensor]] = []
+        for subset in present.unique(dim=0):
+            rows = (present == subset).all(1).nonzero().flatten()
+            groups = subset.nonzero().flatten().tolist()
+            subset_features = self.run([tokens[g][rows] for g in groups], groups)
+            if not features:
+                shapes = [level_features[0].shape[1:] for level_features in subset_features]
+                features = [[tokens[groups[0]].new_zeros(len(present), *shape) for _ in tokens] for shape in shapes]
+            for level, level_features in zip(features, subset_features):
+                for group, feature in zip(groups, level_features):
+                    level[group] = level[group].index_copy(0, rows, feature)
+        return features
+
+    def run(self, xs: list[torch.Tensor], groups: Sequence[int]) -> list[list[torch.Tensor]]:
+        """The streams of ``groups`` (the group of each of ``xs``) -> per level, their features."""
         features = []
         for level, blocks in enumerate(self.levels):
-            xs = blocks(xs)
+            for block in blocks:
+                xs = block(xs, groups)
             features.append(xs)
             if level < len(self.merges):
-                xs = [merge(t) for merge, t in zip(self.merges[level], xs)]
+                xs = [self.merges[level][group](t) for group, t in zip(groups, xs)]
         return features
 
 
@@ -270,8 +302,9 @@ class VeloxSeg(nn.Module):
         if self.decoder.detail is not None:
             self.decoder.detail.reset_output()
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError naming the problem when ``x`` cannot go through the network."""
+    def check_input(self, x: torch.Tensor, present: Present = None) -> torch.Tensor | None:
+        """Raise ValueError naming the problem when ``x`` (with the groups ``present``) cannot go through
+        the network; return ``present`` as a (B, M) bool mask (None: every group of every sample)."""
         cfg, dtype = self.config, next(self.parameters()).dtype
         if not isinstance(x, torch.Tensor) or x.dtype != dtype:
             got = f"a {type(x).__module__}.{type(x).__name__}" if not isinstance(x, torch.Tensor) else str(x.dtype)
@@ -283,9 +316,11 @@ class VeloxSeg(nn.Module):
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"VeloxSeg got an empty batch, shape {tuple(x.shape)}")
-        if x.shape[1] != sum(cfg.in_ch):
+        mask = present_mask(present, self.group_channels() if present is not None else [], x.shape[0], x.device)
+        if x.shape[1] != sum(cfg.in_ch) and not (mask is not None and x.shape[1] == present_channels(cfg, mask)):
+            only = "" if mask is None else " or, when every sample has the same groups, only theirs"
             raise ValueError(
-                f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}), "
+                f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}){only}, "
                 f"got {x.shape[1]}"
             )
         if tuple(x.shape[2:]) != cfg.roi_size:
@@ -294,12 +329,27 @@ class VeloxSeg(nn.Module):
                 f"roi_size), got {list(x.shape[2:])}; use sliding-window inference for larger volumes or "
                 f"create the model with roi_size=..."
             )
+        return mask
 
-    def embed(self, x: torch.Tensor) -> tuple[Any, ...]:
+    def group_channels(self) -> list[list[str]]:
+        """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
+        untrained model's are ``group{g}_channel{c}``)."""
+        cfg = self.config
+        channels = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes).channels
+        return [[c.name for c in channels if c.group == group] for group in range(cfg.num_groups)]
+
+    def embed(self, x: torch.Tensor, present: torch.Tensor | None = None) -> tuple[Any, ...]:
         """The convs that read the input: (per-group attention tokens, the conv stream's stem output),
-        plus the detail path's stem output when the model has one; ``forward_embedded`` takes them."""
-        embedded = self.attention.embed(x), self.encoder.stem(x)
-        detail = self.decoder.detail
+        plus the detail path's stem output when the model has one; ``forward_embedded`` takes them.
+
+        present: (B, M) bool, the groups each sample has (None: all). The stems read every channel at once,
+        so a missing group's channels reach them as zeros: their weights then add nothing, exactly as if
+        the stems had no such input; the same whether a batch mixes subsets (training) or not (inference).
+        """
+        if present is not None:
+            x = with_missing_channels_zeroed(x, present, self.config.in_ch)
+        embedded = self.attention.embed(x, present), self.encoder.stem(x)
+        detail = None if self.decoder is None else self.decoder.detail  # None: pruned to a feature backbone
         return embedded if detail is None else (*embedded, detail.stem(x))
 
     @property
@@ -313,11 +363,12 @@ class VeloxSeg(nn.Module):
         return self.config.conv_width(1)
 
     def encode(
-        self, tokens: list[torch.Tensor], stem: torch.Tensor
+        self, tokens: list[torch.Tensor | None], stem: torch.Tensor, present: torch.Tensor | None = None
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-        """Embedded input (see ``embed``) -> attention features (per level, per group, channels-last)
-        and conv features [e_1..e_4], e_i (B, C_i, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)))."""
-        attn = self.attention(tokens)
+        """Embedded input (see ``embed``) -> attention features (per level, per group, channels-last; zeros
+        for a group a sample lacks) and conv features [e_1..e_4], e_i (B, C_i, D/(p 2^(i-1)), H/(p 2^(i-1)),
+        W/(p 2^(i-1)))."""
+        attn = self.attention(tokens, present)
         return attn, self.encoder(stem, attn)
 
     def forward_intermediates(
@@ -328,6 +379,7 @@ class VeloxSeg(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCDHW",
         intermediates_only: bool = False,
+        present: Present = None,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's feature API (``features_only=True``): (B, sum(in_ch), D, H, W) -> the encoder features
         e_i (B, C_i, D/r_i, H/r_i, W/r_i), r_i = p 2^(i-1), of the levels ``indices`` (timm's meaning: None
@@ -338,11 +390,12 @@ class VeloxSeg(nn.Module):
         features of every modality group (added through the level's 1x1 mixer before the JLC blocks);
         the per-group attention features themselves are not returned. The encoder has no final norm
         (``norm`` changes nothing) and runs the levels it has: ``prune_intermediate_layers`` stops it
-        early (``stop_early`` changes nothing); ``output_fmt`` is always channels first.
+        early (``stop_early`` changes nothing); ``output_fmt`` is always channels first. ``present``: the
+        modality groups the input has, as for ``forward``.
         """
         take, _ = feature_take_indices(len(self.feature_info), indices)
-        self.check_input(x)
-        _, conv = self.encode(self.attention.embed(x), self.encoder.stem(x))
+        mask = self.check_input(x, present)
+        _, conv = self.encode(*self.embed(x, mask)[:2], mask)
         intermediates = [conv[i] for i in take]
         return intermediates if intermediates_only else (conv[-1], intermediates)
 
@@ -362,15 +415,24 @@ class VeloxSeg(nn.Module):
             self.decoder = self.teachers = None
         return take
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | VeloxSegOutput:
-        self.check_input(x)
-        return self.forward_embedded(*self.embed(x))
+    def forward(self, x: torch.Tensor, present: Present = None) -> torch.Tensor | VeloxSegOutput:
+        """present: the modality groups the input has (:mod:`veloxseg.modalities`): channel names
+        (``["PET"]``), group indices (``[1]``), or a bool tensor (M,) or, one subset per sample, (B, M);
+        None: all. ``x`` holds every group's channels (a missing group's are ignored) or, when every
+        sample has the same groups, only theirs, in group order. A missing group's attention stream does
+        not run; with every group present the network is exactly the one without ``present``."""
+        mask = self.check_input(x, present)
+        return self.forward_embedded(*self.embed(x, mask), present=mask)
 
     def forward_embedded(
-        self, tokens: list[torch.Tensor], stem: torch.Tensor, detail_stem: torch.Tensor | None = None
+        self,
+        tokens: list[torch.Tensor | None],
+        stem: torch.Tensor,
+        detail_stem: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor | VeloxSegOutput:
         """``forward`` after ``embed``: the split lets ``veloxseg.optimize`` compile all but the input convs."""
-        attn, conv = self.encode(tokens, stem)
+        attn, conv = self.encode(tokens, stem, present)
         logits, u1 = self.decoder(conv, detail_stem)
         if not self.training:
             return logits[0]
@@ -399,6 +461,23 @@ class VeloxSeg(nn.Module):
         training_only = [self.teachers, self.decoder.aux_heads]
         skip = {id(p) for m in training_only if m is not None for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def present_channels(cfg: VeloxSegConfig, present: torch.Tensor) -> int:
+    """The input channels of the groups the first sample of ``present`` (B, M) has."""
+    return sum(c for c, kept in zip(cfg.in_ch, present[0].tolist()) if kept)
+
+
+def with_missing_channels_zeroed(x: torch.Tensor, present: torch.Tensor, in_ch: Sequence[int]) -> torch.Tensor:
+    """(B, C, D, H, W) with every channel, or with only the present groups' when all samples share them,
+    -> (B, sum(in_ch), D, H, W) where the channels of the groups a sample lacks (``present`` (B, M)) are 0,
+    whatever they held (NaN included)."""
+    channel_present = present.repeat_interleave(torch.tensor(in_ch, device=present.device), dim=1)  # (B, C)
+    if x.shape[1] == sum(in_ch):
+        return x.masked_fill(~channel_present[:, :, None, None, None], 0)
+    full = x.new_zeros(x.shape[0], sum(in_ch), *x.shape[2:])
+    full[:, channel_present[0]] = x
+    return full
 
 
 def init_weights(module: nn.Module) -> None:

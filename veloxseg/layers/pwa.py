@@ -117,7 +117,7 @@ def window_attention(
 class PairedWindowAttention(nn.Module):
     """Window attention over all modality groups at once, at several window scales.
 
-    Input and output: a list of M channels-last tensors (B, D, H, W, A), one per modality group.
+    Input and output: a list of M channels-last tensors (B, D, H, W, A), one per modality group present.
     Each group has its own norm and q/k/v/output projections; the relative position bias is shared.
     A group's q (and k) has ``qk_channels`` = S * h * ``qk_head_dim`` channels, read as (scale, head,
     ``qk_head_dim``), and its v ``v_channels`` = S * h * ``v_head_dim``, read as (scale, head, ``v_head_dim``):
@@ -172,15 +172,19 @@ class PairedWindowAttention(nn.Module):
         self.resize_matrices = [fn(m) for m in self.resize_matrices]
         return self
 
-    def _gather(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gather(
+        self, xs: list[torch.Tensor], groups: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """M groups (B, D, H, W, A) -> q, k (B*N, h, M*L, qk_head_dim) and v (B*N, h, M*L, v_head_dim): every
-        group's tokens of every max-pooled window (windows scale by scale, groups in order per window)."""
+        group's tokens of every max-pooled window (windows scale by scale, groups in order per window);
+        ``groups``: the modality group of each tensor (whose norm and projection it takes)."""
         b, length = xs[0].shape[0], math.prod(self.tokens)
         grid = xs[0].shape[1:4]
         counts = [[g // w for g, w in zip(grid, scale.window)] for scale in self.scales]
         width = self.scale_width
         windows = xs[0].new_empty(b, sum(math.prod(c) for c in counts), len(xs), length, width)
-        for group, (x, norm, qkv) in enumerate(zip(xs, self.norms, self.qkv)):
+        for group, x in enumerate(xs):
+            norm, qkv = self.norms[groups[group]], self.qkv[groups[group]]
             tokens = norm(x)
             # One GEMM for all scales (4 narrow ones took 2.5x as long at level 1), sliced scale by scale.
             projected = F.linear(tokens, qkv.weight.flatten(1)[self.scale_major_rows], qkv.bias[self.scale_major_rows])
@@ -224,10 +228,13 @@ class PairedWindowAttention(nn.Module):
             target.copy_(part)
         return out.flatten(-3)
 
-    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, xs: list[torch.Tensor], groups: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """``groups``: which modality groups ``xs`` hold (default all, in order); a missing group takes
+        no part, its tokens are neither keys nor queries."""
+        groups = range(len(xs)) if groups is None else groups
         grid: Size3 = tuple(xs[0].shape[1:4])
         # Modal interaction: the groups' tokens of a window attend to each other.
-        q, k, v = self._gather(xs)
+        q, k, v = self._gather(xs, groups)
         num_groups = len(xs)
         length = math.prod(self.tokens)
         fused = self.fused_kernel and q.device.type == "cpu" and not self.training
@@ -241,8 +248,8 @@ class PairedWindowAttention(nn.Module):
             out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
         return [
-            x + self.proj_drop(proj(scattered))
-            for x, proj, scattered in zip(xs, self.projs, self._scatter(out, grid))
+            x + self.proj_drop(self.projs[group](scattered))
+            for x, group, scattered in zip(xs, groups, self._scatter(out, grid))
         ]
 
 
@@ -281,6 +288,8 @@ class PWABlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         self.ffns = nn.ModuleList(FeedForward(dim, ffn_ratio, proj_drop) for _ in range(num_groups))
 
-    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        ys = [x + o for x, o in zip(xs, self.attn(xs))]
-        return [y + ffn(norm(y)) for y, norm, ffn in zip(ys, self.norms, self.ffns)]
+    def forward(self, xs: list[torch.Tensor], groups: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """``groups``: which modality groups ``xs`` hold (default all, in order)."""
+        groups = range(len(xs)) if groups is None else groups
+        ys = [x + o for x, o in zip(xs, self.attn(xs, groups))]
+        return [y + self.ffns[group](self.norms[group](y)) for y, group in zip(ys, groups)]

@@ -38,7 +38,7 @@ def build_model(config: TrainConfig, spec: DatasetSpec, train_cases: Sequence[Ca
     when a loss uses them, and the recipe's deep supervision, dropout and head init (the class prior
     counted in ``train_cases``' labels, default every training case). A ``roi`` other than the model's
     scales its attention windows. Pretraining (no L_seg) freezes the student decoder, which learns from
-    L_seg only."""
+    L_seg only. Refuses ``modality_dropout`` for a one-channel dataset (nothing could be dropped)."""
     overrides: dict[str, Any] = {
         "in_ch": [1] * len(spec.channel_names),
         "n_classes": len(spec.labels),
@@ -54,6 +54,11 @@ def build_model(config: TrainConfig, spec: DatasetSpec, train_cases: Sequence[Ca
         model.decoder.init_head(config.head_init_scale or 1.0, shares)
     if not config.seg_weight:
         model.decoder.requires_grad_(False)
+    if config.modality_dropout and model.config.num_groups < 2:
+        raise ValueError(
+            f"modality_dropout needs 2 or more modality groups to drop from; this dataset has one channel "
+            f"({spec.channel_names[0]!r}): leave --modality-dropout out"
+        )
     return model
 
 

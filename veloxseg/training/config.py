@@ -140,6 +140,11 @@ class TrainConfig:
         0.0, "share of input cubes zeroed before reconstruction (masked-volume pretraining, e.g. 0.5)"
     )
     mask_patch: int = option(8, "edge of the masked cubes in voxels")
+    modality_dropout: float = option(
+        0.0,
+        "share of training patches that lose a random non-empty proper subset of their modality groups (each "
+        "subset equally likely), so that one model segments from any subset; needs 2+ channels (e.g. 0.5)",
+    )
     # Validation, checkpoints, logging
     output_dir: str = option("runs/demo", "the run's folder, in the end a Hub-ready model folder")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints")
@@ -236,6 +241,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name} sets a new model's head: it does not go with pretrained weights")
     if config.head_class_prior and not seg:
         raise ValueError("head_class_prior needs the labels of a segmentation stage (seg_weight > 0)")
+    if not 0.0 <= config.modality_dropout <= 1.0:
+        raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in ("no", "bf16", "fp16"):

@@ -127,6 +127,7 @@ def training_metadata(config: TrainConfig, spec: DatasetSpec, num_train: int, nu
         training_data=f"{name}{about}: {num_train} training and {num_val} validation cases, fold {config.fold}",
         datasets=[name],
         training_command=config.command,
+        modality_dropout=config.modality_dropout,
     )
 
 

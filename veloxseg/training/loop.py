@@ -91,7 +91,7 @@ def train(config: TrainConfig) -> TrainResult:
     for batch in () if finished else batches(train_loader, train_set, accelerator, state["step"], config.grad_accum):
         terms = train_step(
             model, batch, loss_fn, optimizer, scheduler, accelerator, config.mask_ratio, config.mask_patch,
-            config.max_grad_norm,
+            config.max_grad_norm, config.modality_dropout,
         )  # fmt: skip
         meter.add(terms, batch["image"].shape[0] * accelerator.num_processes, config.grad_accum)
         if not accelerator.sync_gradients:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..losses import VeloxSegLoss
+from ..modalities import random_modality_mask
 from .data import plain
 
 
@@ -31,6 +32,7 @@ def train_step(
     mask_ratio: float = 0.0,
     mask_patch: int = 8,
     max_grad_norm: float | None = None,
+    modality_dropout: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Train ``model`` (prepared by ``accelerator``) on one batch and return the loss terms ("loss",
     and "seg", "rc", "sdkt" as the loss uses them; detached scalars).
@@ -38,13 +40,21 @@ def train_step(
     batch: ``image`` (B, C, *roi) and ``label`` (B, 1, *roi); the label is not used when the loss has
     no L_seg (pretraining). With ``mask_ratio`` the model sees the image with that share of its
     ``mask_patch``^3 cubes zeroed and reconstructs the whole. With ``max_grad_norm`` the gradients are
-    clipped to that global norm before the optimiser step. Under gradient accumulation the optimiser
-    and the schedule step only when ``accelerator.sync_gradients`` (the last batch of an accumulation).
+    clipped to that global norm before the optimiser step. With ``modality_dropout`` that share of the
+    samples runs without a random non-empty proper subset of its modality groups
+    (:func:`veloxseg.modalities.random_modality_mask`); the losses still see the whole image, so the
+    teachers of a dropped group (paper recipe) reconstruct it from the groups that remain. Under
+    gradient accumulation the optimiser and the schedule step only when ``accelerator.sync_gradients``
+    (the last batch of an accumulation).
     """
     image, label = plain(batch["image"]), plain(batch["label"])
     with accelerator.accumulate(model):
         inputs = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
-        terms = loss_fn(model(inputs), image, label if loss_fn.seg_weight else None)
+        present = None
+        if modality_dropout:
+            groups = accelerator.unwrap_model(model).config.num_groups
+            present = random_modality_mask(image.shape[0], groups, modality_dropout).to(image.device)
+        terms = loss_fn(model(inputs, present=present), image, label if loss_fn.seg_weight else None)
         accelerator.backward(terms["loss"])
         if max_grad_norm and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
