@@ -15,6 +15,7 @@ import veloxseg
 from veloxseg import hub
 from veloxseg.variants import HUB_ORG, PUBLISHED, VARIANTS
 
+from .conftest import SMALL_ROI
 from .test_hub import cache_repo
 
 TAGS = list(PUBLISHED)
@@ -48,6 +49,9 @@ def test_a_tag_loads_its_shipped_trained_weights_offline(name, caplog):
     assert_holds(model, shipped)
     assert "from the copy shipped with veloxseg" in caplog.text
     assert_holds(timm.create_model(name, pretrained=True), shipped)
+    registered = timm.models.get_pretrained_cfg(name).to_dict()
+    for key in ("input_size", "num_classes", "label_names", "channel_names", "normalisation", "spacing", "orientation"):
+        assert model.pretrained_cfg[key] == registered[key], key  # the registry describes the network it builds
     untrained = veloxseg.create_model(name).state_dict()  # the tag's network, initialised
     assert untrained.keys() == shipped.keys()
     trained = [k for k, v in shipped.items() if v.is_floating_point() and not torch.equal(untrained[k], v)]
@@ -94,3 +98,24 @@ def test_a_truncated_shipped_copy_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path)
     with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}: its SHA-256 is not the one registered"):
         veloxseg.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", timm.list_pretrained("veloxseg*"))
+def test_every_tags_pretrained_cfg_describes_a_3d_segmentation_model(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    config = veloxseg.create_model(name).config  # the tag's network, initialised
+    assert cfg.input_size == (sum(config.in_ch), *config.roi_size)  # (C, D, H, W)
+    assert cfg.num_classes == config.n_classes > 0 and len(cfg.label_names) == cfg.num_classes
+    assert cfg.label_names[0] == "background" and len(cfg.channel_names) == len(cfg.normalisation) == cfg.input_size[0]
+    # None until the tags are republished with the spacing they were trained at (issue 32's other half)
+    assert cfg.spacing is None or (len(cfg.spacing) == 3 and all(s > 0 for s in cfg.spacing))
+    assert len(cfg.orientation) == 3
+    assert (cfg.interpolation, cfg.crop_pct, cfg.crop_mode, cfg.mean, cfg.std) == (None,) * 5  # no 2-D preprocessing
+
+
+def test_pretrained_cfg_follows_the_network_and_its_metadata():
+    model = timm.create_model("veloxseg_tiny", in_chans=4, num_classes=5, **SMALL_ROI)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (4, *SMALL_ROI["roi_size"]) and cfg["num_classes"] == 5
+    assert cfg["label_names"] == ["background", "class_1", "class_2", "class_3", "class_4"]
+    assert cfg["channel_names"] == [f"group0_channel{c}" for c in range(4)] and cfg["normalisation"] == ["zscore"] * 4

@@ -38,7 +38,16 @@ from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
 from .metadata import ModelMetadata
-from .variants import HUB_ORG, VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
+from .variants import (
+    HUB_ORG,
+    PUBLISHED,
+    SHIPPED_MODELS,
+    VARIANTS,
+    VeloxSegPretrainedCfg,
+    describe_3d,
+    translate_timm_args,
+    variant_of,
+)
 
 if TYPE_CHECKING:  # the model imports this module for its save_pretrained / push_to_hub
     from .model import VeloxSeg
@@ -52,8 +61,6 @@ NOTICE_NAME = "NOTICE"  # the training data's sources and licenses, where the ca
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
 _LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
-# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
-SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,8 @@ def load_pretrained(
         raise ValueError(f"{weights_path}: {err}") from None
     model.load_state_dict(adapted)
     in_ch, n_classes = model.config.in_ch, model.config.n_classes
-    model.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
+    metadata = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
+    model.pretrained_cfg.update(veloxseg=metadata, **describe_3d(model.config, metadata))
     _logger.info("%s: loaded %s", _name(cfg), weights_path)
     return report
 
