@@ -1,11 +1,13 @@
 """Hugging Face Hub I/O: save_pretrained, push_to_hub, pretrained=True, ``hf-hub:`` and ``local-dir:`` names.
 
-A model folder (and a Hub repo) holds three files:
+A model folder (and a Hub repo) holds three files, and a fourth where the weights have a notice:
 
 * ``config.json``, timm's layout: ``{"architecture": "veloxseg_small", "model_args": {every
   VeloxSegConfig field}, "pretrained_cfg": {..., "veloxseg": {the 3-D metadata}}}``;
 * ``model.safetensors``: the state dict, teachers included (never a pickle);
-* ``README.md``: the model card (:mod:`veloxseg.card`).
+* ``README.md``: the model card (:mod:`veloxseg.card`);
+* ``NOTICE``: the metadata's ``notice``, the terms of the data or base weights that ask to be kept
+  with every copy (:mod:`veloxseg.provenance`).
 
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
 mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. A published tag
@@ -43,6 +45,7 @@ from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
 from .metadata import ModelMetadata
+from .provenance import inherited
 from .variants import (
     HUB_ORG,
     PUBLISHED,
@@ -124,7 +127,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def save_pretrained(
     model: VeloxSeg, save_directory: str | Path, *, metadata: ModelMetadata | None = None, repo_id: str | None = None
 ) -> Path:
-    """Write config.json, model.safetensors and README.md into ``save_directory`` (created if needed).
+    """Write config.json, model.safetensors, README.md and, when the metadata has a notice, NOTICE into
+    ``save_directory`` (created if needed).
 
     Each file is written to a temporary file in the same folder, then renamed into place (config.json last).
     metadata: the 3-D metadata to record; default: the model's ``pretrained_cfg["veloxseg"]`` when it
@@ -159,6 +163,9 @@ def save_pretrained(
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_file(folder / CARD_NAME) as tmp:
         tmp.write_text(card, encoding="utf-8")
+    if metadata.notice:
+        with atomic_file(folder / NOTICE_NAME) as tmp:
+            tmp.write_text(metadata.notice, encoding="utf-8")
     with atomic_file(folder / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
@@ -245,7 +252,7 @@ def load_pretrained(
         raise ValueError(f"{weights_path}: {err}") from None
     model.load_state_dict(adapted)
     in_ch, n_classes = model.config.in_ch, model.config.n_classes
-    metadata = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
+    metadata = inherited(ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes), source.metadata).to_dict()
     model.pretrained_cfg.update(veloxseg=metadata, **describe_3d(model.config, metadata))
     model.adaptation_report = report
     _logger.info("%s: loaded %s", _name(cfg), weights_path)

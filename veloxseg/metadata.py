@@ -73,6 +73,11 @@ class ModelMetadata:
     metrics: dict[str, float] = field(default_factory=dict)  # name -> value on the held-out data
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids or dataset names (model card)
     training_command: str = ""  # the command that trained the weights (model card)
+    # Provenance (veloxseg.provenance): the weights these were fine-tuned from, the notice their data asks to keep
+    # with every copy (written as NOTICE beside the weights), and the cases each split's metrics cover.
+    base_model: str = ""  # Hub repo id ("veloxseg/veloxseg_small.mni152_tissue") or "local-dir:PATH"; "": none
+    notice: str = ""
+    evaluation_cases: dict[str, int] = field(default_factory=dict)  # "validation" / "test" -> number of cases
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""
