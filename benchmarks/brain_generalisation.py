@@ -82,7 +82,7 @@ def dice(prediction: np.ndarray, label: np.ndarray, value: int) -> float:
 
 def score(model_name: str, scans: dict[float, Path]) -> dict[str, dict[str, float]]:
     """resolution -> {class: Dice, "mean": ...} of ``model_name`` (registry name: its default tag)."""
-    model = veloxseg.create_model(model_name, pretrained=not model_name.startswith("local-dir:")).eval()
+    model = veloxseg.create_model(model_name, pretrained=True).eval()
     rows = {}
     for mm, path in scans.items():
         prediction = np.asarray(predict(model, path).dataobj)

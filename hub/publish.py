@@ -50,7 +50,7 @@ def validate(folder: Path) -> list[str]:
     card = ModelCard.load(folder / hub.CARD_NAME)
     front = card.data.to_dict()
     problems += [f"README.md front matter has no {key!r}" for key in FRONT_MATTER if not front.get(key)]
-    results = {r.metric_type: r.metric_value for r in card.data.eval_results or []}
+    results = {r.metric_name or r.metric_type: r.metric_value for r in card.data.eval_results or []}
     if results != metadata.metrics:
         problems.append(f"README.md model-index results {results} are not config.json's metrics {metadata.metrics}")
     if front.get("license") != metadata.license:

@@ -28,7 +28,10 @@ def bundle(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI)
     channels = [ChannelInfo("T1", 0), ChannelInfo("T2", 1, "ct", clip=(0.0, 3000.0), mean=500.0, std=400.0)]
-    metadata = ModelMetadata(channels, {"background": 0, "lesion": 1}, spacing=(3.0, 2.5, 4.0), metrics={"dice": 0.5})
+    metadata = ModelMetadata(
+        channels, {"background": 0, "lesion": 1}, spacing=(3.0, 2.5, 4.0), metrics={"dice": 0.5}, license="other",
+        notice="Example data (C) its owners; keep with all copies.",
+    )
     folder = model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny", metadata=metadata)
     out = tmp_path_factory.mktemp("bundle") / "veloxseg_tiny_bundle"
     assert main(["export", "--model", f"local-dir:{folder}", "--format", "monai-bundle", "-o", str(out)]) == 0
@@ -52,9 +55,12 @@ def cases(tmp_path_factory) -> Path:
 def test_bundle_layout(bundle):
     files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
     assert files == [
-        "configs/inference.json", "configs/metadata.json", "docs/README.md",
-        "models/README.md", "models/config.json", "models/model.safetensors",
+        "configs/inference.json", "configs/metadata.json", "docs/README.md", "docs/data_license.txt",
+        "models/NOTICE", "models/README.md", "models/config.json", "models/model.safetensors",
     ]  # fmt: skip
+    notice = "Example data (C) its owners; keep with all copies."
+    assert (bundle / "models" / "NOTICE").read_text() == notice
+    assert (bundle / "docs" / "data_license.txt").read_text() == f"License: other\n\n{notice}"
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"]) == (2, [64] * 3)

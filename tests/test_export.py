@@ -1,6 +1,7 @@
 """ONNX and TorchScript export: the exported model matches PyTorch (onnxruntime on CPU), keeps a free
 batch axis, carries the config and metadata, and is written atomically and only over with --overwrite."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,14 +13,21 @@ import torch
 import veloxseg
 from veloxseg.cli import main
 from veloxseg.export import export
+from veloxseg.metadata import ModelMetadata
 
 from .conftest import SMALL_ROI
+
+NOTICE = "Derived from the Example Atlas (C) its authors: keep this notice with all copies.\n"
 
 
 @pytest.fixture(scope="module")
 def model() -> veloxseg.VeloxSeg:
+    """A tiny model whose weights carry a license and a notice."""
     torch.manual_seed(0)
-    return veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    metadata = ModelMetadata.from_dict(model.pretrained_cfg["veloxseg"])
+    model.pretrained_cfg["veloxseg"] = dataclasses.replace(metadata, license="cc-by-4.0", notice=NOTICE).to_dict()
+    return model
 
 
 def reference(model: veloxseg.VeloxSeg, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +49,7 @@ def test_onnx_export_runs_in_onnxruntime_like_pytorch(model, tmp_path):
     props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     assert json.loads(props["veloxseg_config"]) == model.config.to_dict()
     assert json.loads(props["veloxseg_metadata"])["labels"] == {"background": 0, "class_1": 1}
+    assert (props["license"], props["NOTICE"]) == ("cc-by-4.0", NOTICE)  # the weights' terms travel with them
 
 
 def test_torchscript_export_through_the_cli(model, tmp_path, capsys):
@@ -49,9 +58,10 @@ def test_torchscript_export_through_the_cli(model, tmp_path, capsys):
     args = ["export", "--model", f"local-dir:{folder}", "--format", "torchscript", "-o", str(path)]
     assert main(args) == 0
     assert "max abs difference from PyTorch on random input" in capsys.readouterr().out
-    extra = {"veloxseg.json": ""}
+    extra = {"veloxseg.json": "", "NOTICE": ""}
     loaded = torch.jit.load(path, _extra_files=extra)
     assert json.loads(json.loads(extra["veloxseg.json"])["veloxseg_config"]) == model.config.to_dict()
+    assert extra["NOTICE"].decode() == NOTICE and json.loads(extra["veloxseg.json"])["license"] == "cc-by-4.0"
     x, expected = reference(model, batch=1)
     with torch.no_grad():
         assert (loaded(x) - expected).abs().max().item() < 1e-4

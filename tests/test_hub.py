@@ -2,6 +2,7 @@
 against HfApi's autospec, model cards read back by huggingface_hub, pretrained tags, and the errors a
 bad download gives."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -227,6 +228,30 @@ def test_push_to_hub_uploads_the_saved_folder(saved, monkeypatch, metadata):
     assert 'create_model("hf-hub:org/pushed"' in fake.files["README.md"].decode()
     veloxseg.hub.push_to_hub(model, "org/pushed", metadata=metadata)
     assert json.loads(fake.files["config.json"])["pretrained_cfg"]["veloxseg"] == metadata.to_dict()
+
+
+def test_license_notice_base_model_and_splits_travel_with_the_weights(saved, metadata, tmp_path, monkeypatch):
+    model = saved[0]
+    notice = "Derived from the Example Atlas (C) its authors: keep this notice with all copies.\n"
+    kept = dataclasses.replace(
+        metadata, license="other", notice=notice, base_model="veloxseg/veloxseg_small.mni152_tissue",
+        metrics={"val_dice": 0.7, "test_dice": 0.6}, evaluation_cases={"validation": 4, "test": 8},
+    )  # fmt: skip
+    folder = hub.save_pretrained(model, tmp_path / "kept", metadata=kept)
+    assert (folder / "NOTICE").read_text() == notice
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "other" and card.data.base_model == "veloxseg/veloxseg_small.mni152_tissue"
+    results = {(r.dataset_split, r.metric_type, r.dataset_args["cases"], r.metric_value) for r in card.data.eval_results}
+    assert results == {("validation", "dice", 4, 0.7), ("test", "dice", 8, 0.6)}  # never one split for both
+    assert "not an independent test" in card.text
+    # loaded and adapted to other channels, the weights still derive from that data: license and notice stay
+    with pytest.warns(UserWarning, match="dropped"):
+        adapted = veloxseg.create_model(f"local-dir:{folder}", pretrained=True, in_ch=[3])
+    assert (tmp_path / "again" / "NOTICE").exists() is False
+    assert (adapted.save_pretrained(tmp_path / "again") / "NOTICE").read_text() == notice
+    fake = FakeHub(monkeypatch)
+    adapted.push_to_hub("org/adapted")
+    assert fake.files["NOTICE"].decode() == notice and "license: other" in fake.files["README.md"].decode()
 
 
 def test_writes_are_atomic(saved, tmp_path, monkeypatch):

@@ -5,7 +5,11 @@ a changed or truncated file is an error naming it."""
 import logging
 import re
 import shutil
+import socket
+import threading
+import warnings
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -15,6 +19,7 @@ import veloxseg
 from veloxseg import hub
 from veloxseg.variants import HUB_ORG, PUBLISHED, VARIANTS
 
+from .conftest import SMALL_ROI
 from .test_hub import cache_repo
 
 TAGS = list(PUBLISHED)
@@ -48,6 +53,9 @@ def test_a_tag_loads_its_shipped_trained_weights_offline(name, caplog):
     assert_holds(model, shipped)
     assert "from the copy shipped with veloxseg" in caplog.text
     assert_holds(timm.create_model(name, pretrained=True), shipped)
+    registered = timm.models.get_pretrained_cfg(name)
+    for key in ("input_size", "num_classes", "label_names", "channel_names", "normalisation", "spacing", "orientation"):
+        assert model.pretrained_cfg[key] == getattr(registered, key), key  # the registry describes the network built
     untrained = veloxseg.create_model(name).state_dict()  # the tag's network, initialised
     assert untrained.keys() == shipped.keys()
     trained = [k for k, v in shipped.items() if v.is_floating_point() and not torch.equal(untrained[k], v)]
@@ -68,12 +76,13 @@ def test_the_hub_cache_comes_before_the_shipped_copy(offline_hub, caplog):
     with caplog.at_level(logging.INFO, logger="veloxseg.hub"):
         veloxseg.create_model(name, pretrained=True)
     assert f"{name}: loaded {snapshot / hub.WEIGHTS_NAME}" in caplog.text
-    assert "from the Hugging Face Hub" in caplog.text and "shipped" not in caplog.text
+    assert "from the Hugging Face cache" in caplog.text and "shipped" not in caplog.text
 
 
+@pytest.mark.parametrize("route", ["registry", "hf-hub"])
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
 @pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
-def test_a_changed_file_in_the_cache_is_an_error_naming_it(offline_hub, damage, filename):
+def test_a_changed_file_in_the_cache_is_an_error_naming_it(offline_hub, route, damage, filename):
     name = TAGS[0]
     path = cache_repo(offline_hub, f"{HUB_ORG}/{name}", hub.SHIPPED_MODELS / name) / filename
     data = bytearray(path.read_bytes())
@@ -82,8 +91,8 @@ def test_a_changed_file_in_the_cache_is_an_error_naming_it(offline_hub, damage, 
     else:
         data[-2] ^= 1
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: its SHA-256 is not the one registered"):
-        veloxseg.create_model(name, pretrained=True)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: its SHA-256 is not the one registered for {name}"):
+        veloxseg.create_model(name if route == "registry" else f"hf-hub:{HUB_ORG}/{name}", pretrained=True)
 
 
 def test_a_truncated_shipped_copy_is_an_error_naming_it(tmp_path, monkeypatch):
@@ -94,3 +103,89 @@ def test_a_truncated_shipped_copy_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path)
     with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}: its SHA-256 is not the one registered"):
         veloxseg.create_model(name, pretrained=True)
+
+
+@pytest.mark.parametrize("name", timm.list_pretrained("veloxseg*"))
+def test_every_tags_pretrained_cfg_describes_a_3d_segmentation_model(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    config = veloxseg.create_model(name).config  # the tag's network, initialised
+    assert cfg.input_size == (sum(config.in_ch), *config.roi_size)  # (C, D, H, W)
+    assert cfg.num_classes == config.n_classes > 0 and len(cfg.label_names) == cfg.num_classes
+    assert cfg.label_names[0] == "background" and len(cfg.channel_names) == len(cfg.normalisation) == cfg.input_size[0]
+    # None until the tags are republished with the spacing they were trained at (issue 32's other half)
+    assert cfg.spacing is None or (len(cfg.spacing) == 3 and all(s > 0 for s in cfg.spacing))
+    assert len(cfg.orientation) == 3
+    assert (cfg.interpolation, cfg.crop_pct, cfg.crop_mode, cfg.mean, cfg.std) == (None,) * 5  # no 2-D preprocessing
+
+
+def test_pretrained_cfg_follows_the_network_and_its_metadata():
+    model = timm.create_model("veloxseg_tiny", in_chans=4, num_classes=5, **SMALL_ROI)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (4, *SMALL_ROI["roi_size"]) and cfg["num_classes"] == 5
+    assert cfg["label_names"] == ["background", "class_1", "class_2", "class_3", "class_4"]
+    assert cfg["channel_names"] == [f"group0_channel{c}" for c in range(4)] and cfg["normalisation"] == ["zscore"] * 4
+
+
+def test_the_weights_source_is_one_warning_line_the_first_time(monkeypatch, caplog):
+    monkeypatch.setattr(hub, "_ANNOUNCED", set())
+    with caplog.at_level(logging.WARNING, logger="veloxseg.hub"):
+        for _ in range(2):
+            veloxseg.create_model(TAGS[0], pretrained=True)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    shipped = hub.SHIPPED_MODELS / TAGS[0] / hub.WEIGHTS_NAME
+    assert lines == [f"{TAGS[0]}: pretrained weights from the copy shipped with veloxseg (SHA-256 verified), {shipped}"]
+
+
+def test_the_adaptation_report_is_on_the_model_and_dropped_tensors_warn():
+    name = "veloxseg_small.petct_lesions"  # two modality groups, CT and PET
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loaded as saved: no warning
+        exact = veloxseg.create_model(name, pretrained=True)
+    assert exact.adaptation_report.exact and veloxseg.create_model(name).adaptation_report is None
+    with pytest.warns(UserWarning, match=r"pretrained tensor\(s\) dropped.*modality group 1 has no counterpart") as caught:
+        model = timm.create_model(name, pretrained=True, in_chans=4)  # one 4-channel group: PET's stream goes
+    report = model.adaptation_report
+    assert report.dropped and all(key.split(".")[2] == "1" or ".1." in key for key in report.dropped)
+    assert f"{len(report.dropped)} pretrained tensor(s) dropped" in str(caught[0].message)
+
+
+class SilentServer:
+    """A loopback server that accepts connections and never answers (a Hub behind a dead proxy)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port, self.connections = self.sock.getsockname()[1], []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.connections.append(self.sock.accept()[0])  # held open, never read or answered
+            except OSError:
+                return
+
+
+def test_a_verified_local_copy_is_used_before_any_network_call(monkeypatch):
+    server = SilentServer()
+    endpoint = f"http://127.0.0.1:{server.port}"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    loaded = {}
+    for name in ("veloxseg_small", f"hf-hub:{HUB_ORG}/{default_tag('veloxseg_small')}"):
+        thread = threading.Thread(target=lambda n=name: loaded.update({n: veloxseg.create_model(n, pretrained=True)}))
+        thread.start()
+        thread.join(timeout=20)  # a Hub call would wait on the silent server for far longer (timeouts, retries)
+        assert name in loaded, f"{name} did not load within 20 s"
+        assert_holds(loaded[name], load_file(hub.SHIPPED_MODELS / default_tag("veloxseg_small") / hub.WEIGHTS_NAME))
+    assert server.connections == []  # the shipped copy was used, the Hub never asked
+    socket.create_connection(("127.0.0.1", server.port)).close()  # the server was there to be asked
+    for _ in range(100):
+        if server.connections:
+            break
+        threading.Event().wait(0.05)
+    assert len(server.connections) == 1

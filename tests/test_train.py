@@ -384,7 +384,7 @@ def test_train_step_clips_the_gradient_norm() -> None:
 # Whole runs
 
 
-def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) -> None:
+def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     # pretrain: the student decoder is frozen, the teachers learn
     pretrain = tmp_path / "pretrain"
     run(
@@ -416,6 +416,10 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) ->
     card = (segment / "README.md").read_text()
     assert "python examples/train.py --test" in card
     assert (segment / "best" / "model.safetensors").is_file()
+    run_config = json.loads((segment / "train_config.json").read_text())
+    assert (run_config["mixed_precision"], run_config["world_size"], run_config["device"]) == ("bf16", 1, "cpu")
+    assert run_config["base_model"] == f"local-dir:{pretrain}" and metadata["license"] == "other"
+    assert "segment: world size 1, device cpu, mixed precision bf16" in capsys.readouterr().out
 
     # finetune onto a one-channel (PET only), three-class dataset
     other = tmp_path / "pet_only"
@@ -426,7 +430,13 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path) ->
     meta.update(channel_names={"0": "PET"}, labels={"background": 0, "lesion": 1, "organ": 2})
     (other / "dataset.json").write_text(json.dumps(meta))
     finetune = tmp_path / "finetune"
-    run(stage="finetune", data=str(other), output_dir=str(finetune), model=f"local-dir:{segment}", max_steps=1)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch --mixed_precision bf16 sets
+    run(
+        stage="finetune", data=str(other), output_dir=str(finetune), model=f"local-dir:{segment}", max_steps=1,
+        license="cc-by-4.0",
+    )
+    run_config = json.loads((finetune / "train_config.json").read_text())
+    assert run_config["mixed_precision"] == "bf16" and run_config["base_model"] == f"local-dir:{segment}"
     model = veloxseg.create_model(f"local-dir:{finetune}", pretrained=True)
     assert model.config.in_ch == (1,) and model.config.n_classes == 3
     weights = tensors(finetune)

@@ -5,6 +5,7 @@
     DIR/configs/inference.json   the inference workflow
     DIR/models/                  the model folder (config.json, model.safetensors, README.md: the card)
     DIR/docs/README.md           how to run it
+    DIR/docs/data_license.txt    the weights' license and NOTICE (also models/NOTICE), where they have one
 
 MONAI's runner runs it, the folders overridden as the MONAI model zoo's bundles take them:
 
@@ -100,7 +101,7 @@ def bundle_metadata(model: VeloxSeg) -> dict[str, Any]:
             f"the label maps written on each input's own voxel grid (veloxseg predict)."
         ),
         "authors": "veloxseg contributors",
-        "copyright": f"License: {meta.license}",
+        "copyright": f"License: {meta.license}" + ("; see docs/data_license.txt (NOTICE)" if meta.notice else ""),
         "data_source": meta.training_data,
         "data_type": "nibabel",
         "image_classes": f"{len(channels)} channels: {', '.join(channels.values())}",
@@ -140,6 +141,9 @@ def export_bundle(model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool
         for name, content in (("metadata.json", bundle_metadata(model)), ("inference.json", INFERENCE)):
             (tmp / "configs" / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (tmp / "docs" / "README.md").write_text(_readme(folder.name), encoding="utf-8")
+        meta = model_metadata(model)
+        if meta.notice:  # where the MONAI model zoo's bundles keep their data's terms
+            (tmp / "docs" / "data_license.txt").write_text(f"License: {meta.license}\n\n{meta.notice}", encoding="utf-8")
     return folder
 
 

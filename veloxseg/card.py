@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
+from .provenance import hub_base_model, split_of
 
 if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
     from .model import VeloxSeg
@@ -23,12 +24,13 @@ CITATION = """\
 
 
 def model_card(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None = None) -> ModelCard:
-    """The card of ``model``: Hub front matter (license, tags, library_name, pipeline_tag, datasets,
-    metrics, and a ``model-index`` with the held-out metrics) and sections on usage, architecture,
-    preprocessing, labels, training, evaluation and limitations."""
+    """The card of ``model``: Hub front matter (license, base_model, tags, library_name, pipeline_tag,
+    datasets, metrics, and a ``model-index`` with the metrics by split) and sections on usage,
+    architecture, preprocessing, labels, training, evaluation, limitations and license."""
     results = eval_results(metadata)
     data = ModelCardData(
         license=metadata.license,
+        base_model=hub_base_model(metadata.base_model),
         library_name="veloxseg",
         pipeline_tag=PIPELINE_TAG,
         tags=TAGS,
@@ -41,17 +43,24 @@ def model_card(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo
 
 
 def eval_results(metadata: ModelMetadata) -> list[EvalResult]:
-    """The held-out metrics as the Hub's evaluation results (the card's ``model-index``): task
-    image-segmentation, dataset the first of ``metadata.datasets`` (the held-out data are its split;
-    "custom" when none is recorded), one result per metric."""
+    """The metrics as the Hub's evaluation results (the card's ``model-index``): task
+    image-segmentation, dataset the first of ``metadata.datasets`` ("custom" when none is recorded),
+    one result per metric, its split read from the name (``val_*``: validation, the cases that chose
+    the checkpoint; ``test_*``: test; else held-out) with the number of cases it covers as the
+    dataset's ``args`` (``cases``), the metric's name without the split prefix as its type."""
     dataset = metadata.datasets[0] if metadata.datasets else "custom"
-    return [
-        EvalResult(
-            task_type=PIPELINE_TAG, dataset_type=dataset, dataset_name=dataset, dataset_split="held-out",
-            metric_type=name, metric_value=value,
-        )  # fmt: skip
-        for name, value in sorted(metadata.metrics.items())
-    ]
+    results = []
+    for name, value in sorted(metadata.metrics.items()):
+        split, metric = split_of(name)
+        cases = metadata.evaluation_cases.get(split)
+        results.append(
+            EvalResult(
+                task_type=PIPELINE_TAG, dataset_type=dataset, dataset_name=f"{dataset} ({split})", dataset_split=split,
+                dataset_args={"cases": cases} if cases else None, metric_type=metric, metric_name=name,
+                metric_value=value,
+            )  # fmt: skip
+        )
+    return results
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
@@ -80,7 +89,14 @@ def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: 
     ]
     label_rows = [[v, k] for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1])]
     if metadata.metrics:
-        evaluation = _table(["metric", "value"], [[k, f"{v:.4g}"] for k, v in sorted(metadata.metrics.items())])
+        rows = []
+        for name, value in sorted(metadata.metrics.items()):
+            split, _ = split_of(name)
+            rows.append([name, f"{value:.4g}", split, metadata.evaluation_cases.get(split, "not recorded")])
+        evaluation = _table(["metric", "value", "split", "cases"], rows) + (
+            "\n\nValidation metrics come from the cases that chose the checkpoint: they are not an independent "
+            "test; only the test split is." if any(split_of(n)[0] == "validation" for n in metadata.metrics) else ""
+        )
     else:
         evaluation = "No evaluation metrics were recorded for these weights."
     command = f"```bash\n{metadata.training_command}\n```" if metadata.training_command else "Not recorded."
@@ -91,6 +107,11 @@ def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: 
         f"`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files."
         if metadata.modality_dropout
         else ""
+    )
+    base = f"Fine-tuned from `{metadata.base_model}`." if metadata.base_model else "Trained from scratch."
+    notice = (
+        f"\n\nThe data or base weights ask that their notice be kept with every copy: `NOTICE` beside these weights."
+        if metadata.notice else ""
     )
     return f"""# {repo_id or architecture}
 
@@ -131,6 +152,8 @@ Orientation {metadata.orientation}, voxel spacing {spacing}. Channels, in input 
 
 Data: {metadata.training_data or "not recorded."}
 
+Base model: {base}
+
 Datasets: {datasets}{subsets}
 
 Command:
@@ -155,5 +178,5 @@ Command:
 
 ## License
 
-{metadata.license}
+{metadata.license}{notice}
 """

@@ -4,7 +4,9 @@ The exported graph is the eval-mode forward, (B, sum(in_ch), *roi_size) -> logit
 (B, n_classes, *roi_size), with a free batch axis so sliding-window batches run through it. The
 model's config and data metadata travel inside the file (ONNX metadata properties
 ``veloxseg_config``/``veloxseg_metadata``; TorchScript extra file ``veloxseg.json``) so a deployment
-can reproduce the preprocessing. Before the file is moved into place it is run (ONNX with
+can reproduce the preprocessing, and so do the weights' ``license`` and, where they have one, their
+``NOTICE`` (ONNX properties of those names; TorchScript: in ``veloxseg.json`` and as the extra file
+``NOTICE``). Before the file is moved into place it is run (ONNX with
 onnxruntime on the CPU) on a fresh random input and compared with PyTorch.
 
 ``--format monai-bundle`` writes a folder instead: the model as a MONAI bundle (:mod:`veloxseg.bundle`).
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .bundle import export_bundle
+from .hub import NOTICE_NAME
 from .io import atomic_file
 from .model import VeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata
@@ -47,9 +50,12 @@ def export(
         raise FileExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it")
     model = copy.deepcopy(model).cpu().eval()
     cfg = model.config
+    metadata = model_metadata(model)
     info = {
         "veloxseg_config": json.dumps(cfg.to_dict()),
-        "veloxseg_metadata": json.dumps(model_metadata(model).to_dict()),
+        "veloxseg_metadata": json.dumps(metadata.to_dict()),
+        "license": metadata.license,
+        **({NOTICE_NAME: metadata.notice} if metadata.notice else {}),
     }
     example = torch.randn(CHECK_BATCH, sum(cfg.in_ch), *cfg.roi_size)
     with atomic_file(path) as temporary:  # moved into place only when it passes the check
@@ -94,7 +100,8 @@ def _export_torchscript(model: VeloxSeg, example: torch.Tensor, path: Path, info
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input-shape checks, fixed by the trace
         traced = torch.jit.trace(model, example, check_trace=False)
-    torch.jit.save(traced, path, _extra_files={"veloxseg.json": json.dumps(info)})
+    notice = {NOTICE_NAME: info[NOTICE_NAME]} if NOTICE_NAME in info else {}
+    torch.jit.save(traced, path, _extra_files={"veloxseg.json": json.dumps(info), **notice})
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,19 +1,25 @@
 """Hugging Face Hub I/O: save_pretrained, push_to_hub, pretrained=True, ``hf-hub:`` and ``local-dir:`` names.
 
-A model folder (and a Hub repo) holds three files:
+A model folder (and a Hub repo) holds three files, and a fourth where the weights have a notice:
 
 * ``config.json``, timm's layout: ``{"architecture": "veloxseg_small", "model_args": {every
   VeloxSegConfig field}, "pretrained_cfg": {..., "veloxseg": {the 3-D metadata}}}``;
 * ``model.safetensors``: the state dict, teachers included (never a pickle);
-* ``README.md``: the model card (:mod:`veloxseg.card`).
+* ``README.md``: the model card (:mod:`veloxseg.card`);
+* ``NOTICE``: the metadata's ``notice``, the terms of the data or base weights that ask to be kept
+  with every copy (:mod:`veloxseg.provenance`).
 
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
-mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. The registry's published tags
-(:data:`veloxseg.variants.PUBLISHED`) come from the Hub cache, then the Hub, and else from the copy of
-their folder that ships with the package (``veloxseg/hub_models``, a link to the repository's
-``hub/``); every file of a tag must have the SHA-256 the registry records. A log line says which
-source was used. Weights are loaded into a model whose config may differ from theirs through
-:func:`veloxseg.adapt.adapt_state_dict`.
+mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. A published tag
+(:data:`veloxseg.variants.PUBLISHED`), named through the registry or as ``hf-hub:veloxseg/<tag>``,
+comes from a local copy before any network call: the Hub cache, else the copy of its folder that
+ships with the package (``veloxseg/hub_models``, a link to the repository's ``hub/``), and only
+else from the Hub; on every route each of its files must have the SHA-256 the registry records (its
+files cannot change, so a verified local copy is the file the Hub would give). The first load of
+each weights file in a process says on one WARNING line where they came from. Weights are loaded
+into a model whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`;
+the report is ``model.adaptation_report``, and a warning says when tensors were dropped or
+re-initialised.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import hashlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import timm
 import torch
@@ -38,7 +45,17 @@ from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
 from .metadata import ModelMetadata
-from .variants import HUB_ORG, VARIANTS, VeloxSegPretrainedCfg, translate_timm_args, variant_of
+from .provenance import inherited
+from .variants import (
+    HUB_ORG,
+    PUBLISHED,
+    SHIPPED_MODELS,
+    VARIANTS,
+    VeloxSegPretrainedCfg,
+    describe_3d,
+    translate_timm_args,
+    variant_of,
+)
 
 if TYPE_CHECKING:  # the model imports this module for its save_pretrained / push_to_hub
     from .model import VeloxSeg
@@ -52,8 +69,6 @@ NOTICE_NAME = "NOTICE"  # the training data's sources and licenses, where the ca
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
 _LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
-# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
-SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 
 @dataclass(frozen=True)
@@ -112,7 +127,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def save_pretrained(
     model: VeloxSeg, save_directory: str | Path, *, metadata: ModelMetadata | None = None, repo_id: str | None = None
 ) -> Path:
-    """Write config.json, model.safetensors and README.md into ``save_directory`` (created if needed).
+    """Write config.json, model.safetensors, README.md and, when the metadata has a notice, NOTICE into
+    ``save_directory`` (created if needed).
 
     Each file is written to a temporary file in the same folder, then renamed into place (config.json last).
     metadata: the 3-D metadata to record; default: the model's ``pretrained_cfg["veloxseg"]`` when it
@@ -147,6 +163,9 @@ def save_pretrained(
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_file(folder / CARD_NAME) as tmp:
         tmp.write_text(card, encoding="utf-8")
+    if metadata.notice:
+        with atomic_file(folder / NOTICE_NAME) as tmp:
+            tmp.write_text(metadata.notice, encoding="utf-8")
     with atomic_file(folder / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
@@ -218,9 +237,9 @@ def load_pretrained(
     weights_name = cfg.get("hf_hub_filename") or WEIGHTS_NAME
     if not weights_name.endswith(".safetensors"):
         raise ValueError(f"{weights_name}: VeloxSeg loads safetensors weights only, never pickled checkpoints")
-    source = source or read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
+    source = source or read_config(_fetch(cfg, CONFIG_NAME, cache_dir).path)
     try:
-        weights_path = _fetch(cfg, weights_name, cache_dir)
+        weights_path, origin = _fetch(cfg, weights_name, cache_dir)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err}. VeloxSeg reads safetensors weights only (timm.models.save_for_hf writes them with "
@@ -233,8 +252,20 @@ def load_pretrained(
         raise ValueError(f"{weights_path}: {err}") from None
     model.load_state_dict(adapted)
     in_ch, n_classes = model.config.in_ch, model.config.n_classes
-    model.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes).to_dict()
+    metadata = inherited(ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes), source.metadata).to_dict()
+    model.pretrained_cfg.update(veloxseg=metadata, **describe_3d(model.config, metadata))
+    model.adaptation_report = report
     _logger.info("%s: loaded %s", _name(cfg), weights_path)
+    if weights_path not in _ANNOUNCED:  # one line per weights file and process, seen without logging set up
+        _ANNOUNCED.add(weights_path)
+        _logger.warning("%s: pretrained weights from %s, %s", _name(cfg), origin, weights_path)
+    if report.dropped or report.reinitialised:
+        reasons = "; ".join(dict.fromkeys([*report.dropped.values(), *report.reinitialised.values()]))
+        warnings.warn(
+            f"{_name(cfg)}: {len(report.dropped)} pretrained tensor(s) dropped and {len(report.reinitialised)} "
+            f"re-initialised to fit this model ({reasons}); model.adaptation_report lists them",
+            stacklevel=2,
+        )
     return report
 
 
@@ -243,7 +274,7 @@ def published_config(cfg: dict[str, Any], cache_dir: str | Path | None = None) -
     None when it names none; the registry builds a tag's model with that config."""
     if not (cfg.get("hf_hub_id") or cfg.get("file")):
         return None
-    return read_config(_fetch(cfg, CONFIG_NAME, cache_dir))
+    return read_config(_fetch(cfg, CONFIG_NAME, cache_dir).path)
 
 
 def sha256_of(path: str | Path) -> str:
@@ -275,7 +306,7 @@ def create_from_hub(
         source = {"file": location, "source": "local-dir"}
     else:
         raise ValueError(f"{name!r}: expected 'hf-hub:org/name[@revision]' or 'local-dir:/path/to/folder'")
-    hub_config = read_config(_fetch(source, CONFIG_NAME, cache_dir))
+    hub_config = read_config(_fetch(source, CONFIG_NAME, cache_dir).path)
     return timm.create_model(
         hub_config.architecture,
         pretrained=pretrained,
@@ -286,52 +317,76 @@ def create_from_hub(
 
 
 def _name(cfg: dict[str, Any]) -> str:
-    return ".".join(filter(None, [cfg.get("architecture"), cfg.get("tag")])) or "this model"
+    """The weights' name for messages: the registry tag, else the Hub repo or folder, else the architecture."""
+    if cfg.get("tag"):
+        return f"{cfg.get('architecture')}.{cfg['tag']}"
+    return cfg.get("hf_hub_id") or cfg.get("file") or cfg.get("architecture") or "this model"
+
+
+_ANNOUNCED: set[Path] = set()  # weights files whose origin this process has reported
+
+
+class Fetched(NamedTuple):
+    """A file of a model and where it came from, in words (for the log)."""
+
+    path: Path
+    origin: str
 
 
 def _published_tag(source: dict[str, Any]) -> str | None:
-    """The published tag (``variant.tag``) whose registered Hub repo ``source`` names, or None: a local
-    folder, another repo or another revision is the user's own, with no registered files."""
-    if source.get("file") or not source.get("sha256"):
-        return None
-    name = _name(source)
-    return name if source.get("hf_hub_id") == f"{HUB_ORG}/{name}" else None
+    """The published tag whose registered Hub repo (``veloxseg/<tag>``, default revision) ``source``
+    names, or None: a local folder, another repo or another revision is the user's own."""
+    repo, _, revision = (source.get("hf_hub_id") or "").partition("@")
+    name = repo.removeprefix(f"{HUB_ORG}/")
+    published = not source.get("file") and repo == f"{HUB_ORG}/{name}" and name in PUBLISHED
+    return name if published and revision in ("", "main") else None
 
 
-def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Path:
-    """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``): through the Hub
-    cache, else, for a published tag, its shipped copy. A published tag's files are checked against
-    their registered ``sha256[filename]``."""
+def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Fetched:
+    """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``, through the Hub
+    cache). A published tag's file comes from the Hub cache, else its shipped copy, else the Hub, and
+    must have its registered SHA-256: a changed file is an error, never skipped for another copy."""
     tag = _published_tag(source)
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file in the local model folder")
+        return Fetched(path, "the local folder")
+    if tag is None:
+        return Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub (or its cache)")
+    shipped = SHIPPED_MODELS / tag / filename
+    cached = _download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True)
+    if cached is not None:
+        fetched = Fetched(cached, "the Hugging Face cache")
+    elif shipped.is_file():
+        fetched = Fetched(shipped, "the copy shipped with veloxseg")
     else:
-        try:
-            path = _download(source["hf_hub_id"], filename, cache_dir)
-            _logger.info("%s: %s from the Hugging Face Hub (cache: %s)", _name(source), filename, path)
-        except FileNotFoundError as err:
-            shipped = SHIPPED_MODELS / str(tag) / filename
-            if not (tag and shipped.is_file()):
-                raise
-            _logger.info("%s: %s from the copy shipped with veloxseg, %s (%s)", tag, filename, shipped, err)
-            path = shipped
-    expected = source["sha256"].get(filename) if tag else None
-    if expected is not None and sha256_of(path) != expected:
+        fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
+    _logger.info("%s: %s from %s, %s", tag, filename, fetched.origin, fetched.path)
+    expected = PUBLISHED[tag]["sha256"][filename]
+    if sha256_of(fetched.path) != expected:
         raise ValueError(
-            f"{path}: its SHA-256 is not the one registered for {_name(source)} ({expected}): the file was changed "
+            f"{fetched.path}: its SHA-256 is not the one registered for {tag} ({expected}): the file was changed "
             f"or is incomplete; delete it and download it again (or reinstall veloxseg for the shipped copy)"
         )
-    return path
+    return Fetched(fetched.path, f"{fetched.origin} (SHA-256 verified)")
 
 
-def _download(hub_id: str, filename: str, cache_dir: str | Path | None) -> Path:
-    """``filename`` of Hub repo ``hub_id`` ("org/name[@revision]") through the Hub cache."""
+def _download(
+    hub_id: str, filename: str, cache_dir: str | Path | None, local_files_only: bool = False, missing_ok: bool = False
+) -> Path | None:
+    """``filename`` of Hub repo ``hub_id`` ("org/name[@revision]") through the Hub cache (only from the
+    cache with ``local_files_only``; None when it is not there and ``missing_ok``)."""
     repo_id, _, revision = hub_id.partition("@")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision or None, cache_dir=cache_dir, local_files_only=local_files_only
+            )
+        )
     except LocalEntryNotFoundError:
+        if missing_ok:
+            return None
         cache = cache_dir or constants.HF_HUB_CACHE
         why = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise FileNotFoundError(

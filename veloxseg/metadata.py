@@ -77,6 +77,11 @@ class ModelMetadata:
     # share of training patches that lost a random subset of their modality groups (--modality-dropout);
     # such a model was trained to run on any subset: model(x, present=[...])
     modality_dropout: float = 0.0
+    # Provenance (veloxseg.provenance): the weights these were fine-tuned from, the notice their data asks to keep
+    # with every copy (written as NOTICE beside the weights), and the cases each split's metrics cover.
+    base_model: str = ""  # Hub repo id ("veloxseg/veloxseg_small.mni152_tissue") or "local-dir:PATH"; "": none
+    notice: str = ""
+    evaluation_cases: dict[str, int] = field(default_factory=dict)  # "validation" / "test" -> number of cases
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""

@@ -287,6 +287,8 @@ class VeloxSeg(nn.Module):
         cfg = (config or VeloxSegConfig()).replace(**overrides) if overrides else (config or VeloxSegConfig())
         self.config = cfg
         self.pretrained_cfg: dict[str, Any] = {}
+        # What loading pretrained weights did to them (veloxseg.adapt.AdaptationReport); None: none loaded.
+        self.adaptation_report = None
         # timm's description of the encoder levels that forward_intermediates returns
         self.feature_info = [
             dict(num_chs=cfg.conv_width(i), reduction=cfg.patch_size * 2 ** (i - 1), module=f"encoder.stages.{i - 1}")

@@ -17,7 +17,7 @@ from .config import NUM_LEVELS
 from .hub import create_from_hub, load_pretrained, published_config
 from .metadata import ModelMetadata
 from .model import VeloxSeg
-from .variants import VARIANTS, default_cfgs, timm_input_size, translate_timm_args, variant_cfg
+from .variants import VARIANTS, default_cfgs, describe_3d, translate_timm_args, variant_cfg
 
 # timm's register_model reads the pretrained configs from ``default_cfgs`` of the entrypoints' module.
 __all__ = ["create_model", "default_cfgs", "list_models"]
@@ -32,33 +32,35 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     features_only = kwargs.get("features_only", False)
     if isinstance(kwargs.get("pretrained_cfg"), dict):  # a config.json's (hf-hub:/local-dir: names)
         kwargs["pretrained_cfg"] = variant_cfg(**kwargs["pretrained_cfg"])
+    tag_named = isinstance(kwargs.get("pretrained_cfg"), str)
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None))
     settings, published = VARIANTS[variant], None
-    if pretrained or isinstance(kwargs.get("pretrained_cfg"), str):  # weights asked for, or a tag named
+    if pretrained or tag_named:  # weights asked for, or a tag named
         # A published tag's network is the one its config.json records (classes, channels, ROI), as for
         # hf-hub: names; ``kwargs`` change it (and the weights are adapted).
-        cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
         published = published_config(cfg.to_dict(), cache_dir)
         if published is not None:
             settings = published.config.to_dict()
-            kwargs["pretrained_cfg"] = dataclasses.replace(cfg, veloxseg=published.pretrained_cfg["veloxseg"])
-            kwargs.pop("pretrained_cfg_overlay", None)
-    # timm fills in_chans / num_classes / global_pool / img_size from its 2-D pretrained config: dropped.
+            cfg = dataclasses.replace(cfg, veloxseg=published.pretrained_cfg["veloxseg"])
+    # timm's builder reads input_size as 2-D (C, H, W) to fill in_chans / img_size: it gets none (the 3-D one
+    # is set below, from the network built), and in_chans / num_classes / global_pool / img_size are dropped.
     model = build_model_with_cfg(
         VeloxSeg,
         variant,
         pretrained=False,  # timm's loader adapts 2-D stems and classifiers only; ours is in veloxseg.hub
+        pretrained_cfg=dataclasses.replace(cfg, input_size=None),
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_LEVELS))),
         kwargs_filter=("num_classes", "in_chans", "global_pool", "img_size"),
         **{**settings, **translate_timm_args(kwargs)},
     )
     network = model.model if features_only else model
     cfg, metadata = network.config, network.pretrained_cfg.get("veloxseg")
-    network.pretrained_cfg["veloxseg"] = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
-    network.pretrained_cfg["input_size"] = timm_input_size(cfg)
+    metadata = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
+    network.pretrained_cfg.update(veloxseg=metadata, **describe_3d(cfg, metadata))
     if pretrained:
         load_pretrained(network, cache_dir=cache_dir, source=published)
     if features_only:
-        model.pretrained_cfg.update(veloxseg=network.pretrained_cfg["veloxseg"], input_size=timm_input_size(cfg))
+        model.pretrained_cfg.update({k: network.pretrained_cfg[k] for k in ("veloxseg", *describe_3d(cfg, metadata))})
     return model
 
 

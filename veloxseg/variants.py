@@ -1,15 +1,18 @@
 """The registered VeloxSeg variants and their pretrained configs.
 
-A leaf module (it imports nothing of veloxseg but the config), so that the model,
+A leaf module (it imports nothing of veloxseg but the config and the metadata), so that the model,
 the registry, the Hub I/O and the card read one table without importing each other.
 """
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from timm.models import PretrainedCfg, generate_default_cfgs
 
 from .config import VeloxSegConfig
+from .metadata import ModelMetadata
 
 # Width settings per variant; everything else is the paper's configuration (VeloxSegConfig defaults).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -29,27 +32,44 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class VeloxSegPretrainedCfg(PretrainedCfg):
-    """timm's pretrained config plus the 3-D metadata (:class:`ModelMetadata` as a dict) under ``veloxseg``
-    and, for a published tag, the SHA-256 of each of its files (checked on every load)."""
+    """timm's pretrained config for a 3-D segmentation model.
+
+    The 3-D metadata (:class:`veloxseg.metadata.ModelMetadata` as a dict) is under ``veloxseg``; the
+    fields timm users read are lifted from it and from the network's config (:func:`describe_3d`):
+    ``input_size`` (C, D, H, W: all input channels and the ROI the network takes), ``num_classes``,
+    ``label_names`` (by label value), ``channel_names`` and ``normalisation`` (per input channel:
+    "ct", "zscore" or "none"), ``spacing`` (mm, or None: native grids) and ``orientation``. timm's 2-D
+    image fields (``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``) are None: the
+    per-channel normalisation, resampling and sliding windows of a 3-D volume are not theirs, and
+    timm's 2-D data-config helpers (``timm.data.resolve_data_config``, ``create_transform``,
+    ``save_for_hf``'s data config) cannot describe them: they read ``input_size[-2:]`` as an image
+    size and fill ImageNet defaults. Preprocess with :func:`veloxseg.predict.predict` (or
+    :mod:`veloxseg.data.transforms`) instead. ``sha256``: for a published tag, the SHA-256 of each of
+    its files (checked on every load).
+    """
 
     veloxseg: dict[str, Any] | None = None
+    channel_names: list[str] | None = None
+    normalisation: list[str] | None = None
+    spacing: tuple[float, float, float] | None = None
+    orientation: str | None = None
     sha256: dict[str, str] | None = None
 
 
 def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
-    """A pretrained config. timm's fields are 2-D classification ones: ours say that the model takes
-    inputs already normalised (mean 0, std 1: the per-channel normalisation is in the 3-D metadata
-    under ``veloxseg``) and has no ImageNet classifier; each model's ``input_size`` is set when it is
-    built (:func:`timm_input_size`). Weights come from ``hf_hub_id`` ("org/name" or
-    "org/name@revision"), file ``hf_hub_filename`` (default model.safetensors; safetensors only), or
-    from a local folder in ``file``.
+    """A pretrained config: no 2-D image preprocessing (see :class:`VeloxSegPretrainedCfg`), the 3-D
+    fields as given (the registry sets them from the network built, :func:`describe_3d`). Weights
+    come from ``hf_hub_id`` ("org/name" or "org/name@revision"), file ``hf_hub_filename`` (default
+    model.safetensors; safetensors only), or from a local folder in ``file``.
     """
     return VeloxSegPretrainedCfg(
         **{
-            "num_classes": -1,  # -1: timm does not pass its default num_classes to the model
-            "input_size": None,
-            "mean": (0.0,),
-            "std": (1.0,),
+            "interpolation": None,
+            "crop_pct": None,
+            "crop_mode": None,
+            "mean": None,
+            "std": None,
+            "fixed_input_size": True,  # the network takes its ROI only; whole scans go through sliding windows
             "license": "apache-2.0",
             "first_conv": "attention.patch_embeds.0",
             "classifier": "decoder.head",
@@ -59,7 +79,25 @@ def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
     )
 
 
+def describe_3d(config: VeloxSegConfig, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained-config fields of a network with ``config`` and 3-D ``metadata`` (a
+    :class:`ModelMetadata` dict that fits it): ``input_size`` (C, D, H, W), ``num_classes``,
+    ``label_names``, ``channel_names``, ``normalisation``, ``spacing``, ``orientation``, ``license``."""
+    return {
+        "input_size": (sum(config.in_ch), *config.roi_size),
+        "num_classes": config.n_classes,
+        "label_names": [name for name, _ in sorted(metadata["labels"].items(), key=lambda kv: kv[1])],
+        "channel_names": [c["name"] for c in metadata["channels"]],
+        "normalisation": [c["normalisation"] for c in metadata["channels"]],
+        "spacing": None if metadata["spacing"] is None else tuple(metadata["spacing"]),
+        "orientation": metadata["orientation"],
+        "license": metadata["license"],
+    }
+
+
 HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<variant>.<tag>
+# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
+SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 # Published tags: what the weights are and the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py
 # prints them). ``pretrained=True`` loads them from the Hub cache, the Hub, else the copy shipped with the
@@ -138,9 +176,30 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
 }
 
+
+def published_cfg(name: str) -> VeloxSegPretrainedCfg:
+    """The registry's pretrained config of published tag ``name``: its Hub repo and SHA-256s, and its
+    network's 3-D description read from the shipped config.json (the tag's one source; the file is
+    checked against its SHA-256 when weights are loaded)."""
+    values = json.loads((SHIPPED_MODELS / name / "config.json").read_text(encoding="utf-8"))
+    config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**values["model_args"])
+    pretrained = values["pretrained_cfg"]
+    return variant_cfg(
+        hf_hub_id=f"{HUB_ORG}/{name}",
+        **PUBLISHED[name],
+        **describe_3d(config, pretrained["veloxseg"]),
+    )
+
+
+def untrained_cfg(variant: str) -> VeloxSegPretrainedCfg:
+    """The pretrained config of a variant without published weights: its network, generic metadata."""
+    config = VeloxSegConfig(**VARIANTS[variant])
+    return variant_cfg(**describe_3d(config, ModelMetadata.default(config.in_ch, config.n_classes).to_dict()))
+
+
 default_cfgs = generate_default_cfgs(
-    {name: variant_cfg(hf_hub_id=f"{HUB_ORG}/{name}", **spec) for name, spec in PUBLISHED.items()}
-    | {f"{name}.untrained": variant_cfg() for name in VARIANTS if not any(t.startswith(f"{name}.") for t in PUBLISHED)}
+    {name: published_cfg(name) for name in PUBLISHED}
+    | {f"{name}.untrained": untrained_cfg(name) for name in VARIANTS if not any(t.startswith(f"{name}.") for t in PUBLISHED)}
 )
 
 
@@ -153,12 +212,6 @@ def variant_of(config: VeloxSegConfig) -> str | None:
         if all(getattr(config, f) == getattr(variant, f) for f in fields):
             return name
     return None
-
-
-def timm_input_size(config: VeloxSegConfig) -> tuple[int, int, int]:
-    """timm's 2-D ``input_size`` (C, H, W) for ``config``: all input channels and the ROI's last two
-    axes. timm's Hub helpers read it; the full 3-D ROI is ``roi_size`` in the model's arguments."""
-    return (sum(config.in_ch), *config.roi_size[1:])
 
 
 def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from .recipe import RECIPES
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """Accelerate for the run: devices and processes, mixed precision, gradient accumulation, trackers
-    (tensorboard in OUTPUT_DIR/logs, when installed) and seeded data order."""
+    (tensorboard in OUTPUT_DIR/logs, when installed) and seeded data order. An unset ``mixed_precision``
+    is Accelerate's: ``accelerate launch --mixed_precision`` or ``accelerate config``'s, else no."""
     return Accelerator(
         cpu=config.cpu,
         mixed_precision=config.mixed_precision,

@@ -145,6 +145,11 @@ class TrainConfig:
         "share of training patches that lose a random non-empty proper subset of their modality groups (each "
         "subset equally likely), so that one model segments from any subset; needs 2+ channels (e.g. 0.5)",
     )
+    license: str | None = option(
+        None,
+        "the trained model's license, a Hub license id (e.g. apache-2.0, cc-by-4.0); default: other (the terms of "
+        "your data are yours to state)",
+    )
     # Validation, checkpoints, logging
     output_dir: str = option("runs/demo", "the run's folder, in the end a Hub-ready model folder")
     resume: bool = option(False, "continue from the newest complete checkpoint in OUTPUT_DIR/checkpoints")
@@ -156,7 +161,12 @@ class TrainConfig:
     sw_overlap: float = option(0.5, "sliding-window overlap in validation (veloxseg predict's default)")
     progress: bool = option(True, "show a progress bar (--no-progress: do not)")
     # Hardware
-    mixed_precision: str = option("no", "bf16 (CPU or GPU) or fp16 (GPU)", choices=("no", "bf16", "fp16"))
+    mixed_precision: str | None = option(
+        None,
+        "no, bf16 (CPU or GPU) or fp16 (GPU); default: what accelerate launch --mixed_precision or accelerate config "
+        "set, else no",
+        choices=("no", "bf16", "fp16"),
+    )
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
     threads: int | None = option(
         None,
@@ -245,7 +255,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
-    if config.mixed_precision not in ("no", "bf16", "fp16"):
+    if config.mixed_precision not in (None, "no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
     if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
         raise ValueError("fp16 needs a CUDA GPU; use mixed_precision='bf16' on CPU")

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
+from ..provenance import trained
 from .build import build_accelerator, build_model, build_optimizer, build_scheduler, roi_overrides
 from .checkpoints import checkpoint_to_resume, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
@@ -49,6 +50,12 @@ def train(config: TrainConfig) -> TrainResult:
     roi_overrides(config)  # a roi the model cannot take is refused before any data is read or written
 
     accelerator = build_accelerator(config)
+    config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)  # Accelerate's when unset
+    hardware = {"world_size": accelerator.num_processes, "device": str(accelerator.device)}
+    accelerator.print(
+        f"{config.stage}: world size {hardware['world_size']}, device {hardware['device']}, "
+        f"mixed precision {config.mixed_precision}"
+    )
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -60,11 +67,14 @@ def train(config: TrainConfig) -> TrainResult:
         train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
         metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
         model = build_model(config, spec, train_cases)
+        base = model.pretrained_cfg if config.pretrained else None  # the weights it starts from
+        metadata = trained(metadata, base, config.license, len(val_cases))
         train_set = build_train_set(train_cases, metadata, config, model.config.roi_size)
         train_loader = build_train_loader(train_set, config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        run = {**dataclasses.asdict(config), **hardware, "base_model": metadata.base_model}
+        (output_dir / "train_config.json").write_text(json.dumps(run, indent=2) + "\n")
 
     loss_fn = VeloxSegLoss(config.seg_weight, config.rc_weight, config.sdkt_weight, config.one_way_sdkt)
     optimizer = build_optimizer(model, config)
