@@ -50,11 +50,11 @@ def train_step(
     image, label = plain(batch["image"]), plain(batch["label"])
     with accelerator.accumulate(model):
         inputs = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
-        present = None
+        kwargs = {}  # only models trained with modality dropout are asked to take a mask (benchmark baselines don't)
         if modality_dropout:
             groups = accelerator.unwrap_model(model).config.num_groups
-            present = random_modality_mask(image.shape[0], groups, modality_dropout).to(image.device)
-        terms = loss_fn(model(inputs, present=present), image, label if loss_fn.seg_weight else None)
+            kwargs["present"] = random_modality_mask(image.shape[0], groups, modality_dropout).to(image.device)
+        terms = loss_fn(model(inputs, **kwargs), image, label if loss_fn.seg_weight else None)
         accelerator.backward(terms["loss"])
         if max_grad_norm and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
