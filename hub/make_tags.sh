@@ -9,6 +9,7 @@
 #   bash hub/make_tags.sh train    # every run (resumable: a run that stops is continued with --resume;
 #                                  # SKIP="veloxseg_tiny.petct ..." leaves runs out)
 #   bash hub/make_tags.sh tags     # hub/<tag>/ from the runs; then paste the printed entries into PUBLISHED
+#                                  # and run python hub/tags_table.py --write (cards, tables, hashes)
 set -euo pipefail
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
@@ -24,8 +25,11 @@ SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --roi 64 --checkpoint-ev
 run() {  # run NAME FLAGS...: one training run into $RUNS/NAME, its log (with GNU time's report) in $RUNS/NAME.log
     local name=$1; shift
     [[ " ${SKIP:-} " == *" $name "* ]] && return 0  # SKIP="NAME ...": runs left out (their tag already made)
-    /usr/bin/time -v $PY examples/train.py --no-progress --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1 ||
-        /usr/bin/time -v $PY examples/train.py --no-progress --output-dir "$RUNS/$name" --resume "$@" >> "$RUNS/$name.log" 2>&1
+    # the published tags' license (a run's own default is "other"); the MNI152 and SSL data's NOTICE goes with them
+    /usr/bin/time -v $PY examples/train.py --no-progress --license apache-2.0 --output-dir "$RUNS/$name" "$@" \
+        > "$RUNS/$name.log" 2>&1 ||
+        /usr/bin/time -v $PY examples/train.py --no-progress --license apache-2.0 --output-dir "$RUNS/$name" --resume \
+            "$@" >> "$RUNS/$name.log" 2>&1
 }
 
 tag() {  # tag RUN TAG ABOUT [make_tag.py flags]

@@ -75,10 +75,9 @@ def validate(folder: Path) -> list[str]:
 
 
 def registry_entry(folder: Path) -> str:
-    """The folder's entry for veloxseg.variants.PUBLISHED, with its files' SHA-256 (the description to fill in)."""
+    """The folder's entry for veloxseg.variants.PUBLISHED: its files' SHA-256 (the rest is in its config.json)."""
     lines = [f'            "{n}": "{hub.sha256_of(folder / n)}",' for n in (hub.CONFIG_NAME, hub.WEIGHTS_NAME)]
-    return "\n".join([f'    "{folder.name}": dict(', '        description="...",', "        sha256={", *lines,
-                      "        },", "    ),"])  # fmt: skip
+    return "\n".join([f'    "{folder.name}": dict(', "        sha256={", *lines, "        },", "    ),"])
 
 
 def main(argv: list[str] | None = None) -> int:

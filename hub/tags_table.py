@@ -1,73 +1,140 @@
-"""The published tags as one markdown table: data, budget, CPU hours and held-out metrics of each.
+"""Everything written about the published tags, made from each tag's metadata (its one source).
 
-    python hub/tags_table.py [--out benchmarks/results/tags.md]
+    python hub/tags_table.py            # print the tags table
+    python hub/tags_table.py --check    # list what disagrees with the tags' metadata (exit 1 if anything)
+    python hub/tags_table.py --write    # regenerate it all
 
-Read from each tag's folder (hub/<variant>.<tag>/): the metrics in its config.json, the budget and
-the CPU hours from the tag's section of its card (hub/make_tag.py wrote both). Tags in the order of
-``veloxseg.variants.PUBLISHED``, so each variant's default tag comes first.
+A tag's facts are in its config.json (``pretrained_cfg["veloxseg"]``: data, metrics with their split
+and case counts, license, notice, base model, and ``publication``: budget, CPU hours, machine,
+command; hub/make_tag.py records them). Made from them: each tag's README.md (the card), NOTICE and
+config.json ``description`` and 3-D fields (``veloxseg.hub.model_files``), the config.json SHA-256 in
+``veloxseg.variants.PUBLISHED``, ``benchmarks/results/tags.md`` and the tags table of MODEL_CARD.md
+(between its ``TABLE_START`` / ``TABLE_END`` markers). Tags in the order of ``PUBLISHED``, so each
+variant's default tag comes first.
 """
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
+import veloxseg
 from veloxseg import hub
 from veloxseg.io import atomic_file
-from veloxseg.variants import PUBLISHED
+from veloxseg.metadata import ModelMetadata
+from veloxseg.provenance import Publication, held_out
+from veloxseg.variants import HUB_ORG, PUBLISHED
 
 HUB_DIR = Path(__file__).resolve().parent
+ROOT = HUB_DIR.parent
+TAGS_MD = ROOT / "benchmarks" / "results" / "tags.md"
+MODEL_CARD = ROOT / "MODEL_CARD.md"
+VARIANTS_PY = ROOT / "veloxseg" / "variants.py"
+TABLE_START = "<!-- tags table: made by hub/tags_table.py --write from the tags' metadata; do not edit -->\n"
+TABLE_END = "<!-- end of tags table -->\n"
+TAGS_MD_HEAD = (
+    "# Published tags\n\nMade by `bash hub/make_tags.sh data|train|tags` on a 2-core CPU machine, one torch thread per "
+    "run, then `python hub/tags_table.py --write`. CPU hours: user + system time of the training process (GNU time). "
+    "Held-out: test cases the run never saw (segmentation tags: the task's imagesTs; self-supervised tags: the Colin27 "
+    "T1 test scans); validation metrics, from the cases that chose the checkpoint, are on each card only.\n\n"
+)
 
 
-def held_out(metrics: dict[str, float]) -> str:
-    """The tag's held-out numbers: test Dice (and HD95) for segmentation, the reconstruction error
-    beside the masked input's own for self-supervised tags."""
-    if "test_masked_rc_mse" in metrics:
-        return f"masked MSE {metrics['test_masked_rc_mse']:.3f} (masked input: {metrics['test_masked_input_mse']:.3f})"
-    dice = f"Dice {metrics['test_dice']:.3f}"
-    return f"{dice}, HD95 {metrics['test_hd95']:.1f} mm" if "test_hd95" in metrics else dice
+def metadata_of(name: str, hub_dir: Path = HUB_DIR) -> ModelMetadata:
+    """The metadata in tag ``name``'s config.json."""
+    config = json.loads((hub_dir / name / hub.CONFIG_NAME).read_text(encoding="utf-8"))
+    return ModelMetadata.from_dict(config["pretrained_cfg"]["veloxseg"])
 
 
-def row(name: str, hub_dir: Path) -> str:
+def row(name: str, hub_dir: Path = HUB_DIR) -> str:
     """One tag's table row."""
-    folder = hub_dir / name
-    metadata = json.loads((folder / hub.CONFIG_NAME).read_text())["pretrained_cfg"]["veloxseg"]
-    card = (folder / hub.CARD_NAME).read_text()
-    budget = re.search(r"seed \d+: (.+?), learning rate", card)
-    hours = re.search(r"Training cost: ([\d.]+) CPU hours", card)
+    metadata = metadata_of(name, hub_dir)
+    made = Publication(**metadata.publication)
     default = " (default)" if next(t for t in PUBLISHED if t.split(".")[0] == name.split(".")[0]) == name else ""
-    data = metadata["training_data"].split(" (")[0]
+    hours = f"{made.cpu_hours:.2f}" if made.cpu_hours is not None else "not recorded"
+    data = metadata.training_data.split(" (")[0]
     return (
-        f"| `{name}`{default} | {data} | {budget.group(1) if budget else '?'} | "
-        f"{hours.group(1) if hours else '?'} | {held_out(metadata['metrics'])} |"
+        f"| `{name}`{default} | {data} | {made.budget} | {hours} | {held_out(metadata.metrics)} | "
+        f"{metadata.evaluation_cases.get('test', '?')} | {metadata.license} |"
     )
 
 
 def table(hub_dir: Path = HUB_DIR) -> str:
     """Every published tag, one row each."""
     lines = [
-        "| tag | training data | budget | CPU hours | held-out |",
-        "| --- | --- | --- | --- | --- |",
+        "| tag | training data | budget | CPU hours | held-out (test split) | test cases | license |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *(row(name, hub_dir) for name in PUBLISHED),
     ]
     return "\n".join(lines) + "\n"
 
 
+def tag_files(name: str, hub_dir: Path = HUB_DIR) -> dict[str, str]:
+    """Tag ``name``'s text files as its metadata makes them (README.md, NOTICE, config.json)."""
+    model = veloxseg.create_model(f"local-dir:{hub_dir / name}", pretrained=False)  # the network; weights unchanged
+    return hub.model_files(model, metadata_of(name, hub_dir), repo_id=f"{HUB_ORG}/{name}")
+
+
+def expected_files(hub_dir: Path = HUB_DIR) -> dict[Path, str]:
+    """Every generated file and the text it should hold (the registry's hashes aside)."""
+    files = {hub_dir / name / filename: text for name in PUBLISHED for filename, text in tag_files(name, hub_dir).items()}
+    text = table(hub_dir)
+    files[TAGS_MD] = TAGS_MD_HEAD + text
+    head, _, rest = MODEL_CARD.read_text(encoding="utf-8").partition(TABLE_START)
+    files[MODEL_CARD] = head + TABLE_START + text + TABLE_END + rest.partition(TABLE_END)[2]
+    return files
+
+
+def check(hub_dir: Path = HUB_DIR) -> list[str]:
+    """What disagrees with the tags' metadata, one line each (empty: nothing)."""
+    problems = [
+        f"{path}: not what the tags' metadata makes (python hub/tags_table.py --write)"
+        for path, text in expected_files(hub_dir).items()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text
+    ]
+    for name in PUBLISHED:
+        for filename, expected in PUBLISHED[name]["sha256"].items():
+            if hub.sha256_of(hub_dir / name / filename) != expected:
+                problems.append(f"{name}/{filename}: its SHA-256 is not the one veloxseg.variants.PUBLISHED records")
+    return problems
+
+
+def write(hub_dir: Path = HUB_DIR) -> list[Path]:
+    """Regenerate every file that disagrees with the metadata, and the config.json hashes in
+    veloxseg/variants.py; returns the files written."""
+    written = []
+    for path, text in expected_files(hub_dir).items():
+        if path.is_file() and path.read_text(encoding="utf-8") == text:
+            continue
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        written.append(path)
+    source = VARIANTS_PY.read_text(encoding="utf-8")
+    for name in PUBLISHED:  # each hash is unique, so it is replaced in place
+        for filename, registered in PUBLISHED[name]["sha256"].items():
+            source = source.replace(registered, hub.sha256_of(hub_dir / name / filename))
+    if source != VARIANTS_PY.read_text(encoding="utf-8"):
+        with atomic_file(VARIANTS_PY) as tmp:
+            tmp.write_text(source, encoding="utf-8")
+        written.append(VARIANTS_PY)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="also write the table, with a heading, to this file")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--check", action="store_true", help="list what disagrees with the tags' metadata")
+    action.add_argument("--write", action="store_true", help="regenerate cards, NOTICEs, configs, hashes and tables")
     args = parser.parse_args(argv)
-    text = table()
-    print(text, end="")
-    if args.out:
-        with atomic_file(args.out) as tmp:
-            tmp.write_text(
-                "# Published tags\n\nMade by `bash hub/make_tags.sh data|train|tags` on a 2-core CPU machine, one torch "
-                "thread per run. CPU hours: user + system time of the training process (GNU time). Held-out: "
-                "test cases the run never saw (segmentation tags: the task's imagesTs; self-supervised tags: the "
-                "Colin27 T1 test scans).\n\n" + text
-            )
+    if args.write:
+        for path in write():
+            print(f"wrote {path}")
+        return 0
+    if args.check:
+        problems = check()
+        print("\n".join(problems) or "every tag file and table agrees with the tags' metadata")
+        return 1 if problems else 0
+    print(table(), end="")
     return 0
 
 

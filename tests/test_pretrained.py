@@ -189,3 +189,11 @@ def test_a_verified_local_copy_is_used_before_any_network_call(monkeypatch):
             break
         threading.Event().wait(0.05)
     assert len(server.connections) == 1
+
+
+def test_the_mni152_tags_notice_travels_with_every_copy(tmp_path):
+    name = "veloxseg_small.mni152_tissue"
+    shipped = (hub.SHIPPED_MODELS / name / hub.NOTICE_NAME).read_text()
+    assert "Louis Collins" in shipped  # the MNI152 templates' notice asks to be kept with all copies
+    model = veloxseg.create_model(name, pretrained=True)
+    assert (model.save_pretrained(tmp_path / "copy") / hub.NOTICE_NAME).read_text() == shipped

@@ -3,6 +3,7 @@ hub/<tag>/ folder, and benchmarks/finetune.py compares fine-tuning from tags wit
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def test_make_tag_writes_a_publishable_folder_with_its_registry_entry(run, task,
     assert {"val_dice", "test_dice", "test_dice_lesion"} <= metrics.keys()
     card = (folder / "README.md").read_text()
     assert f"## This tag: `{name}`" in card and "1.00 CPU hours" in card and "veloxseg demo-data DIR" in card
+    config = json.loads((folder / "config.json").read_text())["pretrained_cfg"]
+    metadata = config["veloxseg"]  # the tag's one source: every fact the cards and tables are made from
+    assert metadata["evaluation_cases"] == {"validation": 1, "test": 1} and metadata["license"] == "other"
+    assert metadata["notice"] == notice.read_text() == (folder / "NOTICE").read_text()
+    assert metadata["publication"]["cpu_hours"] == 1.0 and metadata["publication"]["budget"] == "2 steps of 2 patches of 64x64x64"
+    assert config["description"].startswith("A test tag. 2 steps of 2 patches of 64x64x64, stage segment (1.00 CPU h)")
     printed = capsys.readouterr().out
     for filename in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
         assert f'"{filename}": "{hub.sha256_of(folder / filename)}"' in printed
@@ -110,6 +117,7 @@ def test_tags_table_has_every_published_tag_with_its_budget_cost_and_held_out_nu
     from veloxseg.variants import PUBLISHED
 
     rows = load_script(ROOT / "hub" / "tags_table.py").table().splitlines()[2:]
+    assert all(row.endswith(" | apache-2.0 |") for row in rows)
     assert [row.split("`")[1] for row in rows] == list(PUBLISHED)
     for row, name in zip(rows, PUBLISHED):
         metrics = json.loads((hub.SHIPPED_MODELS / name / hub.CONFIG_NAME).read_text())
@@ -118,3 +126,19 @@ def test_tags_table_has_every_published_tag_with_its_budget_cost_and_held_out_nu
         number = metrics.get("test_dice", metrics.get("test_masked_rc_mse"))
         assert f"{number:.3f}" in row, row
     assert sum("(default)" in row for row in rows) == len({name.split(".")[0] for name in PUBLISHED})
+
+
+def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
+    tags_table = load_script(ROOT / "hub" / "tags_table.py")
+    assert tags_table.check() == []  # cards, NOTICEs, config.json descriptions, hashes, tags.md, MODEL_CARD.md
+    name = "veloxseg_small.mni152_tissue"
+    shutil.copytree(hub.SHIPPED_MODELS / name, tmp_path / name)
+    config = json.loads((tmp_path / name / hub.CONFIG_NAME).read_text())
+    config["pretrained_cfg"]["veloxseg"]["metrics"]["test_dice"] = 0.5  # a fact changed at its source
+    (tmp_path / name / hub.CONFIG_NAME).write_text(json.dumps(config))
+    files = tags_table.tag_files(name, tmp_path)
+    assert files["README.md"] != (tmp_path / name / hub.CARD_NAME).read_text()
+    assert "| test_dice | 0.5 | test | 4 |" in files["README.md"]
+    assert "test (4 cases): Dice 0.500" in json.loads(files["config.json"])["pretrained_cfg"]["description"]
+    assert tags_table.row(name, tmp_path).startswith(f"| `{name}` (default) | MNI152BrainTissue | 1500 steps of 2 patches")
+    assert " | Dice 0.500, HD95 3.5 mm | 4 | apache-2.0 |" in tags_table.row(name, tmp_path)

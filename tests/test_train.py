@@ -437,6 +437,8 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path, mo
     )
     run_config = json.loads((finetune / "train_config.json").read_text())
     assert run_config["mixed_precision"] == "bf16" and run_config["base_model"] == f"local-dir:{segment}"
+    card = (finetune / "README.md").read_text()
+    assert f"Fine-tuned from `local-dir:{segment}`" in card and "license: cc-by-4.0" in card
     model = veloxseg.create_model(f"local-dir:{finetune}", pretrained=True)
     assert model.config.in_ch == (1,) and model.config.n_classes == 3
     weights = tensors(finetune)

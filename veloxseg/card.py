@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
-from .provenance import hub_base_model, split_of
+from .provenance import Publication, hub_base_model, split_of
 
 if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
     from .model import VeloxSeg
@@ -90,9 +90,9 @@ def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: 
     label_rows = [[v, k] for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1])]
     if metadata.metrics:
         rows = []
-        for name, value in sorted(metadata.metrics.items()):
-            split, _ = split_of(name)
-            rows.append([name, f"{value:.4g}", split, metadata.evaluation_cases.get(split, "not recorded")])
+        for metric, value in sorted(metadata.metrics.items()):
+            split, _ = split_of(metric)
+            rows.append([metric, f"{value:.4g}", split, metadata.evaluation_cases.get(split, "not recorded")])
         evaluation = _table(["metric", "value", "split", "cases"], rows) + (
             "\n\nValidation metrics come from the cases that chose the checkpoint: they are not an independent "
             "test; only the test split is." if any(split_of(n)[0] == "validation" for n in metadata.metrics) else ""
@@ -118,7 +118,7 @@ def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: 
 VeloxSeg ({architecture}) for 3-D segmentation of {targets} from {channels}. VeloxSeg (ICLR 2026) pairs a
 Johnson-Lindenstrauss-guided convolution stream with a paired-window attention stream per modality
 group; reconstruction teachers (SDKT) are used in training only.
-
+{_tag_section(metadata, repo_id)}
 ## Usage
 
 ```python
@@ -179,4 +179,34 @@ Command:
 ## License
 
 {metadata.license}{notice}
+"""
+
+
+def _tag_section(metadata: ModelMetadata, repo_id: str | None) -> str:
+    """A published tag's section (its metadata has a publication; ``repo_id``: ORG/<variant>.<tag>)."""
+    if not (metadata.publication and repo_id):
+        return ""
+    name, made = repo_id.split("/", 1)[1], Publication(**metadata.publication)
+    cost = f"{made.cpu_hours:.2f} CPU hours" if made.cpu_hours is not None else "CPU time not recorded"
+    notice = " Origins and licenses of the data: `NOTICE` in this folder." if metadata.notice else ""
+    data = f"`{made.data_command}`" if made.data_command else "see the training data above"
+    return f"""
+## This tag: `{name}`
+
+{made.about}
+
+```python
+import veloxseg
+model = veloxseg.create_model("{name}", pretrained=True)  # or timm.create_model(...)
+```
+
+- Hub repo: `{repo_id}`; a copy ships with the veloxseg package (the offline fallback).
+- Training data: {metadata.training_data}.{notice}
+- Stage `{made.stage}`, recipe `{made.recipe}`, seed {made.seed}: {made.budget}, learning rate {made.lr:g}.
+- Training cost: {cost}; machine: {made.machine}.
+- Data made with: {data}
+- Command: `{metadata.training_command}`
+- Intended use: research, a starting point for fine-tuning (`examples/train.py --stage finetune --model {name}`). \
+Not a medical device, not for clinical use. The data is synthetic or derived from one template image by random \
+deformation: expect lower accuracy on real scans of other scanners, protocols and anatomy.
 """

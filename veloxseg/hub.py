@@ -45,7 +45,7 @@ from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
 from .metadata import ModelMetadata
-from .provenance import inherited
+from .provenance import description, inherited
 from .variants import (
     HUB_ORG,
     PUBLISHED,
@@ -136,8 +136,23 @@ def save_pretrained(
     repo_id: the Hub repo the folder is meant for (used in the card's usage example).
     Returns the folder.
     """
+    files = model_files(model, metadata, repo_id)  # checks before anything is written
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_file(folder / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    for name, text in files.items():
+        with atomic_file(folder / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return folder
+
+
+def model_files(model: VeloxSeg, metadata: ModelMetadata | None = None, repo_id: str | None = None) -> dict[str, str]:
+    """The text files of ``model``'s folder, config.json last: README.md (the card), NOTICE when the
+    metadata has a notice, config.json (its ``pretrained_cfg`` described from ``metadata``, see
+    :func:`veloxseg.variants.describe_3d`; a published tag's ``description`` from its publication facts).
+    Arguments as for :func:`save_pretrained`."""
     cfg = model.config
     if metadata is None:
         metadata = ModelMetadata.fitting(model.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes)
@@ -151,24 +166,24 @@ def save_pretrained(
             "this VeloxSeg has the widths of no registered variant and was not built through the registry: build "
             f"it with veloxseg.create_model(<variant>, **overrides) (variants: {', '.join(VARIANTS)})"
         )
-    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if v is not None and k not in _LOCATION_KEYS}
+    # Not kept: where the weights were loaded from, and the description of those weights (a model trained from
+    # them is another); a published tag's description is made from its metadata.
+    kept = {k: v for k, v in model.pretrained_cfg.items() if k not in _LOCATION_KEYS and k != "description"}
+    described = {
+        **kept,
+        **describe_3d(cfg, metadata.to_dict()),
+        "description": description(metadata) if metadata.publication else None,
+        "veloxseg": metadata.to_dict(),
+    }
     config = {
         "architecture": architecture,
         "model_args": cfg.to_dict(),
-        "pretrained_cfg": json_ready({**pretrained_cfg, "veloxseg": metadata.to_dict()}),
+        "pretrained_cfg": json_ready({k: v for k, v in described.items() if v is not None}),
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    card = str(model_card(model, metadata, architecture, repo_id))
-    with atomic_file(folder / WEIGHTS_NAME) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_file(folder / CARD_NAME) as tmp:
-        tmp.write_text(card, encoding="utf-8")
+    files = {CARD_NAME: str(model_card(model, metadata, architecture, repo_id))}
     if metadata.notice:
-        with atomic_file(folder / NOTICE_NAME) as tmp:
-            tmp.write_text(metadata.notice, encoding="utf-8")
-    with atomic_file(folder / CONFIG_NAME) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return folder
+        files[NOTICE_NAME] = metadata.notice
+    return {**files, CONFIG_NAME: json.dumps(config, indent=2) + "\n"}
 
 
 def push_to_hub(

@@ -82,6 +82,7 @@ class ModelMetadata:
     base_model: str = ""  # Hub repo id ("veloxseg/veloxseg_small.mni152_tissue") or "local-dir:PATH"; "": none
     notice: str = ""
     evaluation_cases: dict[str, int] = field(default_factory=dict)  # "validation" / "test" -> number of cases
+    publication: dict[str, Any] = field(default_factory=dict)  # a published tag's facts (provenance.Publication)
 
     def __post_init__(self) -> None:
         """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""

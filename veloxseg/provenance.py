@@ -2,11 +2,15 @@
 from, the license, the NOTICE its data asks to keep, and which split each metric was measured on.
 
 The facts live in the 3-D metadata (:class:`veloxseg.metadata.ModelMetadata`: ``license``,
-``notice``, ``base_model``, ``metrics``, ``evaluation_cases``); ``save_pretrained`` writes the notice
-as NOTICE, the exports embed it, the model card reads the rest.
+``notice``, ``base_model``, ``metrics``, ``evaluation_cases``, and for a published tag
+``publication``, a :class:`Publication`); ``save_pretrained`` writes the notice as NOTICE, the
+exports embed it, the model card reads the rest. A published tag's card, its config.json
+description, ``benchmarks/results/tags.md`` and MODEL_CARD.md's tags table are all made from them
+(``hub/tags_table.py --write``).
 """
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from .metadata import ModelMetadata
@@ -14,6 +18,49 @@ from .metadata import ModelMetadata
 # A metric's split from its name's prefix (the trainer's val_*, make_tag's test_*).
 SPLITS = {"val_": "validation", "test_": "test"}
 USER_LICENSE = "other"  # a trained model's license unless its trainer names one: its data's terms are unknown
+
+
+@dataclass
+class Publication:
+    """How a published tag was made, for its card and the tags table (``hub/make_tag.py`` records it).
+
+    about: what the weights are for, a paragraph of the card.
+    stage, recipe, seed, lr: the training run's (``train_config.json``).
+    budget: e.g. "1500 steps of 2 patches of 64x64x64".
+    cpu_hours: user + system CPU hours of the run (GNU time), None when not measured.
+    machine: the hardware, e.g. "AMD EPYC 7B13 (1 torch thread(s), no GPU)".
+    data_command: the command that made the training data.
+    """
+
+    about: str
+    stage: str
+    recipe: str
+    seed: int
+    lr: float
+    budget: str
+    cpu_hours: float | None
+    machine: str
+    data_command: str = ""
+
+
+def held_out(metrics: dict[str, float]) -> str:
+    """A tag's held-out numbers in words: test Dice (and HD95) for segmentation, the reconstruction
+    error beside the masked input's own for self-supervised tags."""
+    if "test_masked_rc_mse" in metrics:
+        return f"masked MSE {metrics['test_masked_rc_mse']:.3f} (masked input: {metrics['test_masked_input_mse']:.3f})"
+    if "test_dice" not in metrics:
+        return "no test metrics"
+    dice = f"Dice {metrics['test_dice']:.3f}"
+    return f"{dice}, HD95 {metrics['test_hd95']:.1f} mm" if "test_hd95" in metrics else dice
+
+
+def description(metadata: ModelMetadata) -> str:
+    """A published tag's one-line description (its config.json's ``description``), from its metadata."""
+    made = Publication(**metadata.publication)
+    cost = f"{made.cpu_hours:.2f} CPU h" if made.cpu_hours is not None else "CPU time not recorded"
+    cases = metadata.evaluation_cases.get("test")
+    test = f"test ({cases} cases): {held_out(metadata.metrics)}" if cases else held_out(metadata.metrics)
+    return f"{made.about.split('. ')[0].rstrip('.')}. {made.budget}, stage {made.stage} ({cost}); {test}."
 
 
 def base_model_of(pretrained_cfg: dict[str, Any]) -> str:

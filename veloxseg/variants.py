@@ -57,24 +57,22 @@ class VeloxSegPretrainedCfg(PretrainedCfg):
 
 
 def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
-    """A pretrained config: no 2-D image preprocessing (see :class:`VeloxSegPretrainedCfg`), the 3-D
+    """A pretrained config: never 2-D image preprocessing (see :class:`VeloxSegPretrainedCfg`), the 3-D
     fields as given (the registry sets them from the network built, :func:`describe_3d`). Weights
     come from ``hf_hub_id`` ("org/name" or "org/name@revision"), file ``hf_hub_filename`` (default
     model.safetensors; safetensors only), or from a local folder in ``file``.
     """
     return VeloxSegPretrainedCfg(
         **{
-            "interpolation": None,
-            "crop_pct": None,
-            "crop_mode": None,
-            "mean": None,
-            "std": None,
-            "fixed_input_size": True,  # the network takes its ROI only; whole scans go through sliding windows
             "license": "apache-2.0",
             "first_conv": "attention.patch_embeds.0",
             "classifier": "decoder.head",
             "paper_name": "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation",
             **kwargs,
+            # whatever a config.json says (timm's save_for_hf writes 2-D defaults): no 2-D image preprocessing,
+            # and the network takes its ROI only (whole scans go through sliding windows)
+            **dict.fromkeys(("interpolation", "crop_pct", "crop_mode", "mean", "std")),
+            "fixed_input_size": True,
         }
     )
 
@@ -99,78 +97,69 @@ HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<v
 # The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
 SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
-# Published tags: what the weights are and the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py
-# prints them). ``pretrained=True`` loads them from the Hub cache, the Hub, else the copy shipped with the
-# package (veloxseg.hub). Each variant's default comes first: the kind of tag that fine-tuned best on a task
+# Published tags: the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py prints them, hub/tags_table.py
+# --write updates config.json's); everything else about a tag is in its config.json. ``pretrained=True`` loads
+# them from the Hub cache, else the copy shipped with the package, else the Hub (veloxseg.hub), each file checked
+# against its SHA-256. Each variant's default comes first: the kind of tag that fine-tuned best on a task
 # it was not trained on (benchmarks/results/finetune-colin27*.md: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 96^3 ROI, 2400 steps of the default recipe (0.52 CPU h); test Dice 0.640.",
         sha256={
-            "config.json": "1da223760609c9a97a2d168d52bce20b367abb1a1dc86b261251e97e98c930a9",
+            "config.json": "ef41f8eb01df834636f2f9349ecd7ce85ae84991b1cdaf1ba6b334fe95a0f9e4",
             "model.safetensors": "abcf736e7aa6c4734d1ceee6188242dfe1b348bd267b0d994918667e1462e5c5",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
-        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 600 steps (0.05 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "a79f4820eb1b4ebc64e1db7dda2bca259169bebba1c2665055143b1d9c6a8947",
+            "config.json": "1104e15e175309c1350ea4cd5f8855016b2de51e7af6478aaf96cb6261dcc216",
             "model.safetensors": "01239212af74256eb4785d5f119c62d3a59120e1aac7549ceb17704dcc7df848",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
-        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.15 CPU h); test Dice 0.899.",
         sha256={
-            "config.json": "326f387742d896db8192e823e2e22c98336b36ce6094080b784ccaa8c3c2c155",
+            "config.json": "cad00e07da7757305248a8e2d8bf7b9efcd4de967315f5b100026a62ed7bd41d",
             "model.safetensors": "81a5086100b3990c02fb7dd5e9b5266266c890c07fb376b3d51c2a0193a86c10",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1500 steps of the default recipe (0.17 CPU h); test Dice 0.668.",
         sha256={
-            "config.json": "9a8713b50b43a4910fd5833ad0f888794d58b487726536a768ef8eecd6e760bf",
+            "config.json": "665eb92c10e16a096d94066457fe51f8b693f658f315089a70db1edcd9bbee17",
             "model.safetensors": "39f1b70d7fd6a9ac58fce94d72564be2152a9f147391c58eae674b3c3282577a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
-        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 1500 steps (0.17 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "5f964d291d0207be09bbde8dbef704d4783d6d67cda0114150fbde03d6ad2c20",
+            "config.json": "8693a0f04058634795014b9fce052d89cc39ed283cc379c87283d1b01af748b4",
             "model.safetensors": "d762be12feadb6760d3bb0ecdebae641f61e5e810ec0dc42d5e9315f8dac37c7",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 600 steps of the default recipe (0.12 CPU h); test Dice 0.613.",
         sha256={
-            "config.json": "628f768ce3a56cdd94d48ddbd1507efc316fc9abdf26bcd886a71449da7fe4a8",
+            "config.json": "75a154cfd69b5131e6a3acd35022d228f56a553934f2f31e78d64961d4fded8c",
             "model.safetensors": "373e4dcb11f7723a0298d4f7ea19c430d914f6d1351935fe4f3a4c0cc0dda552",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
-        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 500 steps (0.11 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "06f397c639716736254473e4aee546524e2aeb69928c213714057b44ae97be62",
+            "config.json": "2dba0249d5ae83e202f2a34019dff1fcb43d2aac27a53f24c4aa8c6c024e7322",
             "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
-        description="Grey / white matter segmentation of T1 brain MRI (deformed MNI152 2009a template, 3 mm), 64^3 ROI, 1500 steps of the default recipe (0.17 CPU h); test Dice 0.924.",
         sha256={
-            "config.json": "3d721fd0d2858e86a62f7b9d20bd960511a0b01693bb946427e23eb86e49a94b",
+            "config.json": "8429620c29081f5ddc3be544d530ef84cdebbf9d4ef3c8006d2efc666d2a06df",
             "model.safetensors": "8fa0f5b20adad4e8a294e019134e9d099925af43b0433e2c4c278a7b3ef9f544",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
-        description="Lesion segmentation on the built-in synthetic PET/CT data (CT and PET as two modality groups), 64^3 ROI, 1200 steps of the default recipe (0.15 CPU h); test Dice 0.611.",
         sha256={
-            "config.json": "4e3ec74c1fc623a0778153c1a46992a485743b7170518f3833e51b944635ca3d",
+            "config.json": "afb777b1b0e0bff437afb39c1b8afd8c4cb2fef8dcbb2a1c975b0683cb58d9fb",
             "model.safetensors": "c1b2d5818bba092f061c04a6e9e8cdac92168bce4ce6a7a796d0867c99b6e25a",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
-        description="Self-supervised generalist (stage pretrain: encoder and teachers, no labels) on synthetic CT/PET, MNI152 T1 and INIA19 T1 scans, 64^3 ROI, 1000 steps (0.15 CPU h); decoder untrained: fine-tune it.",
         sha256={
-            "config.json": "7553ee2eb2dcec8d730f21f81fded72ab75968bb6b4eca2df6453e31fc56f397",
+            "config.json": "b43fac18120901854f0917ec3553eab260094204b029bdf8af3ae946680fd5ad",
             "model.safetensors": "f2ffc0ef838b1101ee289a98dfa75baa63d79b46b3e1bd6bd835455cd010e73c",
         },
     ),
@@ -179,13 +168,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
 
 def published_cfg(name: str) -> VeloxSegPretrainedCfg:
     """The registry's pretrained config of published tag ``name``: its Hub repo and SHA-256s, and its
-    network's 3-D description read from the shipped config.json (the tag's one source; the file is
-    checked against its SHA-256 when weights are loaded)."""
+    description and network's 3-D fields read from the shipped config.json (the tag's one source; the
+    file is checked against its SHA-256 when weights are loaded)."""
     values = json.loads((SHIPPED_MODELS / name / "config.json").read_text(encoding="utf-8"))
     config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**values["model_args"])
     pretrained = values["pretrained_cfg"]
     return variant_cfg(
         hf_hub_id=f"{HUB_ORG}/{name}",
+        description=pretrained.get("description"),
         **PUBLISHED[name],
         **describe_3d(config, pretrained["veloxseg"]),
     )
