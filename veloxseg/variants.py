@@ -105,61 +105,61 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "ef41f8eb01df834636f2f9349ecd7ce85ae84991b1cdaf1ba6b334fe95a0f9e4",
+            "config.json": "0e1dc2726d4f19fffbdf4eb09a6ab986827a9b926d7480ecfd4ffcaa75f8309a",
             "model.safetensors": "abcf736e7aa6c4734d1ceee6188242dfe1b348bd267b0d994918667e1462e5c5",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "1104e15e175309c1350ea4cd5f8855016b2de51e7af6478aaf96cb6261dcc216",
+            "config.json": "ef0d0c08bb638fd36e2a0a42479b5fc286f6a60269fc97a1cbdb1b24ab2557a5",
             "model.safetensors": "01239212af74256eb4785d5f119c62d3a59120e1aac7549ceb17704dcc7df848",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "cad00e07da7757305248a8e2d8bf7b9efcd4de967315f5b100026a62ed7bd41d",
+            "config.json": "51aecc02bf7814ed3e27f6c63a6ced77543df2b2edee6b6e24e52a060cc7ca6d",
             "model.safetensors": "81a5086100b3990c02fb7dd5e9b5266266c890c07fb376b3d51c2a0193a86c10",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "665eb92c10e16a096d94066457fe51f8b693f658f315089a70db1edcd9bbee17",
+            "config.json": "f10e487d0a8ff100265c87ecd39f2b2a872c7bd7de5d4e742b31ef2aa3ffd4bf",
             "model.safetensors": "39f1b70d7fd6a9ac58fce94d72564be2152a9f147391c58eae674b3c3282577a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "8693a0f04058634795014b9fce052d89cc39ed283cc379c87283d1b01af748b4",
+            "config.json": "f082aae2b0deed1ef67d178d8fa7c1808b46ed6267a9eb9d481adda2bd656dec",
             "model.safetensors": "d762be12feadb6760d3bb0ecdebae641f61e5e810ec0dc42d5e9315f8dac37c7",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "75a154cfd69b5131e6a3acd35022d228f56a553934f2f31e78d64961d4fded8c",
+            "config.json": "c0325995e2e7b6b0d20212f66196902e5dcfad43d15e74cf97d91b2e723d3d9c",
             "model.safetensors": "373e4dcb11f7723a0298d4f7ea19c430d914f6d1351935fe4f3a4c0cc0dda552",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "2dba0249d5ae83e202f2a34019dff1fcb43d2aac27a53f24c4aa8c6c024e7322",
+            "config.json": "2d0465a6f46c406d69abd1725c3e847215221f1afd7a91febcf36721e2bb2714",
             "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "8429620c29081f5ddc3be544d530ef84cdebbf9d4ef3c8006d2efc666d2a06df",
+            "config.json": "44eef7f7e143380fe897febd5047f43c0ee5fed6343eadd5176fbbaef2a60aca",
             "model.safetensors": "8fa0f5b20adad4e8a294e019134e9d099925af43b0433e2c4c278a7b3ef9f544",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "afb777b1b0e0bff437afb39c1b8afd8c4cb2fef8dcbb2a1c975b0683cb58d9fb",
+            "config.json": "3338eda44116ca013e5345fc7f7bf6f6205113d2f5cf690afa009ee68663b16d",
             "model.safetensors": "c1b2d5818bba092f061c04a6e9e8cdac92168bce4ce6a7a796d0867c99b6e25a",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "b43fac18120901854f0917ec3553eab260094204b029bdf8af3ae946680fd5ad",
+            "config.json": "3ebf495a1fad37aaaf1c0f55acb6b0ebfd50ecb9f265771fd1a744622c90d4fc",
             "model.safetensors": "f2ffc0ef838b1101ee289a98dfa75baa63d79b46b3e1bd6bd835455cd010e73c",
         },
     ),
