@@ -54,6 +54,7 @@ from veloxseg.data.datasets import Case, DatasetSpec, read_dataset, split_cases,
 from veloxseg.data.demo import GENERATOR_VERSION, make_demo_dataset
 from veloxseg.io import atomic_file, atomic_folder
 from veloxseg.losses import VeloxSegLoss
+from veloxseg.metadata import ModelMetadata
 from veloxseg.model import VeloxSegOutput
 from veloxseg.training import (
     RECIPES,
@@ -195,12 +196,24 @@ def budget_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, spen
     return LambdaLR(optimizer, factor)
 
 
-def run(
+@dataclass
+class Trained:
+    """A setup after training (:func:`train_setup`): the network, what scoring needs, the training's facts."""
+
+    model: nn.Module
+    accelerator: Accelerator
+    eval_cases: Sequence[Case]
+    metadata: ModelMetadata  # the preprocessing it trained with
+    facts: dict[str, Any]  # params, steps, step time, training time, final loss (a row without its scores)
+
+
+def train_setup(
     name: str, spec: DatasetSpec, train_cases: Sequence[Case], eval_cases: Sequence[Case], config: TrainConfig,
     minutes: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Train setup ``name`` (``config`` from :func:`setup_config`) on ``train_cases`` for ``config.max_steps``
-    steps or ``minutes`` of CPU time, then score it on whole ``eval_cases``; one table row."""
+) -> Trained:  # fmt: skip
+    """Train setup ``name`` (``config`` from :func:`setup_config`; its ``modality_dropout`` too) on
+    ``train_cases`` for ``config.max_steps`` steps or ``minutes`` of CPU time; ``eval_cases`` are kept
+    for scoring."""
     set_seed(config.seed)
     accelerator = Accelerator(
         cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
@@ -224,36 +237,59 @@ def run(
     for batch in batches(train_loader, train_set, accelerator):
         synchronize(accelerator.device)
         step_start = time.thread_time()
-        terms = train_step(model, batch, loss_fn, optimizer, scheduler, accelerator, max_grad_norm=config.max_grad_norm)
+        terms = train_step(
+            model, batch, loss_fn, optimizer, scheduler, accelerator, max_grad_norm=config.max_grad_norm,
+            modality_dropout=config.modality_dropout,
+        )  # fmt: skip
         synchronize(accelerator.device)
         step_times.append(time.thread_time() - step_start)
         losses.append(terms["loss"].item())
         if (budget.spent() >= 1.0) if budget else len(losses) == config.max_steps:
             break
     train_s, train_cpu_s = time.perf_counter() - start, time.thread_time() - cpu_start
-
-    start = time.perf_counter()
-    classes = class_names(spec)
-    metrics, _ = validate(accelerator.unwrap_model(model), eval_cases, accelerator, metadata, classes, config.sw_batch_size)
-    accelerator.free_memory()
     tail = losses[-max(1, len(losses) // 10) :]
-    return {
+    facts = {
         "model": name,
         "loss": SETUPS[name].description,
         "seed": config.seed,
         "lr": config.lr,
-        "dice": {c: metrics[f"val/dice_{c}"] for c in classes},
-        "dice_mean": metrics["val/dice"],
-        "hd95_mm": metrics["val/hd95"] if math.isfinite(metrics["val/hd95"]) else None,  # None: no case had one
         "params_m": inference_params / 1e6,
         "trained_params_m": trained_params / 1e6,
         "steps": len(losses),
         "step_s": statistics.median(step_times[1:] or step_times),  # CPU time; the first step warms up
         "train_min": train_s / 60,
         "train_cpu_min": train_cpu_s / 60,
-        "test_s": time.perf_counter() - start,
         "final_train_loss": statistics.mean(tail),
     }
+    return Trained(accelerator.unwrap_model(model), accelerator, eval_cases, metadata, facts)
+
+
+def scores(trained: Trained, spec: DatasetSpec, config: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
+    """Whole-volume test scores of the trained network (or of ``model``, a wrapper of it): Dice per class,
+    their mean, HD95 (mm) and the time it took."""
+    start = time.perf_counter()
+    classes = class_names(spec)
+    metrics, _ = validate(
+        model or trained.model, trained.eval_cases, trained.accelerator, trained.metadata, classes, config.sw_batch_size
+    )
+    return {
+        "dice": {c: metrics[f"val/dice_{c}"] for c in classes},
+        "dice_mean": metrics["val/dice"],
+        "hd95_mm": metrics["val/hd95"] if math.isfinite(metrics["val/hd95"]) else None,  # None: no case had one
+        "test_s": time.perf_counter() - start,
+    }
+
+
+def run(
+    name: str, spec: DatasetSpec, train_cases: Sequence[Case], eval_cases: Sequence[Case], config: TrainConfig,
+    minutes: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train setup ``name`` (``config`` from :func:`setup_config`) on ``train_cases`` for ``config.max_steps``
+    steps or ``minutes`` of CPU time, then score it on whole ``eval_cases``; one table row."""
+    trained = train_setup(name, spec, train_cases, eval_cases, config, minutes)
+    row = {**trained.facts, **scores(trained, spec, config)}
+    trained.accelerator.free_memory()
+    return row
 
 
 def synchronize(device: torch.device) -> None:

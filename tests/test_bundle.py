@@ -129,3 +129,23 @@ def _json_type(value: object) -> str:
 def test_existing_bundle_needs_overwrite(bundle):
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         veloxseg.bundle.export_bundle(veloxseg.create_model("veloxseg_tiny", **SMALL_ROI), bundle)
+
+
+def test_bundle_for_a_subset_segments_cases_that_hold_those_channels(bundle, cases, tmp_path, recwarn):
+    from veloxseg.bundle import export_bundle, segment_cases
+    from veloxseg.predict import predict
+
+    model = veloxseg.create_model(f"local-dir:{bundle / 'models'}")
+    subset = export_bundle(model, tmp_path / "t2_bundle", present=["T2"])
+    meta = json.loads((subset / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["channel_def"] == {"0": "T2"}
+    assert json.loads((subset / "configs" / "inference.json").read_text())["present"] == ["T2"]
+    only_t2 = tmp_path / "in"
+    only_t2.mkdir()
+    (only_t2 / "scan.nii.gz").write_bytes((cases / "scan_0001.nii.gz").read_bytes())
+    (written,) = segment_cases(model, only_t2, tmp_path / "out", present=["T2"])
+    expected = predict(model, {"T2": cases / "scan_0001.nii.gz"})
+    assert np.array_equal(np.asarray(nib.load(written).dataobj), np.asarray(expected.dataobj))
+    with pytest.raises(ValueError, match="unknown channel 'PET'"):
+        export_bundle(model, tmp_path / "pet_bundle", present=["PET"])
+    assert not (tmp_path / "pet_bundle").exists()

@@ -195,3 +195,25 @@ def test_ssl_corpus_holds_every_source_with_its_notice(tmp_path: Path) -> None:
     notice = (out / "NOTICE.txt").read_text()
     assert "Copyright (C) 1993-2009 Louis Collins" in notice and "Synthetic PET/CT-like scans" in notice
     assert "INIA19" not in notice  # absent here: skipped, so not claimed
+
+
+def test_brain_contrasts_script_writes_three_contrasts_that_each_carry_their_own_information(tmp_path: Path) -> None:
+    pytest.importorskip("nilearn", reason="nilearn (the veloxseg[demo] extra) ships the MNI tissue maps")
+    script = load_example("prepare_brain_contrasts")
+    out = script.prepare(tmp_path / "contrasts", num_train=1, num_test=1, seed=0, resolution=4)
+    spec = read_dataset(out)
+    validate_dataset(spec)
+    assert spec.channel_names == ["T1", "T2", "FLAIR"] and spec.labels == script.LABELS
+    case = spec.training[0]
+    label = np.asanyarray(nib.load(case.label).dataobj)
+    assert set(np.unique(label)) == {0, 1, 2, 3} and (label == 3).sum() > 100  # lesions of some size
+    means = {}
+    for name, path in zip(spec.channel_names, case.images):
+        image = nib.load(path)
+        assert image.shape == label.shape and np.allclose(image.affine, nib.load(case.label).affine)
+        data = np.asanyarray(image.dataobj)
+        means[name] = [data[label == value].mean() for value in (1, 2, 3)]  # grey, white, lesion
+    assert means["T1"][1] > max(means["T1"][0], means["T1"][2])  # white matter brightest, lesions darker
+    assert means["T2"][0] > means["T2"][1] and means["T2"][2] > means["T2"][0]  # grey above white; lesions bright
+    assert means["FLAIR"][2] == max(means["FLAIR"])  # lesions brightest
+    assert "Copyright (C) 1993-2009 Louis Collins" in (out / "NOTICE.txt").read_text()

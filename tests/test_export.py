@@ -81,3 +81,24 @@ def test_unknown_format_is_rejected(model, tmp_path):
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export(model, tmp_path / "tiny.tflite", "tflite")
     assert not Path(tmp_path / "tiny.tflite").exists()
+
+
+def test_export_of_a_subset_takes_its_groups_channels_only(model, tmp_path, capsys):
+    path = tmp_path / "second.onnx"
+    assert export(model, path, "onnx", present=["group1_channel0"]) < 1e-4
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, *SMALL_ROI["roi_size"])
+    (logits,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        assert (torch.from_numpy(logits) - model(x, present=[1])).abs().max().item() < 1e-4
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    assert json.loads(props["veloxseg_present"]) == ["group1_channel0"]
+    assert [c["name"] for c in json.loads(props["veloxseg_metadata"])["channels"]] == ["group1_channel0"]
+    folder = model.save_pretrained(tmp_path / "tiny")
+    args = ["export", "--model", f"local-dir:{folder}", "--format", "torchscript", "-o", str(tmp_path / "t.pt")]
+    assert main([*args, "--present", "group1_channel"]) == 2
+    assert "unknown channel 'group1_channel' (did you mean 'group1_channel0'?)" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt").exists()
+    assert main([*args, "--present", "group0_channel0"]) == 0
+    with torch.no_grad():
+        assert (torch.jit.load(tmp_path / "t.pt")(x) - model(x, present=[0])).abs().max().item() < 1e-4

@@ -152,7 +152,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[Path], str]]:
     truncated = folder / "truncated.nii.gz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # header intact, voxels cut off
     return {
-        "one channel for two": ([good], "expects 2 input channel(s) (T1, T2), got 1"),
+        "one channel for two": ([_write(folder / "one.nii.gz", volume)], "expects 2 input channel(s) (T1, T2), got 1"),
         "shapes differ": ([good, _write(folder / "b.nii.gz", volume[:-2])], "differs from"),
         "affines differ": ([good, _write(folder / "c.nii.gz", volume, shifted)], "affine differs"),
         "2-D image": ([_write(folder / "flat.nii.gz", volume[:, :, 0])], "not a 3-D volume"),
@@ -203,10 +203,56 @@ def test_folder_with_one_bad_case_writes_nothing(model_dir, case_files, tmp_path
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 
-def test_channel_numbers_must_not_have_gaps(case_files, tmp_path, capsys):
+def test_channel_numbers_beyond_the_models_are_refused(case_files, tmp_path, capsys):
     case_files[1].rename(case_files[1].with_name("scan_0002.nii.gz"))
     code = main(["predict", "--model", "veloxseg_tiny", "-i", str(case_files[0].parent / "scan"), "-o", str(tmp_path)])
-    assert code == 2 and "without gaps, got 0000, 0002" in capsys.readouterr().err
+    assert code == 2 and "channel(s) [2] do not exist: the model has 2 (" in capsys.readouterr().err
+
+
+def test_a_case_with_some_channels_runs_on_their_groups(model, model_dir, case_files, tmp_path, capsys):
+    """One T2 file, named by nnU-Net's number or the channel's name, given alone, by prefix, in a folder,
+    as a dict or with present: the same labels, those of the network on T2 alone."""
+    t2 = case_files[1]
+    with pytest.warns(UserWarning, match="trained without modality dropout"):
+        expected = predict(model, [t2])
+    scan = veloxseg.predict.load_scan([t2])
+    probs = veloxseg.predict.predict_probabilities(model, scan, present=[1])
+    assert np.array_equal(np.asarray(expected.dataobj), probs.argmax(0).numpy())
+    with pytest.warns(UserWarning):
+        assert np.array_equal(np.asarray(predict(model, {"T2": t2}).dataobj), np.asarray(expected.dataobj))
+        named = t2.rename(t2.with_name("scan_t2.nii.gz"))  # the metadata's channel name, any case
+        assert np.array_equal(np.asarray(predict(model, [named]).dataobj), np.asarray(expected.dataobj))
+        assert np.array_equal(np.asarray(predict(model, [named], present=[1]).dataobj), np.asarray(expected.dataobj))
+    case_files[0].unlink()
+    out = tmp_path / "out"
+    cases = ((named, out / "scan.nii.gz"), (named.parent / "scan", out / "scan.nii.gz"), (named.parent, out))
+    for inputs, output in cases:
+        command = ["predict", "--model", f"local-dir:{model_dir}", "-i", str(inputs), "-o", str(output), "--overwrite"]
+        assert main(command) == 0
+        assert "scan: segmented from T2 only" in capsys.readouterr().err
+        assert np.array_equal(labels_of(out / "scan.nii.gz"), np.asarray(expected.dataobj))
+
+
+def test_a_file_that_names_no_channel_is_refused(model, case_files):
+    unnamed = case_files[0].rename(case_files[0].with_name("scan_flair.nii.gz"))
+    with pytest.raises(ValueError, match=r"got 1 from .*scan_flair.nii.gz; for a case with only some of them, name"):
+        predict(model, [unnamed])
+
+
+def test_present_errors_and_optimize_with_a_subset(model, model_dir, case_files, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="present names 2 channel"):
+        predict(model, [case_files[0]], present=["T1", "T2"])
+    with pytest.raises(ValueError, match="unknown channel 'PD'"):
+        predict(model, [case_files[0]], present=["PD"])
+    with pytest.raises(ValueError, match=r"channel\(s\) \[0\] given twice"):
+        predict(model, {"T1": case_files[0], 0: case_files[1]})
+    import veloxseg.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "optimize", lambda *_: pytest.fail("compiled for a case without a group"))
+    case_files[1].unlink()
+    command = ["predict", "--model", f"local-dir:{model_dir}", "-i", str(case_files[0]), "-o", str(tmp_path / "o.nii")]
+    assert main([*command, "--optimize"]) == 2
+    assert "--optimize compiles the network of every modality group" in capsys.readouterr().err
 
 
 def test_bad_window_settings_are_rejected(model, case_files):

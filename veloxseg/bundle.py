@@ -32,7 +32,7 @@ from . import __version__
 from .hub import save_pretrained
 from .io import atomic_folder
 from .model import VeloxSeg
-from .predict import find_cases, model_metadata, predict
+from .predict import find_cases, model_metadata, predict, present_metadata
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 PAPER = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation (ICLR 2026)"
@@ -47,11 +47,12 @@ INFERENCE = {
     "overlap": 0.5,
     "sw_batch_size": 1,
     "overwrite": False,
+    "present": None,
     "network_def": {"_target_": "veloxseg.create_model", "name": "$'local-dir:' + @bundle_root + '/models'"},
     "network": "$@network_def.to(@device).eval()",
     "run": (
         "$segment_cases(@network, @dataset_dir, @output_dir, overlap=@overlap, "
-        "sw_batch_size=@sw_batch_size, device=@device, overwrite=@overwrite)"
+        "sw_batch_size=@sw_batch_size, device=@device, overwrite=@overwrite, present=@present)"
     ),
 }
 
@@ -65,23 +66,28 @@ def segment_cases(
     sw_batch_size: int = 1,
     device: str | torch.device | None = None,
     overwrite: bool = False,
+    present: list[str] | None = None,
 ) -> list[Path]:
     """The bundle's run: each case of ``dataset_dir`` (:func:`veloxseg.predict.find_cases`) segmented
-    by :func:`veloxseg.predict.predict` into ``output_dir/<case>.nii.gz``. Returns the label maps."""
+    by :func:`veloxseg.predict.predict` into ``output_dir/<case>.nii.gz``. Returns the label maps.
+    ``present``: the channels every case holds, in order (a bundle exported for a subset); None: as
+    the file names say."""
     written = []
-    for case, files in find_cases(Path(dataset_dir)).items():
+    names = [c.name for c in model_metadata(model).channels]
+    for case, files in find_cases(Path(dataset_dir), names).items():
         written.append(Path(output_dir) / f"{case}.nii.gz")
         predict(
-            model, files, written[-1], overlap=overlap, sw_batch_size=sw_batch_size, device=device, overwrite=overwrite
-        )
+            model, files, written[-1], overlap=overlap, sw_batch_size=sw_batch_size, device=device,
+            overwrite=overwrite, present=present,
+        )  # fmt: skip
     return written
 
 
-def bundle_metadata(model: VeloxSeg) -> dict[str, Any]:
+def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[str, Any]:
     """configs/metadata.json: MONAI's bundle metadata, from the model's config and 3-D metadata.
     ``network_data_format`` describes the network itself: one preprocessed ROI-sized patch in
-    (all channels, normalised as the metadata says), one logit per class out."""
-    cfg, meta = model.config, model_metadata(model)
+    (all channels, or those of ``present``, normalised as the metadata says), one logit per class out."""
+    cfg, meta = model.config, present_metadata(model_metadata(model), model.present_groups(present))
     channels = {str(i): c.name for i, c in enumerate(meta.channels)}
     labels = {str(value): name for name, value in sorted(meta.labels.items(), key=lambda kv: kv[1])}
     targets = ", ".join(name for value, name in labels.items() if value != "0")
@@ -114,7 +120,7 @@ def bundle_metadata(model: VeloxSeg) -> dict[str, Any]:
             "inputs": {
                 "image": {
                     "type": "image", "format": "magnitude", "modality": ", ".join(channels.values()),
-                    "num_channels": sum(cfg.in_ch), "channel_def": channels, **patch,
+                    "num_channels": len(channels), "channel_def": channels, **patch,
                 }
             },
             "outputs": {
@@ -127,9 +133,12 @@ def bundle_metadata(model: VeloxSeg) -> dict[str, Any]:
     }
 
 
-def export_bundle(model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def export_bundle(
+    model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool = False, present: list[str] | None = None
+) -> Path:
     """Write ``model`` as a MONAI bundle into ``folder`` (the layout above), all at once: the bundle
-    is assembled beside it and renamed into place. Raises FileExistsError for an existing ``folder``
+    is assembled beside it and renamed into place. With ``present`` (channel names) it segments cases
+    that hold those channels only, in that order. Raises FileExistsError for an existing ``folder``
     without ``overwrite``. Returns the folder."""
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -138,7 +147,8 @@ def export_bundle(model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool
         save_pretrained(model, tmp / "models")
         (tmp / "configs").mkdir()
         (tmp / "docs").mkdir()
-        for name, content in (("metadata.json", bundle_metadata(model)), ("inference.json", INFERENCE)):
+        inference = {**INFERENCE, "present": present}
+        for name, content in (("metadata.json", bundle_metadata(model, present)), ("inference.json", inference)):
             (tmp / "configs" / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (tmp / "docs" / "README.md").write_text(_readme(folder.name), encoding="utf-8")
         meta = model_metadata(model)

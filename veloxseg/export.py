@@ -9,6 +9,10 @@ can reproduce the preprocessing, and so do the weights' ``license`` and, where t
 ``NOTICE``). Before the file is moved into place it is run (ONNX with
 onnxruntime on the CPU) on a fresh random input and compared with PyTorch.
 
+With ``present`` (``--present CT``) the export is the network of those modality groups alone (their
+channels in, the other groups' streams left out): (B, channels of those groups, *roi_size) -> logits,
+for a deployment that never has the others; its metadata lists those channels only.
+
 ``--format monai-bundle`` writes a folder instead: the model as a MONAI bundle (:mod:`veloxseg.bundle`).
 """
 
@@ -17,28 +21,41 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .bundle import export_bundle
 from .hub import NOTICE_NAME
 from .io import atomic_file
 from .model import VeloxSeg
-from .predict import add_model_arguments, model_from_args, model_metadata
+from .predict import add_model_arguments, model_from_args, model_metadata, present_metadata
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4
 CHECK_BATCH = 2  # batch size of the example and check inputs (> 1: the batch axis stays free)
 
 
+class PresentGroups(nn.Module):
+    """``model`` on a fixed subset of its modality groups: (B, channels of ``groups``, D, H, W) -> logits."""
+
+    def __init__(self, model: VeloxSeg, groups: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model, self.groups = model, groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, present=list(self.groups))
+
+
 def export(
     model: VeloxSeg, path: str | os.PathLike, format: str = "onnx", *, overwrite: bool = False,
-    tolerance: float = TOLERANCE,
+    tolerance: float = TOLERANCE, present: Sequence[str | int] | None = None,
 ) -> float:  # fmt: skip
     """Export a copy of ``model`` (eval mode, CPU) to ``path``, check it against PyTorch on a random
-    input and return the largest absolute difference of their logits.
+    input and return the largest absolute difference of their logits. ``present``: the modality groups
+    (channel names or group indices) of a subset-only export (None: all).
 
     Raises ValueError when the exported model differs from PyTorch by ``tolerance`` or more (nothing
     is written then) and FileExistsError for an existing ``path`` without ``overwrite``.
@@ -50,14 +67,18 @@ def export(
         raise FileExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it")
     model = copy.deepcopy(model).cpu().eval()
     cfg = model.config
-    metadata = model_metadata(model)
+    groups = model.present_groups(present)
+    metadata = present_metadata(model_metadata(model), groups)
     info = {
         "veloxseg_config": json.dumps(cfg.to_dict()),
         "veloxseg_metadata": json.dumps(metadata.to_dict()),
         "license": metadata.license,
         **({NOTICE_NAME: metadata.notice} if metadata.notice else {}),
     }
-    example = torch.randn(CHECK_BATCH, sum(cfg.in_ch), *cfg.roi_size)
+    if groups is not None:
+        model = PresentGroups(model, groups).eval()
+        info["veloxseg_present"] = json.dumps([c.name for c in metadata.channels])
+    example = torch.randn(CHECK_BATCH, len(metadata.channels), *cfg.roi_size)
     with atomic_file(path) as temporary:  # moved into place only when it passes the check
         if format == "onnx":
             _export_onnx(model, example, temporary, info)
@@ -75,7 +96,7 @@ def export(
     return diff
 
 
-def _export_onnx(model: VeloxSeg, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
     """Write ONNX with PyTorch's dynamo exporter (one file, weights inside), ``info`` as metadata."""
     torch.onnx.export(
         model, (example,), path, dynamo=True, external_data=False, verbose=False,
@@ -95,7 +116,7 @@ def _onnx_runner(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
 
 
-def _export_torchscript(model: VeloxSeg, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
     """Write a traced TorchScript module, ``info`` as the extra file ``veloxseg.json``."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input-shape checks, fixed by the trace
@@ -115,6 +136,11 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument(
         "-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt), or the monai-bundle folder"
     )
+    parser.add_argument(
+        "--present", nargs="+", metavar="CHANNEL",
+        help="export the network of these channels' modality groups alone (names from the model's metadata, "
+        "e.g. --present CT): its input holds their channels only; default all",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.set_defaults(func=run_export)
     return parser
@@ -124,10 +150,10 @@ def run_export(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:  # before building or downloading the model
         raise FileExistsError(f"output {args.output} exists; pass --overwrite to replace it")
     if args.format == "monai-bundle":
-        export_bundle(model_from_args(args), args.output, overwrite=args.overwrite)
+        export_bundle(model_from_args(args), args.output, overwrite=args.overwrite, present=args.present)
         print(f"wrote the MONAI bundle {args.output}; how to run it: {args.output / 'docs' / 'README.md'}")
         return 0
-    diff = export(model_from_args(args), args.output, args.format, overwrite=args.overwrite)
+    diff = export(model_from_args(args), args.output, args.format, overwrite=args.overwrite, present=args.present)
     print(
         f"wrote {args.output} ({args.format}); max abs difference from PyTorch on random input: {diff:.2e} "
         f"(tolerance {TOLERANCE:g})"

@@ -8,23 +8,29 @@ for models the trainer builds) and runs on any non-empty subset of them: ``model
   a multi-channel group is present when all its channels are named), of group indices, or a mix;
 * a boolean tensor, (G,) for the whole batch or (N, G) for one subset per sample (training).
 
-:func:`present_mask` turns any of these into the (N, G) mask the network reads (or None: every group of
-every sample); :func:`random_modality_mask` draws the masks of ``--modality-dropout``.
+:func:`resolve_present` turns any of these into what the network reads (None: every group of every
+sample; a tuple of groups shared by the batch; or the (N, G) mask); :func:`random_modality_mask`
+draws the masks of ``--modality-dropout``. For whole scans, :func:`channel_of_file` reads which channel
+a file holds from its name, and :func:`groups_of_channels` which groups a case's channels make up.
 """
 
 import difflib
+import re
 from collections.abc import Sequence
 
 import torch
 
 Present = Sequence[str | int] | str | int | torch.Tensor | None
+CHANNEL_NUMBER = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")  # nnU-Net: <case>_0000.nii.gz
 
 
-def present_mask(
+def resolve_present(
     present: Present, group_channels: Sequence[Sequence[str]], batch: int, device: torch.device | None = None
-) -> torch.Tensor | None:
-    """``present`` (see the module) as an (N=batch, G) bool mask of the groups each sample has; None when
-    every sample has every group (the network then runs exactly as without ``present``).
+) -> tuple[int, ...] | torch.Tensor | None:
+    """``present`` (see the module) as the network reads it: None when every sample has every group (the
+    network then runs exactly as without ``present``), a tuple of group indices when all samples have the
+    same groups (plain Python: no data-dependent ops, so it compiles and exports), else an (N=batch, G)
+    bool mask of the groups each sample has.
 
     group_channels: the channel names of each group, in group order. Raises ValueError naming the problem
     (an unknown name, a group index out of range, a partly named group, a sample with no group).
@@ -32,21 +38,23 @@ def present_mask(
     if present is None:
         return None
     groups = len(group_channels)
-    if isinstance(present, torch.Tensor):
-        if present.dtype != torch.bool or present.shape not in ((groups,), (batch, groups)):
-            raise ValueError(
-                f"present as a tensor must be bool of shape ({groups},) or (batch={batch}, {groups}) for the "
-                f"model's {groups} modality groups, got {present.dtype} of shape {tuple(present.shape)}"
-            )
-        mask = present.to(device).expand(batch, groups)
-    else:
-        mask = torch.zeros(groups, dtype=torch.bool)
-        mask[_named_groups(present, group_channels)] = True
-        mask = mask.to(device).expand(batch, groups)
+    if not isinstance(present, torch.Tensor):
+        named = tuple(_named_groups(present, group_channels))
+        return None if len(named) == groups else named
+    if present.dtype != torch.bool or present.shape not in ((groups,), (batch, groups)):
+        raise ValueError(
+            f"present as a tensor must be bool of shape ({groups},) or (batch={batch}, {groups}) for the "
+            f"model's {groups} modality groups, got {present.dtype} of shape {tuple(present.shape)}"
+        )
+    mask = present.to(device).expand(batch, groups)
     empty = (~mask.any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"present leaves sample(s) {empty} with no modality group: at least one group is needed")
-    return None if bool(mask.all()) else mask
+    if bool(mask.all()):
+        return None
+    if bool((mask == mask[0]).all()):
+        return tuple(mask[0].nonzero().flatten().tolist())
+    return mask
 
 
 def _named_groups(present: Sequence[str | int] | str | int, group_channels: Sequence[Sequence[str]]) -> list[int]:
@@ -98,3 +106,44 @@ def random_modality_mask(
     codes = torch.randint(1, 2**num_groups - 1, (batch,), generator=generator)  # bit g: group g is kept
     kept = (codes[:, None] >> torch.arange(num_groups)) & 1 == 1
     return torch.where(drop[:, None], kept, torch.ones_like(kept))
+
+
+def channel_of_file(name: str, channel_names: Sequence[str] = ()) -> tuple[str, int] | None:
+    """(case, channel index) of a file named ``<case>_XXXX.nii[.gz]`` (nnU-Net's channel number) or
+    ``<case>_<channel name>.nii[.gz]`` (a name of ``channel_names``, any case: ``case7_PET.nii.gz``);
+    None when the name says neither."""
+    match = CHANNEL_NUMBER.match(name)
+    if match:
+        return match["case"], int(match["channel"])
+    lowered = name.lower()
+    for index, channel in enumerate(channel_names):
+        for ending in (f"_{channel}.nii.gz".lower(), f"_{channel}.nii".lower()):
+            if lowered.endswith(ending) and len(name) > len(ending):
+                return name[: -len(ending)], index
+    return None
+
+
+def groups_of_channels(channels: Sequence[int], group_channels: Sequence[Sequence[str]]) -> list[int] | None:
+    """The modality groups whose channels (indices into the model's input channels) are all in
+    ``channels``; None when that is every group. Raises ValueError for an index beyond the model's
+    channels, a channel given twice, a group given in part, or no channel."""
+    names = [name for group in group_channels for name in group]
+    bad = sorted({c for c in channels if not 0 <= c < len(names)})
+    if bad:
+        raise ValueError(f"channel(s) {bad} do not exist: the model has {len(names)} ({', '.join(names)})")
+    if len(set(channels)) != len(channels):
+        raise ValueError(f"channel(s) {sorted({c for c in channels if list(channels).count(c) > 1})} given twice")
+    if not channels:
+        raise ValueError(f"no input channel given: the model reads {', '.join(names)} (at least one of its groups)")
+    groups, first = [], 0
+    for group, members in enumerate(group_channels):
+        indices = set(range(first, first + len(members)))
+        first += len(members)
+        if indices & set(channels) and not indices <= set(channels):
+            raise ValueError(
+                f"modality group {group} needs all its channels {list(members)}, got only "
+                f"{[names[c] for c in sorted(indices & set(channels))]}"
+            )
+        if indices <= set(channels):
+            groups.append(group)
+    return None if len(groups) == len(group_channels) else groups

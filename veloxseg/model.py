@@ -15,7 +15,10 @@ from .layers import (
     DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d,
 )  # fmt: skip
 from .metadata import ModelMetadata
-from .modalities import Present, present_mask
+from .modalities import Present, resolve_present
+
+# what the network reads of ``present`` (veloxseg.modalities.resolve_present): None, shared groups, per-sample mask
+Groups = tuple[int, ...] | torch.Tensor | None
 
 
 @dataclass
@@ -103,38 +106,38 @@ class AttentionStream(nn.Module):
             if level < NUM_LEVELS:
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
-    def embed(self, x: torch.Tensor, present: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    def embed(self, x: torch.Tensor, present: Groups = None) -> list[torch.Tensor | None]:
         """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1); None for a
-        group that no sample has (``present`` (B, M) bool, None: all)."""
+        group that no sample has (``present``: the groups of the batch or the (B, M) mask, None: all)."""
         parts = x.split(list(self.in_ch), 1)
         return [
-            self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous())
-            if present is None or present[:, group].any() else None
+            self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) if has_group(present, group) else None
             for group, (embed, part) in enumerate(zip(self.patch_embeds, parts))
         ]
 
-    def forward(
-        self, tokens: list[torch.Tensor | None], present: torch.Tensor | None = None
-    ) -> list[list[torch.Tensor]]:
+    def forward(self, tokens: list[torch.Tensor | None], present: Groups = None) -> list[list[torch.Tensor]]:
         """Embedded tokens (see ``embed``) -> per level, per group features.
 
-        present: (B, M) bool, the groups each sample has (None: all). The samples that share a subset of
-        groups run together through the streams of that subset alone; a missing group's features are
-        zeros, so the conv stream's mixers and the teachers (1x1 convs) get nothing from it, exactly as
-        if its weight columns were left out."""
+        present: the groups of every sample (a tuple), or the (B, M) bool mask of each sample's; None: all.
+        Only the streams of the groups present run (samples that share a subset run together); a missing
+        group's features are zeros, so the conv stream's mixers and the teachers (1x1 convs) get nothing
+        from it, exactly as if its weight columns were left out."""
         if present is None:
             return self.run(tokens, range(len(tokens)))
-        features: list[list[torch.Tensor]] = []
+        if isinstance(present, tuple):
+            features = self.run([tokens[g] for g in present], present)
+            return [[level[present.index(g)] if g in present else level[0].new_zeros(()).expand_as(level[0])
+                     for g in range(len(tokens))] for level in features]  # fmt: skip
+        features = []
         for subset in present.unique(dim=0):
             rows = (present == subset).all(1).nonzero().flatten()
-            groups = subset.nonzero().flatten().tolist()
-            subset_features = self.run([tokens[g][rows] for g in groups], groups)
+            groups = tuple(subset.nonzero().flatten().tolist())
+            subset_features = self([None if t is None else t[rows] for t in tokens], groups)
             if not features:
-                shapes = [level_features[0].shape[1:] for level_features in subset_features]
-                features = [[tokens[groups[0]].new_zeros(len(present), *shape) for _ in tokens] for shape in shapes]
+                features = [[f.new_zeros(len(present), *f.shape[1:]) for f in level] for level in subset_features]
             for level, level_features in zip(features, subset_features):
-                for group, feature in zip(groups, level_features):
-                    level[group] = level[group].index_copy(0, rows, feature)
+                for group in groups:
+                    level[group] = level[group].index_copy(0, rows, level_features[group])
         return features
 
     def run(self, xs: list[torch.Tensor], groups: Sequence[int]) -> list[list[torch.Tensor]]:
@@ -304,9 +307,9 @@ class VeloxSeg(nn.Module):
         if self.decoder.detail is not None:
             self.decoder.detail.reset_output()
 
-    def check_input(self, x: torch.Tensor, present: Present = None) -> torch.Tensor | None:
+    def check_input(self, x: torch.Tensor, present: Present = None) -> Groups:
         """Raise ValueError naming the problem when ``x`` (with the groups ``present``) cannot go through
-        the network; return ``present`` as a (B, M) bool mask (None: every group of every sample)."""
+        the network; return ``present`` as the network reads it (:func:`veloxseg.modalities.resolve_present`)."""
         cfg, dtype = self.config, next(self.parameters()).dtype
         if not isinstance(x, torch.Tensor) or x.dtype != dtype:
             got = f"a {type(x).__module__}.{type(x).__name__}" if not isinstance(x, torch.Tensor) else str(x.dtype)
@@ -318,9 +321,10 @@ class VeloxSeg(nn.Module):
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"VeloxSeg got an empty batch, shape {tuple(x.shape)}")
-        mask = present_mask(present, self.group_channels() if present is not None else [], x.shape[0], x.device)
-        if x.shape[1] != sum(cfg.in_ch) and not (mask is not None and x.shape[1] == present_channels(cfg, mask)):
-            only = "" if mask is None else " or, when every sample has the same groups, only theirs"
+        groups = resolve_present(present, self.group_channels() if present is not None else [], x.shape[0], x.device)
+        compact = isinstance(groups, tuple) and x.shape[1] == sum(cfg.in_ch[g] for g in groups)
+        if x.shape[1] != sum(cfg.in_ch) and not compact:
+            only = "" if present is None else " or, when every sample has the same groups, only theirs"
             raise ValueError(
                 f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}){only}, "
                 f"got {x.shape[1]}"
@@ -331,7 +335,12 @@ class VeloxSeg(nn.Module):
                 f"roi_size), got {list(x.shape[2:])}; use sliding-window inference for larger volumes or "
                 f"create the model with roi_size=..."
             )
-        return mask
+        return groups
+
+    def present_groups(self, present: Present) -> tuple[int, ...] | None:
+        """The groups ``present`` names for every sample alike (channel names, group indices or a (M,) bool
+        tensor) as group indices; None: all. Raises ValueError as ``forward`` does."""
+        return None if present is None else resolve_present(present, self.group_channels(), 1)  # one sample: a tuple
 
     def group_channels(self) -> list[list[str]]:
         """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
@@ -340,13 +349,14 @@ class VeloxSeg(nn.Module):
         channels = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes).channels
         return [[c.name for c in channels if c.group == group] for group in range(cfg.num_groups)]
 
-    def embed(self, x: torch.Tensor, present: torch.Tensor | None = None) -> tuple[Any, ...]:
+    def embed(self, x: torch.Tensor, present: Groups = None) -> tuple[Any, ...]:
         """The convs that read the input: (per-group attention tokens, the conv stream's stem output),
         plus the detail path's stem output when the model has one; ``forward_embedded`` takes them.
 
-        present: (B, M) bool, the groups each sample has (None: all). The stems read every channel at once,
-        so a missing group's channels reach them as zeros: their weights then add nothing, exactly as if
-        the stems had no such input; the same whether a batch mixes subsets (training) or not (inference).
+        present: the groups of the batch or each sample's (``check_input``'s; None: all). The stems read
+        every channel at once, so a missing group's channels reach them as zeros: their weights then add
+        nothing, exactly as if the stems had no such input; the same whether a batch mixes subsets
+        (training) or not (inference).
         """
         if present is not None:
             x = with_missing_channels_zeroed(x, present, self.config.in_ch)
@@ -365,7 +375,7 @@ class VeloxSeg(nn.Module):
         return self.config.conv_width(1)
 
     def encode(
-        self, tokens: list[torch.Tensor | None], stem: torch.Tensor, present: torch.Tensor | None = None
+        self, tokens: list[torch.Tensor | None], stem: torch.Tensor, present: Groups = None
     ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Embedded input (see ``embed``) -> attention features (per level, per group, channels-last; zeros
         for a group a sample lacks) and conv features [e_1..e_4], e_i (B, C_i, D/(p 2^(i-1)), H/(p 2^(i-1)),
@@ -396,8 +406,8 @@ class VeloxSeg(nn.Module):
         modality groups the input has, as for ``forward``.
         """
         take, _ = feature_take_indices(len(self.feature_info), indices)
-        mask = self.check_input(x, present)
-        _, conv = self.encode(*self.embed(x, mask)[:2], mask)
+        groups = self.check_input(x, present)
+        _, conv = self.encode(*self.embed(x, groups)[:2], groups)
         intermediates = [conv[i] for i in take]
         return intermediates if intermediates_only else (conv[-1], intermediates)
 
@@ -423,15 +433,15 @@ class VeloxSeg(nn.Module):
         None: all. ``x`` holds every group's channels (a missing group's are ignored) or, when every
         sample has the same groups, only theirs, in group order. A missing group's attention stream does
         not run; with every group present the network is exactly the one without ``present``."""
-        mask = self.check_input(x, present)
-        return self.forward_embedded(*self.embed(x, mask), present=mask)
+        groups = self.check_input(x, present)
+        return self.forward_embedded(*self.embed(x, groups), present=groups)
 
     def forward_embedded(
         self,
         tokens: list[torch.Tensor | None],
         stem: torch.Tensor,
         detail_stem: torch.Tensor | None = None,
-        present: torch.Tensor | None = None,
+        present: Groups = None,
     ) -> torch.Tensor | VeloxSegOutput:
         """``forward`` after ``embed``: the split lets ``veloxseg.optimize`` compile all but the input convs."""
         attn, conv = self.encode(tokens, stem, present)
@@ -465,21 +475,24 @@ class VeloxSeg(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
 
-def present_channels(cfg: VeloxSegConfig, present: torch.Tensor) -> int:
-    """The input channels of the groups the first sample of ``present`` (B, M) has."""
-    return sum(c for c, kept in zip(cfg.in_ch, present[0].tolist()) if kept)
+def has_group(present: Groups, group: int) -> bool:
+    """Whether any sample has ``group`` (``present`` as :func:`veloxseg.modalities.resolve_present` gives it)."""
+    if present is None:
+        return True
+    return group in present if isinstance(present, tuple) else bool(present[:, group].any())
 
 
-def with_missing_channels_zeroed(x: torch.Tensor, present: torch.Tensor, in_ch: Sequence[int]) -> torch.Tensor:
-    """(B, C, D, H, W) with every channel, or with only the present groups' when all samples share them,
-    -> (B, sum(in_ch), D, H, W) where the channels of the groups a sample lacks (``present`` (B, M)) are 0,
-    whatever they held (NaN included)."""
-    channel_present = present.repeat_interleave(torch.tensor(in_ch, device=present.device), dim=1)  # (B, C)
-    if x.shape[1] == sum(in_ch):
+def with_missing_channels_zeroed(x: torch.Tensor, present: Groups, in_ch: Sequence[int]) -> torch.Tensor:
+    """(B, C, D, H, W) with every channel, or with only the groups ``present``'s when it is a tuple, ->
+    (B, sum(in_ch), D, H, W) where the channels of the groups a sample lacks are 0, whatever they held
+    (NaN included)."""
+    if isinstance(present, torch.Tensor):
+        channel_present = present.repeat_interleave(torch.tensor(in_ch, device=present.device), dim=1)  # (B, C)
         return x.masked_fill(~channel_present[:, :, None, None, None], 0)
-    full = x.new_zeros(x.shape[0], sum(in_ch), *x.shape[2:])
-    full[:, channel_present[0]] = x
-    return full
+    given = [g for g in range(len(in_ch)) if x.shape[1] == sum(in_ch) or g in present]  # the groups x holds
+    parts = dict(zip(given, x.split([in_ch[g] for g in given], 1)))
+    zeros = [x.new_zeros(x.shape[0], c, *x.shape[2:]) for c in in_ch]
+    return torch.cat([parts[g] if g in present else zeros[g] for g in range(len(in_ch))], 1)
 
 
 def init_weights(module: nn.Module) -> None:

@@ -1,9 +1,12 @@
 """Whole-scan inference: :func:`predict` and the ``veloxseg predict`` command.
 
 A case is one NIfTI image (channels along the 4th axis) or one 3-D file per channel named the
-nnU-Net way, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... The scan is preprocessed as in
-training, by :func:`veloxseg.data.transforms.preprocessing_transforms` of the model's metadata
-(reoriented and resampled to its orientation and spacing, normalised per channel), and segmented
+nnU-Net way, ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... or by the metadata's channel names,
+``<case>_PET.nii.gz``. A case may have only some of the model's modality groups (a CT without its PET):
+its files' names say which (:func:`case_channels`), and the model runs without the missing groups'
+streams (``VeloxSeg(x, present=...)``; best with a model trained with modality dropout). The scan
+is preprocessed as in training, by :func:`veloxseg.data.transforms.preprocessing_transforms` of the
+model's metadata (reoriented and resampled to its orientation and spacing, normalised per channel), and segmented
 with gaussian-blended sliding windows of the model's ROI (volumes smaller than the ROI are padded).
 The softmax probabilities are then mapped back onto the input's own voxel grid by MONAI's inverse of
 those spatial transforms (trilinear) and the label map is their argmax (class index = label value, as the metadata's labels
@@ -11,9 +14,10 @@ are 0..n_classes-1), so it has exactly the input's shape and affine.
 """
 
 import argparse
+import dataclasses
+import functools
 import glob
 import os
-import re
 import sys
 import warnings
 import zlib
@@ -33,13 +37,14 @@ from tqdm import tqdm
 from .data.transforms import IMAGE, preprocessing_transforms
 from .io import atomic_file
 from .metadata import ModelMetadata
+from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
 from .optimize import OptimizedVeloxSeg, optimize
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
+CaseInput = ImageInput | Sequence[ImageInput] | dict[str | int, ImageInput]
 SegModel = VeloxSeg | OptimizedVeloxSeg
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 LABEL_LIKE_VALUES = 8  # a channel of at most this many distinct integer values looks like a label map
@@ -120,6 +125,7 @@ def predict_probabilities(
     sw_batch_size: int = 1,
     device: str | torch.device | None = None,
     metadata: ModelMetadata | None = None,
+    present: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Softmax class probabilities (n_classes, X, Y, Z) on the scan's own voxel grid.
 
@@ -127,14 +133,17 @@ def predict_probabilities(
     test scores and the benchmarks all segment through it. ``metadata``: the preprocessing to apply
     (default: the model's own, :func:`model_metadata`; the trainer passes the metadata it will save).
     Runs on ``device`` (default: where the model's parameters are); the whole-scan arrays stay on
-    the CPU. The model is put in eval mode for the call and restored afterwards.
+    the CPU. The model is put in eval mode for the call and restored afterwards. ``present``: the
+    modality groups the scan holds, its channels theirs in order (None: every group; see
+    :func:`case_channels`).
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    _check_present(model, present)
     device = resolve_device(device)
-    metadata = metadata or model_metadata(model)
+    metadata = present_metadata(metadata or model_metadata(model), present)
     _check_channels(model, metadata, scan)
     _warn_label_like_channels(metadata, scan)
     preprocess = Compose(preprocessing_transforms(metadata))  # training's: orientation, spacing, normalisation
@@ -147,7 +156,7 @@ def predict_probabilities(
             x,
             roi_size=model.config.roi_size,
             sw_batch_size=sw_batch_size,
-            predictor=model,
+            predictor=model if present is None else functools.partial(model, present=present),
             overlap=overlap,
             mode="gaussian",
             sw_device=device or next(model.parameters()).device,
@@ -157,6 +166,81 @@ def predict_probabilities(
         model.train(was_training)
     probs = MetaTensor(logits[0].softmax(0), affine=image.affine, applied_operations=image.applied_operations)
     return preprocess.inverse({IMAGE: probs})[IMAGE].as_tensor()
+
+
+def _check_present(model: SegModel, present: Sequence[int] | None) -> None:
+    """Refuse a subset of groups for a compiled model; warn when the model never trained on subsets."""
+    if present is None:
+        return
+    if isinstance(model, OptimizedVeloxSeg):
+        raise ValueError(
+            "an optimized (compiled) model runs every modality group: segment a case with only some of them "
+            "with the model itself (without --optimize)"
+        )
+    if not model_metadata(model).modality_dropout:
+        warnings.warn(
+            "this model was trained without modality dropout: on a subset of its modality groups expect lower "
+            "accuracy than on all (train with --modality-dropout for a model that expects missing groups)"
+        )
+
+
+def present_metadata(metadata: ModelMetadata, present: Sequence[int] | None) -> ModelMetadata:
+    """``metadata`` with the channels of the groups ``present`` only (all: None), for a scan that has them."""
+    if present is None:
+        return metadata
+    return dataclasses.replace(metadata, channels=[c for c in metadata.channels if c.group in present])
+
+
+def case_channels(
+    model: SegModel, image: CaseInput, present: Sequence[str | int] | None = None
+) -> tuple[list[ImageInput], list[int] | None]:
+    """A case's images in the model's channel order and the modality groups they hold (None: all).
+
+    image: one image, a list of them, or a dict {channel name or index: image}. A list of fewer images
+    than the model has channels names its channels by the files' names, ``<case>_0001.nii.gz`` (nnU-Net's
+    channel number) or ``<case>_PET.nii.gz`` (a channel name from the metadata), unless ``present`` names
+    them, one per image in order. Raises ValueError naming the problem (a file that names no channel, a
+    channel given twice or beyond the model's, a group given in part, no image).
+    """
+    metadata = model_metadata(model)
+    names = [c.name for c in metadata.channels]
+    if isinstance(image, dict):
+        image, present = list(image.values()), list(image)
+    images = [image] if isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)) else list(image)
+    found = [_channel_of_image(item, names) for item in images]
+    if present is not None:
+        if len(present) != len(images):
+            raise ValueError(f"present names {len(present)} channel(s) for {len(images)} image(s): one per image")
+        channels = [_channel_index(item, names) for item in present]
+    elif all(channel is not None for channel in found):
+        channels = found
+    elif len(images) >= len(names) or len(images) == 1:
+        return images, None  # every channel (or a 4-D image with all of them): in the order given
+    else:
+        unnamed = next(item for item, channel in zip(images, found) if channel is None)
+        raise ValueError(
+            f"{unnamed if not isinstance(unnamed, nib.spatialimages.SpatialImage) else 'an in-memory image'}: "
+            f"the model reads {len(names)} channels ({', '.join(names)}) and this case has fewer; name each file "
+            f"<case>_0000.nii.gz ... (nnU-Net) or <case>_<channel>.nii.gz, or say which channels they are (present=)"
+        )
+    group_channels = [[c.name for c in metadata.channels if c.group == g] for g in range(len(model.config.in_ch))]
+    groups = groups_of_channels(channels, group_channels)
+    return [image for _, image in sorted(zip(channels, images), key=lambda pair: pair[0])], groups
+
+
+def _channel_index(item: str | int, names: list[str]) -> int:
+    """A channel named by its index or its metadata name."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item
+    if isinstance(item, str) and item in names:
+        return names.index(item)
+    raise ValueError(f"unknown channel {item!r}: the model's channels are {', '.join(names)} (or their indices)")
+
+
+def _channel_of_image(image: ImageInput, names: list[str]) -> int | None:
+    """The channel a file's name gives (None: it gives none, or an in-memory image)."""
+    found = None if isinstance(image, nib.spatialimages.SpatialImage) else channel_of_file(Path(image).name, names)
+    return None if found is None else found[1]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -190,24 +274,30 @@ def predict(
     device: str | torch.device | None = None,
     save_probabilities: bool = False,
     overwrite: bool = False,
+    present: Sequence[str | int] | None = None,
 ) -> nib.Nifti1Image:
     """Segment one case and return its label map (X, Y, Z) with the input's shape and affine.
 
-    image: a NIfTI path or nibabel image (3-D, or 4-D with channels last), or one per channel.
+    image: a NIfTI path or nibabel image (3-D, or 4-D with channels last), or one per channel, or a dict
+        {channel name or index: image}. A case with only some of the model's channels is matched to them
+        by its file names or ``present`` (channel names or indices, one per image): :func:`case_channels`.
     output: where to write the label map (a .nii/.nii.gz file); nothing is written without it.
     save_probabilities: also write the (X, Y, Z, n_classes) float32 probabilities beside it, as
         ``<name>_probabilities.nii.gz``.
     Every check (input, channels, output paths) runs before anything is computed or written; the
     files are written atomically and an existing one is only replaced with ``overwrite``.
     """
-    scan = load_scan(image)
+    images, groups = case_channels(model, image, present)
+    scan = load_scan(images)
     targets = []
     if output is not None:
         targets = output_paths(Path(output), save_probabilities)
         _check_outputs(targets, scan.sources, overwrite)
     elif save_probabilities:
         raise ValueError("save_probabilities needs an output path")
-    probs = predict_probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device)
+    probs = predict_probabilities(
+        model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device, present=groups
+    )
     label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
     if targets:
@@ -228,32 +318,26 @@ def output_paths(output: Path, save_probabilities: bool) -> list[Path]:
     return [output, output.with_name(output.name[: -len(suffix)] + "_probabilities" + suffix)]
 
 
-def find_cases(folder: Path) -> dict[str, list[Path]]:
-    """Cases of a folder: ``<case>_<XXXX>.nii[.gz]`` files grouped by case (channels in order), any
-    other NIfTI file a case of its own named after it."""
+def find_cases(folder: Path, channel_names: Sequence[str] = ()) -> dict[str, list[Path]]:
+    """Cases of a folder: ``<case>_<XXXX>.nii[.gz]`` and ``<case>_<channel name>.nii[.gz]`` files grouped
+    by case (channels in order), any other NIfTI file a case of its own named after it."""
     files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
     if not files:
         raise FileNotFoundError(f"no .nii/.nii.gz files in {folder}")
-    return group_cases(files)
+    return group_cases(files, channel_names)
 
 
-def group_cases(files: Sequence[Path]) -> dict[str, list[Path]]:
-    """Group NIfTI files into cases by nnU-Net naming; channel numbers must run 0000, 0001, ... without gaps."""
+def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dict[str, list[Path]]:
+    """Group NIfTI files into cases by their channel names (:func:`veloxseg.modalities.channel_of_file`),
+    channels in order; a case may lack some (which, :func:`case_channels` checks against the model)."""
     channels: dict[str, dict[int, Path]] = {}
     for path in files:
-        match = CHANNEL_FILE.match(path.name)
-        case, channel = (match["case"], int(match["channel"])) if match else (_stem(path), 0)
+        case, channel = channel_of_file(path.name, channel_names) or (_stem(path), 0)
         if channel in channels.setdefault(case, {}):
             raise ValueError(
                 f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}"
             )
         channels[case][channel] = path
-    for case, found in channels.items():
-        if sorted(found) != list(range(len(found))):
-            numbers = ", ".join(f"{c:04d}" for c in sorted(found))
-            raise ValueError(
-                f"case {case!r}: channel files must be numbered 0000, 0001, ... without gaps, got {numbers}"
-            )
     return {case: [found[c] for c in sorted(found)] for case, found in sorted(channels.items())}
 
 
@@ -312,22 +396,29 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
 def run_predict(args: argparse.Namespace) -> int:
     """The ``veloxseg predict`` command: check every case and output first, then segment them."""
-    cases, output_dir = _cases_from_args(args.input, args.output)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    device = resolve_device(args.device)
+    model = model_from_args(args).to(device)  # its channel names name the case files
+    names = [c.name for c in model_metadata(model).channels]
+    cases, output_dir = _cases_from_args(args.input, args.output, names)
     targets = {case: args.output if output_dir is None else output_dir / f"{case}.nii.gz" for case in cases}
     for case, files in cases.items():
         _check_outputs(output_paths(targets[case], args.save_probabilities), files, args.overwrite)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    model = model_from_args(args).to(device)
+    present = {case: case_channels(model, files) for case, files in cases.items()}
     if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
-        for files in cases.values():
-            _check_channels(model, model_metadata(model), load_scan(files))
+        for files, groups in present.values():
+            _check_channels(model, present_metadata(model_metadata(model), groups), load_scan(files))
     if args.optimize:
+        if any(groups is not None for _, groups in present.values()):
+            raise ValueError("--optimize compiles the network of every modality group; some cases lack one")
         model = optimize(model, batch_size=args.sw_batch_size)
-    for case, files in tqdm(cases.items(), desc="predict", unit="case", disable=len(cases) == 1):
+    for case, (files, groups) in tqdm(present.items(), desc="predict", unit="case", disable=len(cases) == 1):
+        if groups is not None:
+            used = ", ".join(c.name for c in present_metadata(model_metadata(model), groups).channels)
+            print(f"{case}: segmented from {used} only (the other modality groups are missing)", file=sys.stderr)
         predict(
             model, files, targets[case], overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=device,
             save_probabilities=args.save_probabilities, overwrite=args.overwrite,
@@ -336,8 +427,11 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[Path]], Path | None]:
-    """(cases, output folder or None when ``output`` is the one case's label-map file)."""
+def _cases_from_args(
+    inputs: list[Path], output: Path, channel_names: Sequence[str] = ()
+) -> tuple[dict[str, list[Path]], Path | None]:
+    """(cases, output folder or None when ``output`` is the one case's label-map file); files are named
+    by nnU-Net's channel numbers or ``channel_names``."""
     # A name with a file extension is a file (refused by output_paths unless .nii/.nii.gz), as in the API.
     names_a_file = output.name.endswith(NIFTI_SUFFIXES) or (bool(output.suffix) and not output.is_dir())
     if len(inputs) == 1 and inputs[0].is_dir():
@@ -347,20 +441,22 @@ def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[P
             )
         if output.resolve() == inputs[0].resolve():
             raise ValueError(f"the output folder {output} is the input folder; write the label maps elsewhere")
-        return find_cases(inputs[0]), output
+        return find_cases(inputs[0], channel_names), output
     if len(inputs) == 1 and not inputs[0].exists():
         prefix = inputs[0]
-        channel_file = re.compile(re.escape(prefix.name) + r"_\d{4}\.nii(\.gz)?$")
-        files = sorted(p for p in prefix.parent.glob(f"{glob.escape(prefix.name)}_*") if channel_file.match(p.name))
+        files = sorted(
+            p for p in prefix.parent.glob(f"{glob.escape(prefix.name)}_*")
+            if (channel_of_file(p.name, channel_names) or ("",))[0] == prefix.name
+        )  # fmt: skip
         if not files:
             raise FileNotFoundError(f"{prefix}: no such file or folder, and no channel files {prefix}_0000.nii.gz ...")
-        cases = group_cases(files)
+        cases = group_cases(files, channel_names)
     else:
         missing = [str(p) for p in inputs if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
-        match = CHANNEL_FILE.match(inputs[0].name)
-        cases = {match["case"] if match else _stem(inputs[0]): list(inputs)}
+        found = channel_of_file(inputs[0].name, channel_names)
+        cases = {found[0] if found else _stem(inputs[0]): list(inputs)}
     return cases, None if names_a_file else output
 
 
@@ -390,11 +486,17 @@ def _read_data(img: nib.spatialimages.SpatialImage, name: str) -> np.ndarray:
 
 
 def _check_channels(model: SegModel, metadata: ModelMetadata, scan: Scan) -> None:
-    expected = sum(model.config.in_ch)
+    expected = len(metadata.channels)  # the channels of the groups the scan has
     if scan.data.shape[0] != expected:
         names = ", ".join(c.name for c in metadata.channels)
         source = f" from {', '.join(map(str, scan.sources))}" if scan.sources else ""
-        raise ValueError(f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}")
+        hint = (
+            f"; for a case with only some of them, name its files <case>_0000.nii.gz ... or <case>_<channel>.nii.gz"
+            if scan.data.shape[0] < expected else ""
+        )  # fmt: skip
+        raise ValueError(
+            f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}{hint}"
+        )
 
 
 def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:

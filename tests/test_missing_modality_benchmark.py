@@ -1,0 +1,57 @@
+"""Smoke test of benchmarks/missing_modality.py: (a), (b) and (c) on every subset of a 2-channel task."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def missing_modality():  # noqa: ANN201 - the benchmark script as a module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import missing_modality
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return missing_modality
+
+
+def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
+    from veloxseg.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "demo", num_train=4, num_test=1, shape=(32, 32, 32))
+    out = tmp_path / "results" / "missing"
+    rows = missing_modality.run_task(
+        "veloxseg_tiny", data, 0.5, [0], None, 2, out=out, command="pytest", roi=(64, 32, 32), cpu=True
+    )
+    channels = ["CT", "PET"]
+    assert [(r["method"], r["subset"]) for r in rows] == [
+        ("dropout", channels), ("dropout", ["CT"]), ("dropout", ["PET"]),
+        ("zero-filled", channels), ("zero-filled", ["CT"]), ("zero-filled", ["PET"]),
+        ("dedicated", channels), ("dedicated", ["CT"]), ("dedicated", ["PET"]),
+    ]  # fmt: skip
+    assert all(r["steps"] == 2 and 0.0 <= r["dice_mean"] <= 1.0 for r in rows)
+    assert rows[6]["dice"] == rows[3]["dice"]  # on every channel the dedicated model is (b)'s
+    saved = json.loads(out.with_name("missing.json").read_text())
+    assert saved["rows"] == rows and saved["run"]["modality_dropout"] == 0.5
+    summary = out.with_name("missing.md").read_text().split("## Every run")[0]
+    assert "| CT + PET |" in summary and "| PET |" in summary and "(c) dedicated" in summary
+
+
+def test_zero_filling_and_leaving_out(missing_modality) -> None:
+    import veloxseg
+
+    from .conftest import SMALL_ROI
+
+    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1], **SMALL_ROI).eval()
+    x = torch.randn(1, 2, *SMALL_ROI["roi_size"])
+    with torch.no_grad():
+        zeroed = x.clone()
+        zeroed[:, 0] = 0
+        assert torch.equal(missing_modality.OnSubset(model, (1,), zero_fill=True)(x), model(zeroed))
+        assert torch.equal(missing_modality.OnSubset(model, (1,), zero_fill=False)(x), model(x, present=[1]))
+    assert missing_modality.channel_subsets(3) == [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)]
