@@ -1,6 +1,7 @@
 """Issue 15: bad inputs through the API and the ``veloxseg`` command each get an error naming the problem
 (no traceback: the command exits 2) and write nothing."""
 
+import hashlib
 import json
 import re
 import runpy
@@ -301,3 +302,76 @@ def test_batch_size_one_alone_trains(monkeypatch, tmp_path, small_data):
     assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--batch-size", "1") is None
     assert json.loads((out / "train_config.json").read_text())["crops_per_volume"] == 1
     assert (out / "model.safetensors").is_file()
+
+
+# --- issue 35: nothing lost. Every refusal leaves every file around it as it was (hashed). ------------
+
+def tree_state(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder``: relative path -> SHA-256 of the content ("dir" for folders)."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture
+def workspace(model_dir, tmp_path, monkeypatch) -> Path:
+    """tmp_path/work/sub as the current folder, beside a copy of the model folder and a folder of the user's files."""
+    shutil.copytree(model_dir, tmp_path / "work" / "model")
+    (tmp_path / "work" / "sub").mkdir()
+    (tmp_path / "work" / "notes").mkdir()
+    (tmp_path / "work" / "notes" / "results.csv").write_text("case,dice\n1,0.8\n")
+    (tmp_path / "work" / "notes.onnx").write_text("not an onnx file")
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    return tmp_path / "work"
+
+
+@pytest.mark.parametrize(
+    "format, output, message",
+    [
+        ("monai-bundle", "..", "is the current folder or one of its parents"),
+        ("monai-bundle", ".", "is the current folder or one of its parents"),
+        ("onnx", "..", "is the current folder or one of its parents"),
+        ("monai-bundle", "../notes", "exists and is not a MONAI bundle written by veloxseg export"),
+        ("monai-bundle", "../model", "is one of the inputs or would replace one"),
+        ("onnx", "../model", "is one of the inputs or would replace one"),
+        ("onnx", "../model/model.safetensors", "is one of the inputs or would replace one"),
+        ("torchscript", "../model/config.json", "is one of the inputs or would replace one"),
+        ("onnx", "../notes", "exists and is not an ONNX file written by veloxseg export"),
+        ("onnx", "../notes.onnx", "exists and is not an ONNX file written by veloxseg export"),
+        ("torchscript", "../notes.onnx", "exists and is not a TorchScript file written by veloxseg export"),
+    ],
+)
+def test_export_overwrite_replaces_only_its_own_kind(workspace, capsys, format, output, message):
+    before = tree_state(workspace.parent)
+    command = ["export", "--model", "local-dir:../model", "--format", format, "-o", output, "--overwrite"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(workspace.parent) == before
+
+
+def test_export_bundle_overwrite_replaces_a_bundle_only(workspace, model, capsys):
+    out = workspace / "bundle"
+    command = ["export", "--model", "local-dir:../model", "--format", "monai-bundle", "-o", str(out)]
+    assert main(command) == 0
+    assert main([*command, "--overwrite"]) == 0  # a bundle over a bundle
+    assert sorted(p.name for p in workspace.iterdir()) == ["bundle", "model", "notes", "notes.onnx", "sub"]
+    (out / "eval").mkdir()  # MONAI's runner wrote results into it: no longer only a bundle
+    (out / "eval" / "case.nii.gz").write_bytes(b"results")
+    before = tree_state(workspace)
+    assert main([*command, "--overwrite"]) == 2
+    assert "is not a MONAI bundle" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not a MONAI bundle"):
+        veloxseg.bundle.export_bundle(model, out, overwrite=True)
+    assert tree_state(workspace) == before
+
+
+def test_predict_output_folder_named_like_a_file_is_refused_before_inference(model_dir, case, tmp_path, capsys):
+    (tmp_path / "seg.nii.gz").mkdir()
+    (tmp_path / "seg.nii.gz" / "mine.txt").write_text("keep")
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / "seg.nii.gz", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "seg.nii.gz exists and is not a file" in err and "Traceback" not in err
+    assert tree_state(tmp_path) == before

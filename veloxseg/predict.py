@@ -31,7 +31,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from .data.transforms import IMAGE, preprocessing_transforms
-from .io import atomic_file
+from .io import atomic_file, check_output
 from .metadata import ModelMetadata
 from .model import VeloxSeg
 from .optimize import OptimizedVeloxSeg, optimize
@@ -410,12 +410,10 @@ def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:
 
 
 def _check_outputs(targets: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:
-    inputs = {p.resolve() for p in sources}
+    """The overwrite rule (:func:`veloxseg.io.check_output`): an existing file is replaced with ``overwrite``
+    (never a folder named like one, nor an input)."""
     for target in targets:
-        if target.resolve() in inputs:
-            raise ValueError(f"output {target} is one of the input files; choose another output path")
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"output {target} exists; pass --overwrite (overwrite=True) to replace it")
+        check_output(target, overwrite, kind="a file", is_kind=Path.is_file, inputs=sources)
 
 
 def _nifti(array: np.ndarray, scan: Scan) -> nib.Nifti1Image:
