@@ -3,9 +3,12 @@
 
 import hashlib
 import json
+import os
 import re
 import runpy
 import shutil
+import socket
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -270,6 +273,22 @@ def empty_labels(tmp_path_factory) -> Path:
         (["--model", "local-dir:"], "names no folder"),
         (["--model", "veloxseg_tiny.no_such_tag", "--pretrained"], "unknown pretrained tag 'veloxseg_tiny.no_such_tag'"),
         (["--data", "EMPTY"], "no training label holds a foreground voxel"),
+        (["--lr", "0"], "lr must be > 0, got 0.0"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--lr", "nan"], "lr must be > 0, got nan"),
+        (["--lr", "1e-3", "--min-lr", "1e-2"], "min_lr must be in [0, lr = 0.001] (the schedule decays to it), got 0.01"),
+        (["--max-grad-norm", "-1"], "max_grad_norm must be > 0 (or 0: no clipping), got -1.0"),
+        (["--weight-decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
+        (["--warmup-steps", "-5"], "warmup_steps must be >= 0, got -5"),
+        (["--sw-overlap", "1"], "sw_overlap must be in [0, 1), got 1.0"),
+        (["--val-fraction", "0"], "val_fraction must be in (0, 1), got 0.0"),
+        (["--fold", "-1"], "fold must be >= 0, got -1"),
+        (["--threads", "0"], "threads must be >= 1, got 0"),
+        (["--rc-weight", "-1"], "rc_weight must be >= 0, got -1.0"),
+        (["--max-nonfinite-steps", "-1"], "max_nonfinite_steps must be >= 0, got -1"),
+        (["--resume"], "holds no run to continue (no train_config.json); start without resume"),
+        (["--data", "FILE"], "is a file: give the dataset's folder"),
+        (["--data", "MISSING"], "does not exist: give the dataset's folder"),
     ],
 )  # fmt: skip
 def test_refused_training_run_names_the_problem_and_writes_nothing(
@@ -277,10 +296,12 @@ def test_refused_training_run_names_the_problem_and_writes_nothing(
 ):
     out = tmp_path / "out"
     monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)  # the demo data, small
-    flags = [str(empty_labels) if flag == "EMPTY" else flag for flag in flags]
-    code = train_script(monkeypatch, "--output-dir", str(out), *flags)
+    (tmp_path / "file").write_text("not a dataset")
+    paths = {"EMPTY": str(empty_labels), "FILE": str(tmp_path / "file"), "MISSING": str(tmp_path / "missing")}
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), *(paths.get(flag, flag) for flag in flags))
     assert isinstance(code, str) and code.startswith("error: ") and message in code, code
-    assert not out.exists()
+    assert not out.exists() and tree_state(tmp_path) == before
 
 
 def test_refused_run_leaves_an_existing_output_folder_as_it_was(monkeypatch, tmp_path, empty_labels):
@@ -374,4 +395,113 @@ def test_predict_output_folder_named_like_a_file_is_refused_before_inference(mod
     assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / "seg.nii.gz", "--overwrite") == 2
     err = capsys.readouterr().err
     assert "seg.nii.gz exists and is not a file" in err and "Traceback" not in err
+    assert tree_state(tmp_path) == before
+
+
+# --- issue 35, the trainer: its folders, one writer, resume, splits, NaNs -------------------------------
+
+def refused(code: int | str | None, message: str) -> None:
+    assert isinstance(code, str) and code.startswith("error: ") and message in code, code
+    assert "\n" not in code and "Traceback" not in code, code
+
+
+def test_trainer_never_replaces_what_it_did_not_write(monkeypatch, tmp_path, small_data):
+    monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)
+    (tmp_path / "cache" / "demo").mkdir(parents=True)  # the user's own folder, where the demo data would go
+    (tmp_path / "cache" / "demo" / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my folder")
+    (tmp_path / "a_file").write_text("not a folder")
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    before = tree_state(tmp_path)
+    cases = [
+        (["--cache-dir", str(tmp_path / "cache")], "demo exists but holds no dataset.json"),
+        (["--data", str(data), "--output-dir", str(data)], "is the data folder"),
+        (["--data", str(data), "--output-dir", str(tmp_path / "mine")], "already holds files (README.md)"),
+        (["--data", str(data), "--output-dir", str(tmp_path / "a_file" / "run")], "a_file is a file, not a folder"),
+    ]
+    for flags, message in cases:
+        refused(train_script(monkeypatch, "--output-dir", str(tmp_path / "out"), *flags), message)
+        assert tree_state(tmp_path) == before, flags
+
+
+def test_demo_data_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("my notes")
+    before = tree_state(tmp_path)
+    assert main(["demo-data", str(tmp_path), "--num-train", "2", "--num-test", "0"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert tree_state(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_data) -> Path:
+    """A finished one-step run (its folder is copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data)) is None
+    return out
+
+
+def test_a_run_folder_has_one_writer(monkeypatch, tmp_path, small_data, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    assert not (out / "run.lock").exists()  # released at the end
+    host = socket.gethostname()
+    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process holds it
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume")
+    refused(code, f"is in use by another run (pid {os.getppid()} on {host}")
+    assert tree_state(tmp_path) == before
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": host}))  # a crashed run's lock
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume") is None
+    assert not (out / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "1e-3"], "--lr 0.008 -> 0.001"),
+        (["--data", "OTHER"], "--data"),
+        (["--model", "veloxseg_small"], "--model veloxseg_tiny -> veloxseg_small"),
+        (["--recipe", "paper", "--lr", "8e-3"], "--recipe default -> paper"),
+        (["--max-steps", "2", "--seed", "1"], "--max-steps 1 -> 2; --seed 0 -> 1"),
+    ],
+)
+def test_resume_refuses_changes_that_alter_the_run(monkeypatch, tmp_path, small_data, finished_run, flags, message):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.copytree(small_data, tmp_path / "other")
+    flags = [str(tmp_path / "other") if flag == "OTHER" else flag for flag in flags]
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *flags)
+    refused(code, "resume: these settings differ from the run in")
+    assert message in code and "train_config.json" in code
+    assert tree_state(tmp_path) == before  # train_config.json included
+
+
+def test_resume_may_change_how_the_run_is_watched(monkeypatch, tmp_path, small_data, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    flags = ["--val-every", "7", "--log-every", "3", "--num-workers", "0", "--keep-checkpoints", "1"]
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *flags) is None
+
+
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ([{"train": ["case_0000", "case_0001"], "val": ["case_0001", "case_0002"]}],
+         "1 case(s) in both train and val (case_0001): validation would score cases the model trained on"),
+        ([{"train": ["case_0000", "case_0001", "case_0002"], "val": []}], "fold 0: its val list is empty"),
+        ([{"train": [], "val": ["case_0000"]}], "fold 0: its train list is empty"),
+    ],
+)  # fmt: skip
+def test_bad_splits_are_refused_before_training(monkeypatch, tmp_path, small_data, splits, message):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "splits_final.json").write_text(json.dumps(splits))
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(tmp_path / "out"), "--data", str(data))
+    assert isinstance(code, str) and message in code, code
     assert tree_state(tmp_path) == before

@@ -208,6 +208,7 @@ def predict(
     elif save_probabilities:
         raise ValueError("save_probabilities needs an output path")
     probs = predict_probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device)
+    _check_finite(probs, scan)
     label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
     if targets:
@@ -395,6 +396,17 @@ def _check_channels(model: SegModel, metadata: ModelMetadata, scan: Scan) -> Non
         names = ", ".join(c.name for c in metadata.channels)
         source = f" from {', '.join(map(str, scan.sources))}" if scan.sources else ""
         raise ValueError(f"the model expects {expected} input channel(s) ({names}), got {scan.data.shape[0]}{source}")
+
+
+def _check_finite(probs: torch.Tensor, scan: Scan) -> None:
+    """Refuse (ValueError) probabilities with NaN/inf: their argmax would be a silent all-background map."""
+    bad = probs.numel() - int(torch.isfinite(probs).sum())
+    if bad:
+        source = f" of {', '.join(map(str, scan.sources))}" if scan.sources else ""
+        raise ValueError(
+            f"the model's output{source} holds {bad} NaN or infinite value(s): nothing written (are its weights "
+            f"finite? was the input in a range it was trained on?)"
+        )
 
 
 def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:

@@ -187,10 +187,20 @@ def split_cases(
         splits = kfold_splits(list(by_id), num_folds, seed)
     if not 0 <= fold < len(splits):
         raise DatasetError(spec.root, [f"fold {fold} requested but there are {len(splits)} fold(s)"])
-    unknown = [c for c in splits[fold]["train"] + splits[fold]["val"] if c not in by_id]
+    train, val = splits[fold]["train"], splits[fold]["val"]
+    problems = [f"{SPLITS_FILE} fold {fold}: its {name} list is empty" for name, ids in (("train", train), ("val", val)) if not ids]
+    unknown = [c for c in train + val if c not in by_id]
     if unknown:
-        raise DatasetError(spec.root, [f"{SPLITS_FILE} names cases not in the training set: {unknown}"])
-    return [by_id[c] for c in splits[fold]["train"]], [by_id[c] for c in splits[fold]["val"]]
+        problems.append(f"{SPLITS_FILE} names cases not in the training set: {unknown}")
+    both = sorted(set(train) & set(val))
+    if both:
+        problems.append(
+            f"{SPLITS_FILE} fold {fold}: {len(both)} case(s) in both train and val ({', '.join(both[:5])}"
+            f"{', ...' if len(both) > 5 else ''}): validation would score cases the model trained on"
+        )
+    if problems:
+        raise DatasetError(spec.root, problems)
+    return [by_id[c] for c in train], [by_id[c] for c in val]
 
 
 def write_dataset_json(
