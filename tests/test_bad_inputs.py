@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
@@ -455,7 +456,8 @@ def test_a_run_folder_has_one_writer(monkeypatch, tmp_path, small_data, finished
     assert tree_state(tmp_path) == before
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": host}))  # a crashed run's lock
-    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume") is None
+    watched = ["--val-every", "7", "--log-every", "3", "--num-workers", "0", "--keep-checkpoints", "1"]  # may change
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *watched) is None
     assert not (out / "run.lock").exists()
 
 
@@ -481,13 +483,6 @@ def test_resume_refuses_changes_that_alter_the_run(monkeypatch, tmp_path, small_
     assert tree_state(tmp_path) == before  # train_config.json included
 
 
-def test_resume_may_change_how_the_run_is_watched(monkeypatch, tmp_path, small_data, finished_run):
-    out = tmp_path / "out"
-    shutil.copytree(finished_run, out)
-    flags = ["--val-every", "7", "--log-every", "3", "--num-workers", "0", "--keep-checkpoints", "1"]
-    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *flags) is None
-
-
 @pytest.mark.parametrize(
     "splits, message",
     [
@@ -505,3 +500,70 @@ def test_bad_splits_are_refused_before_training(monkeypatch, tmp_path, small_dat
     code = train_script(monkeypatch, "--output-dir", str(tmp_path / "out"), "--data", str(data))
     assert isinstance(code, str) and message in code, code
     assert tree_state(tmp_path) == before
+
+
+def test_nonfinite_step_leaves_the_weights_and_stops_after_the_limit(model):
+    from accelerate import Accelerator
+
+    from veloxseg.losses import VeloxSegLoss
+    from veloxseg.training.loop import count_nonfinite_step
+    from veloxseg.training.step import train_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    network = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    network, optimizer, scheduler = accelerator.prepare(network, optimizer, scheduler)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    image = torch.randn(1, 2, 64, 64, 64)
+    image[0, 0, 3, 3, 3] = float("nan")
+    batch = {"image": image, "label": torch.zeros(1, 1, 64, 64, 64)}
+    terms = train_step(network, batch, VeloxSegLoss(1.0, 0.0, 0.0), optimizer, scheduler, accelerator)
+    assert not torch.isfinite(terms["grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())  # no update
+    state = {"step": 7, "nonfinite_steps": 2}
+    count_nonfinite_step(state, 3, float("nan"), accelerator)  # the third: skipped
+    with pytest.raises(FloatingPointError, match=r"step 7: NaN or infinite loss or gradients in 4 steps, more than "):
+        count_nonfinite_step(state, 3, float("nan"), accelerator)
+
+
+def test_nonfinite_weights_are_never_saved_loaded_or_predicted_with(model, model_dir, case, tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from veloxseg.training.checkpoints import save_model
+
+    broken = veloxseg.create_model(f"local-dir:{model_dir}", pretrained=True)
+    with torch.no_grad():
+        broken.decoder.head.weight[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the model's output of .*scan_0000.nii.gz.* holds \d+ NaN or infinite"):
+        predict(broken, case, tmp_path / "seg.nii.gz")
+    with pytest.raises(FloatingPointError, match="the model's weights hold NaN or infinite values"):
+        save_model(Accelerator(cpu=True), broken, tmp_path / "best", ModelMetadata.default((1, 1), 2), {})
+    assert not (tmp_path / "best").exists() and not (tmp_path / "seg.nii.gz").exists()
+    folder = tmp_path / "nan_model"
+    shutil.copytree(model_dir, folder)
+    weights = veloxseg.hub.read_weights(folder / "model.safetensors")
+    weights["decoder.head.weight"][0] = float("inf")
+    safetensors.torch.save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="weight tensor.s. hold NaN or infinite values .e.g. decoder.head.weight."):
+        veloxseg.create_model(f"local-dir:{folder}", pretrained=True)
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "out.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or infinite values" in err and len(err.strip().splitlines()) == 1
+    assert tree_state(tmp_path) == before
+
+
+def test_a_diverged_run_stops_naming_the_step_and_saves_no_model(monkeypatch, tmp_path, small_data):
+    from veloxseg.losses import VeloxSegLoss
+
+    real_loss = VeloxSegLoss.forward
+    monkeypatch.setattr(
+        VeloxSegLoss, "forward", lambda self, *a, **k: {n: v * float("nan") for n, v in real_loss(self, *a, **k).items()}
+    )
+    out = tmp_path / "out"
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--max-nonfinite-steps", "0")
+    refused(code, "step 1: NaN or infinite loss or gradients in 1 steps, more than max_nonfinite_steps (0)")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "train_config.json"]  # no model, best/, lock

@@ -434,9 +434,10 @@ def _case_problems(
     if check_values:
         for path, img in zip(case.images, images):
             data = _read_data(img, rel(path), problems)
-            num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data))
+            with np.errstate(over="ignore"):  # training reads float32: a larger value is an infinity there
+                num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data.astype(np.float32)))
             if num_bad:
-                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s)")
+                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s) (or beyond float32's range, 3.4e38)")
         if label is not None:
             data = _read_data(label, rel(case.label), problems)
             if data is not None:
