@@ -567,3 +567,60 @@ def test_a_diverged_run_stops_naming_the_step_and_saves_no_model(monkeypatch, tm
     code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--max-nonfinite-steps", "0")
     refused(code, "step 1: NaN or infinite loss or gradients in 1 steps, more than max_nonfinite_steps (0)")
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "train_config.json"]  # no model, best/, lock
+
+
+# --- issue 35, predict: heads that never learnt to segment, inputs that ended in tracebacks ----------
+
+@pytest.mark.parametrize(
+    "name, flags, message",
+    [
+        ("veloxseg_tiny", [], "veloxseg_tiny without --pretrained has random weights"),
+        ("veloxseg_tiny.petct_lesions", [], "veloxseg_tiny.petct_lesions without --pretrained has random weights"),
+        ("veloxseg_tiny.ssl_generalist", ["--pretrained"], "holds self-supervised weights: its segmentation head"),
+    ],
+)
+def test_predict_refuses_an_untrained_head_unless_allowed(case, tmp_path, capsys, name, flags, message):
+    before = tree_state(tmp_path)
+    assert predict_cli(name, case, tmp_path / "seg.nii.gz", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--allow-untrained-head" in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(tmp_path) == before
+
+
+def test_predict_with_an_allowed_untrained_head_warns(model_dir, case, tmp_path, capsys):
+    folder = tmp_path / "ssl"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["veloxseg"]["training_command"] = "python examples/train.py --stage=pretrain --data d"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "seg.nii.gz") == 2
+    assert "its segmentation head was never trained" in capsys.readouterr().err
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "seg.nii.gz", "--allow-untrained-head") == 0
+    assert "warning: local-dir:" in capsys.readouterr().err and (tmp_path / "seg.nii.gz").is_file()
+
+
+def test_former_tracebacks_are_one_line_errors(model, model_dir, case, tmp_path, capsys):
+    from veloxseg.convert import load_reference
+
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{model_dir}", [tmp_path / "x.png"], tmp_path / "seg.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "x.png: not NIfTI (.nii or .nii.gz)" in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(tmp_path) == before
+    with pytest.raises(ValueError, match="input 0 is a numpy.ndarray: give a NIfTI path or a nibabel image"):
+        predict(model, np.zeros((20, 20, 20), np.float32))
+    with pytest.raises(ValueError, match="config 'cfg.json' is neither a JSON object nor the path of a JSON file"):
+        load_reference({}, "cfg.json")
+    for out_indices in ((), (4,), 0):
+        with pytest.raises(ValueError, match="out_indices must name encoder levels among 0..3"):
+            veloxseg.create_model("veloxseg_tiny", features_only=True, out_indices=out_indices)
+
+
+def test_hf_dataset_offline_is_one_line(monkeypatch, tmp_path):
+    code = train_script(
+        monkeypatch, "--output-dir", str(tmp_path / "out"), "--hf-dataset", "someone/no-such-dataset",
+        "--hf-image-columns", "ct", "--hf-labels", '{"background": 0, "lesion": 1}',
+    )  # fmt: skip
+    refused(code, "hf_dataset someone/no-such-dataset (split train) cannot be loaded")
+    assert not (tmp_path / "out").exists()

@@ -307,6 +307,11 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--save-probabilities", action="store_true", help="also write <name>_probabilities.nii.gz (float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--allow-untrained-head", action="store_true",
+        help="segment even with a head that was never trained to segment (self-supervised weights, or a "
+        "registry name without --pretrained: random weights); the label maps are then meaningless",
+    )  # fmt: skip
     parser.set_defaults(func=run_predict)
     return parser
 
@@ -322,7 +327,9 @@ def run_predict(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    _check_head_trained(args)
     model = model_from_args(args).to(device)
+    _check_head_trained(args, model)
     if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
         for files in cases.values():
             _check_channels(model, model_metadata(model), load_scan(files))
@@ -335,6 +342,23 @@ def run_predict(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print(f"wrote {len(cases)} label map(s) to {args.output}")
     return 0
+
+
+def _check_head_trained(args: argparse.Namespace, model: SegModel | None = None) -> None:
+    """Refuse (ValueError) to segment with a head that never learnt to segment: a registry name without
+    --pretrained (random weights; checked before building, ``model`` None) or self-supervised weights
+    (their metadata's training command ran ``--stage pretrain``), unless --allow-untrained-head; then warn."""
+    if model is None:
+        if args.model.startswith(("hf-hub:", "local-dir:")) or args.pretrained:
+            return
+        why = f"{args.model} without --pretrained has random weights"
+    elif re.search(r"--stage[= ]pretrain\b", model_metadata(model).training_command):
+        why = f"{args.model} holds self-supervised weights: its segmentation head was never trained (fine-tune it first)"
+    else:
+        return
+    if not args.allow_untrained_head:
+        raise ValueError(f"{why}; its label maps would be meaningless. Pass --allow-untrained-head to segment anyway")
+    warnings.warn(f"{why}: the label maps are meaningless (--allow-untrained-head)")
 
 
 def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[Path]], Path | None]:
@@ -360,6 +384,9 @@ def _cases_from_args(inputs: list[Path], output: Path) -> tuple[dict[str, list[P
         missing = [str(p) for p in inputs if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+        other = [str(p) for p in inputs if not p.name.endswith(NIFTI_SUFFIXES)]
+        if other:
+            raise ValueError(f"input file(s) {', '.join(other)}: not NIfTI (.nii or .nii.gz); VeloxSeg segments 3-D scans")
         match = CHANNEL_FILE.match(inputs[0].name)
         cases = {match["case"] if match else _stem(inputs[0]): list(inputs)}
     return cases, None if names_a_file else output
@@ -373,6 +400,11 @@ def _open(item: ImageInput, index: int) -> tuple[nib.spatialimages.SpatialImage,
     """(image, name for messages); reads the header only."""
     if isinstance(item, nib.spatialimages.SpatialImage):
         return item, f"input image {index}"
+    if not isinstance(item, (str, os.PathLike)):
+        raise ValueError(
+            f"input {index} is a {type(item).__module__}.{type(item).__name__}: give a NIfTI path or a nibabel image "
+            f"(an array needs its affine: nib.Nifti1Image(array, affine))"
+        )
     path = Path(item)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} not found")
