@@ -41,7 +41,7 @@ def main() -> None:
     try:
         config = config_from_args(args, command=shlex.join(["python", *sys.argv]))
         result = train(config)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad flags or data: no traceback
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as err:  # bad flags or data, NaNs
         sys.exit(f"error: {err}")
 
     state = PartialState()  # under accelerate launch, one summary from the main process

@@ -1,10 +1,14 @@
 """Issue 15: bad inputs through the API and the ``veloxseg`` command each get an error naming the problem
 (no traceback: the command exits 2) and write nothing."""
 
+import hashlib
 import json
+import os
 import re
 import runpy
 import shutil
+import socket
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
@@ -269,6 +274,22 @@ def empty_labels(tmp_path_factory) -> Path:
         (["--model", "local-dir:"], "names no folder"),
         (["--model", "veloxseg_tiny.no_such_tag", "--pretrained"], "unknown pretrained tag 'veloxseg_tiny.no_such_tag'"),
         (["--data", "EMPTY"], "no training label holds a foreground voxel"),
+        (["--lr", "0"], "lr must be > 0, got 0.0"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--lr", "nan"], "lr must be > 0, got nan"),
+        (["--lr", "1e-3", "--min-lr", "1e-2"], "min_lr must be in [0, lr = 0.001] (the schedule decays to it), got 0.01"),
+        (["--max-grad-norm", "-1"], "max_grad_norm must be > 0 (or 0: no clipping), got -1.0"),
+        (["--weight-decay", "-0.1"], "weight_decay must be >= 0, got -0.1"),
+        (["--warmup-steps", "-5"], "warmup_steps must be >= 0, got -5"),
+        (["--sw-overlap", "1"], "sw_overlap must be in [0, 1), got 1.0"),
+        (["--val-fraction", "0"], "val_fraction must be in (0, 1), got 0.0"),
+        (["--fold", "-1"], "fold must be >= 0, got -1"),
+        (["--threads", "0"], "threads must be >= 1, got 0"),
+        (["--rc-weight", "-1"], "rc_weight must be >= 0, got -1.0"),
+        (["--max-nonfinite-steps", "-1"], "max_nonfinite_steps must be >= 0, got -1"),
+        (["--resume"], "holds no run to continue (no train_config.json); start without resume"),
+        (["--data", "FILE"], "is a file: give the dataset's folder"),
+        (["--data", "MISSING"], "does not exist: give the dataset's folder"),
     ],
 )  # fmt: skip
 def test_refused_training_run_names_the_problem_and_writes_nothing(
@@ -276,10 +297,12 @@ def test_refused_training_run_names_the_problem_and_writes_nothing(
 ):
     out = tmp_path / "out"
     monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)  # the demo data, small
-    flags = [str(empty_labels) if flag == "EMPTY" else flag for flag in flags]
-    code = train_script(monkeypatch, "--output-dir", str(out), *flags)
+    (tmp_path / "file").write_text("not a dataset")
+    paths = {"EMPTY": str(empty_labels), "FILE": str(tmp_path / "file"), "MISSING": str(tmp_path / "missing")}
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), *(paths.get(flag, flag) for flag in flags))
     assert isinstance(code, str) and code.startswith("error: ") and message in code, code
-    assert not out.exists()
+    assert not out.exists() and tree_state(tmp_path) == before
 
 
 def test_refused_run_leaves_an_existing_output_folder_as_it_was(monkeypatch, tmp_path, empty_labels):
@@ -301,3 +324,303 @@ def test_batch_size_one_alone_trains(monkeypatch, tmp_path, small_data):
     assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--batch-size", "1") is None
     assert json.loads((out / "train_config.json").read_text())["crops_per_volume"] == 1
     assert (out / "model.safetensors").is_file()
+
+
+# --- issue 35: nothing lost. Every refusal leaves every file around it as it was (hashed). ------------
+
+def tree_state(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder``: relative path -> SHA-256 of the content ("dir" for folders)."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture
+def workspace(model_dir, tmp_path, monkeypatch) -> Path:
+    """tmp_path/work/sub as the current folder, beside a copy of the model folder and a folder of the user's files."""
+    shutil.copytree(model_dir, tmp_path / "work" / "model")
+    (tmp_path / "work" / "sub").mkdir()
+    (tmp_path / "work" / "notes").mkdir()
+    (tmp_path / "work" / "notes" / "results.csv").write_text("case,dice\n1,0.8\n")
+    (tmp_path / "work" / "notes.onnx").write_text("not an onnx file")
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    return tmp_path / "work"
+
+
+@pytest.mark.parametrize(
+    "format, output, message",
+    [
+        ("monai-bundle", "..", "is the current folder or one of its parents"),
+        ("monai-bundle", ".", "is the current folder or one of its parents"),
+        ("onnx", "..", "is the current folder or one of its parents"),
+        ("monai-bundle", "../notes", "exists and is not a MONAI bundle written by veloxseg export"),
+        ("monai-bundle", "../model", "is one of the inputs or would replace one"),
+        ("onnx", "../model", "is one of the inputs or would replace one"),
+        ("onnx", "../model/model.safetensors", "is one of the inputs or would replace one"),
+        ("torchscript", "../model/config.json", "is one of the inputs or would replace one"),
+        ("onnx", "../notes", "exists and is not an ONNX file written by veloxseg export"),
+        ("onnx", "../notes.onnx", "exists and is not an ONNX file written by veloxseg export"),
+        ("torchscript", "../notes.onnx", "exists and is not a TorchScript file written by veloxseg export"),
+    ],
+)
+def test_export_overwrite_replaces_only_its_own_kind(workspace, capsys, format, output, message):
+    before = tree_state(workspace.parent)
+    command = ["export", "--model", "local-dir:../model", "--format", format, "-o", output, "--overwrite"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(workspace.parent) == before
+
+
+def test_export_bundle_overwrite_replaces_a_bundle_only(workspace, model, capsys):
+    out = workspace / "bundle"
+    command = ["export", "--model", "local-dir:../model", "--format", "monai-bundle", "-o", str(out)]
+    assert main(command) == 0
+    assert main([*command, "--overwrite"]) == 0  # a bundle over a bundle
+    assert sorted(p.name for p in workspace.iterdir()) == ["bundle", "model", "notes", "notes.onnx", "sub"]
+    (out / "eval").mkdir()  # MONAI's runner wrote results into it: no longer only a bundle
+    (out / "eval" / "case.nii.gz").write_bytes(b"results")
+    before = tree_state(workspace)
+    assert main([*command, "--overwrite"]) == 2
+    assert "is not a MONAI bundle" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not a MONAI bundle"):
+        veloxseg.bundle.export_bundle(model, out, overwrite=True)
+    assert tree_state(workspace) == before
+
+
+def test_predict_output_folder_named_like_a_file_is_refused_before_inference(model_dir, case, tmp_path, capsys):
+    (tmp_path / "seg.nii.gz").mkdir()
+    (tmp_path / "seg.nii.gz" / "mine.txt").write_text("keep")
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{model_dir}", case, tmp_path / "seg.nii.gz", "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "seg.nii.gz exists and is not a file" in err and "Traceback" not in err
+    assert tree_state(tmp_path) == before
+
+
+# --- issue 35, the trainer: its folders, one writer, resume, splits, NaNs -------------------------------
+
+def refused(code: int | str | None, message: str) -> None:
+    assert isinstance(code, str) and code.startswith("error: ") and message in code, code
+    assert "\n" not in code and "Traceback" not in code, code
+
+
+def test_trainer_never_replaces_what_it_did_not_write(monkeypatch, tmp_path, small_data):
+    monkeypatch.setattr(veloxseg.training.data, "make_demo_dataset", small_demo)
+    (tmp_path / "cache" / "demo").mkdir(parents=True)  # the user's own folder, where the demo data would go
+    (tmp_path / "cache" / "demo" / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "README.md").write_text("my folder")
+    (tmp_path / "a_file").write_text("not a folder")
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    before = tree_state(tmp_path)
+    cases = [
+        (["--cache-dir", str(tmp_path / "cache")], "demo exists but holds no dataset.json"),
+        (["--data", str(data), "--output-dir", str(data)], "is the data folder"),
+        (["--data", str(data), "--output-dir", str(tmp_path / "mine")], "already holds files (README.md)"),
+        (["--data", str(data), "--output-dir", str(tmp_path / "a_file" / "run")], "a_file is a file, not a folder"),
+    ]
+    for flags, message in cases:
+        refused(train_script(monkeypatch, "--output-dir", str(tmp_path / "out"), *flags), message)
+        assert tree_state(tmp_path) == before, flags
+
+
+def test_demo_data_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("my notes")
+    before = tree_state(tmp_path)
+    assert main(["demo-data", str(tmp_path), "--num-train", "2", "--num-test", "0"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert tree_state(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, small_data) -> Path:
+    """A finished one-step run (its folder is copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data)) is None
+    return out
+
+
+def test_a_run_folder_has_one_writer(monkeypatch, tmp_path, small_data, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    assert not (out / "run.lock").exists()  # released at the end
+    host = socket.gethostname()
+    (out / "run.lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process holds it
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume")
+    refused(code, f"is in use by another run (pid {os.getppid()} on {host}")
+    assert tree_state(tmp_path) == before
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": host}))  # a crashed run's lock
+    watched = ["--val-every", "7", "--log-every", "3", "--num-workers", "0", "--keep-checkpoints", "1"]  # may change
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *watched) is None
+    assert not (out / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "1e-3"], "--lr 0.008 -> 0.001"),
+        (["--data", "OTHER"], "--data"),
+        (["--model", "veloxseg_small"], "--model veloxseg_tiny -> veloxseg_small"),
+        (["--recipe", "paper", "--lr", "8e-3"], "--recipe default -> paper"),
+        (["--max-steps", "2", "--seed", "1"], "--max-steps 1 -> 2; --seed 0 -> 1"),
+    ],
+)
+def test_resume_refuses_changes_that_alter_the_run(monkeypatch, tmp_path, small_data, finished_run, flags, message):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    shutil.copytree(small_data, tmp_path / "other")
+    flags = [str(tmp_path / "other") if flag == "OTHER" else flag for flag in flags]
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *flags)
+    refused(code, "resume: these settings differ from the run in")
+    assert message in code and "train_config.json" in code
+    assert tree_state(tmp_path) == before  # train_config.json included
+
+
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ([{"train": ["case_0000", "case_0001"], "val": ["case_0001", "case_0002"]}],
+         "1 case(s) in both train and val (case_0001): validation would score cases the model trained on"),
+        ([{"train": ["case_0000", "case_0001", "case_0002"], "val": []}], "fold 0: its val list is empty"),
+        ([{"train": [], "val": ["case_0000"]}], "fold 0: its train list is empty"),
+    ],
+)  # fmt: skip
+def test_bad_splits_are_refused_before_training(monkeypatch, tmp_path, small_data, splits, message):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "splits_final.json").write_text(json.dumps(splits))
+    before = tree_state(tmp_path)
+    code = train_script(monkeypatch, "--output-dir", str(tmp_path / "out"), "--data", str(data))
+    assert isinstance(code, str) and message in code, code
+    assert tree_state(tmp_path) == before
+
+
+def test_nonfinite_step_leaves_the_weights_and_stops_after_the_limit(model):
+    from accelerate import Accelerator
+
+    from veloxseg.losses import VeloxSegLoss
+    from veloxseg.training.loop import count_nonfinite_step
+    from veloxseg.training.step import train_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    network = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    network, optimizer, scheduler = accelerator.prepare(network, optimizer, scheduler)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    image = torch.randn(1, 2, 64, 64, 64)
+    image[0, 0, 3, 3, 3] = float("nan")
+    batch = {"image": image, "label": torch.zeros(1, 1, 64, 64, 64)}
+    terms = train_step(network, batch, VeloxSegLoss(1.0, 0.0, 0.0), optimizer, scheduler, accelerator)
+    assert not torch.isfinite(terms["grad_norm"])
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())  # no update
+    state = {"step": 7, "nonfinite_steps": 2}
+    count_nonfinite_step(state, 3, float("nan"), accelerator)  # the third: skipped
+    with pytest.raises(FloatingPointError, match=r"step 7: NaN or infinite loss or gradients in 4 steps, more than "):
+        count_nonfinite_step(state, 3, float("nan"), accelerator)
+
+
+def test_nonfinite_weights_are_never_saved_loaded_or_predicted_with(model, model_dir, case, tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from veloxseg.training.checkpoints import save_model
+
+    broken = veloxseg.create_model(f"local-dir:{model_dir}", pretrained=True)
+    with torch.no_grad():
+        broken.decoder.head.weight[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the model's output of .*scan_0000.nii.gz.* holds \d+ NaN or infinite"):
+        predict(broken, case, tmp_path / "seg.nii.gz")
+    with pytest.raises(FloatingPointError, match="the model's weights hold NaN or infinite values"):
+        save_model(Accelerator(cpu=True), broken, tmp_path / "best", ModelMetadata.default((1, 1), 2), {})
+    assert not (tmp_path / "best").exists() and not (tmp_path / "seg.nii.gz").exists()
+    folder = tmp_path / "nan_model"
+    shutil.copytree(model_dir, folder)
+    weights = veloxseg.hub.read_weights(folder / "model.safetensors")
+    weights["decoder.head.weight"][0] = float("inf")
+    safetensors.torch.save_file(weights, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="weight tensor.s. hold NaN or infinite values .e.g. decoder.head.weight."):
+        veloxseg.create_model(f"local-dir:{folder}", pretrained=True)
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "out.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "hold NaN or infinite values" in err and len(err.strip().splitlines()) == 1
+    assert tree_state(tmp_path) == before
+
+
+def test_a_diverged_run_stops_naming_the_step_and_saves_no_model(monkeypatch, tmp_path, small_data):
+    from veloxseg.losses import VeloxSegLoss
+
+    real_loss = VeloxSegLoss.forward
+    monkeypatch.setattr(
+        VeloxSegLoss, "forward", lambda self, *a, **k: {n: v * float("nan") for n, v in real_loss(self, *a, **k).items()}
+    )
+    out = tmp_path / "out"
+    code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--max-nonfinite-steps", "0")
+    refused(code, "step 1: NaN or infinite loss or gradients in 1 steps, more than max_nonfinite_steps (0)")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "train_config.json"]  # no model, best/, lock
+
+
+# --- issue 35, predict: heads that never learnt to segment, inputs that ended in tracebacks ----------
+
+@pytest.mark.parametrize(
+    "name, flags, message",
+    [
+        ("veloxseg_tiny", [], "veloxseg_tiny without --pretrained has random weights"),
+        ("veloxseg_tiny.petct_lesions", [], "veloxseg_tiny.petct_lesions without --pretrained has random weights"),
+        ("veloxseg_tiny.ssl_generalist", ["--pretrained"], "holds self-supervised weights: its segmentation head"),
+    ],
+)
+def test_predict_refuses_an_untrained_head_unless_allowed(case, tmp_path, capsys, name, flags, message):
+    before = tree_state(tmp_path)
+    assert predict_cli(name, case, tmp_path / "seg.nii.gz", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--allow-untrained-head" in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(tmp_path) == before
+
+
+def test_predict_with_an_allowed_untrained_head_warns(model_dir, case, tmp_path, capsys):
+    folder = tmp_path / "ssl"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["veloxseg"]["training_command"] = "python examples/train.py --stage=pretrain --data d"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "seg.nii.gz") == 2
+    assert "its segmentation head was never trained" in capsys.readouterr().err
+    assert predict_cli(f"local-dir:{folder}", case, tmp_path / "seg.nii.gz", "--allow-untrained-head") == 0
+    assert "warning: local-dir:" in capsys.readouterr().err and (tmp_path / "seg.nii.gz").is_file()
+
+
+def test_former_tracebacks_are_one_line_errors(model, model_dir, case, tmp_path, capsys):
+    from veloxseg.convert import load_reference
+
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    before = tree_state(tmp_path)
+    assert predict_cli(f"local-dir:{model_dir}", [tmp_path / "x.png"], tmp_path / "seg.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert "x.png: not NIfTI (.nii or .nii.gz)" in err and len(err.strip().splitlines()) == 1, err
+    assert tree_state(tmp_path) == before
+    with pytest.raises(ValueError, match="input 0 is a numpy.ndarray: give a NIfTI path or a nibabel image"):
+        predict(model, np.zeros((20, 20, 20), np.float32))
+    with pytest.raises(ValueError, match="config 'cfg.json' is neither a JSON object nor the path of a JSON file"):
+        load_reference({}, "cfg.json")
+    for out_indices in ((), (4,), 0):
+        with pytest.raises(ValueError, match="out_indices must name encoder levels among 0..3"):
+            veloxseg.create_model("veloxseg_tiny", features_only=True, out_indices=out_indices)
+
+
+def test_hf_dataset_offline_is_one_line(monkeypatch, tmp_path):
+    code = train_script(
+        monkeypatch, "--output-dir", str(tmp_path / "out"), "--hf-dataset", "someone/no-such-dataset",
+        "--hf-image-columns", "ct", "--hf-labels", '{"background": 0, "lesion": 1}',
+    )  # fmt: skip
+    refused(code, "hf_dataset someone/no-such-dataset (split train) cannot be loaded")
+    assert not (tmp_path / "out").exists()

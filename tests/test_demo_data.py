@@ -103,7 +103,7 @@ def test_cli_writes_dataset_and_refuses_to_overwrite(tmp_path: Path, capsys: pyt
     assert main([str(out), "--num-train", "2", "--num-test", "1", "--seed", "5", "--shape", "32", "32", "24"]) == 0
     assert len(read_dataset(out).training) == 2
     assert main([str(out)]) == 2
-    assert "already holds a dataset.json" in capsys.readouterr().err
+    assert "is not empty" in capsys.readouterr().err
 
 
 def test_subcommand_registration(tmp_path: Path) -> None:

@@ -32,3 +32,16 @@ def test_atomic_folder_replaces_the_folder_only_when_complete(tmp_path: Path) ->
         assert list(tmp.iterdir()) == []
         (tmp / "c.txt").write_text("second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"] and [p.name for p in target.iterdir()] == ["c.txt"]
+
+
+def test_atomic_folder_undoes_a_replacement_killed_between_its_renames(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    (tmp_path / ".old-bundle").mkdir()  # killed after moving the older folder aside, before the new one came
+    (tmp_path / ".old-bundle" / "a.txt").write_text("first")
+    with pytest.raises(KeyError), atomic_folder(target):
+        assert (target / "a.txt").read_text() == "first"  # moved back before anything else
+        raise KeyError("killed again")
+    assert (target / "a.txt").read_text() == "first"
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"] and [p.name for p in target.iterdir()] == ["b.txt"]

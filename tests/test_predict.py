@@ -180,11 +180,11 @@ def test_bad_input_is_rejected_and_nothing_written(model_dir, tmp_path, capsys, 
 
 def test_output_equal_to_an_input_is_rejected(model, case_files, capsys):
     original = case_files[1].read_bytes()
-    with pytest.raises(ValueError, match="is one of the input files"):
+    with pytest.raises(ValueError, match="is one of the inputs"):
         predict(model, case_files, case_files[1], overwrite=True)
     command = ["predict", "--model", "veloxseg_tiny", "--overwrite", "-i"]
     assert main([*command, *map(str, case_files), "-o", str(case_files[1])]) == 2
-    assert "is one of the input files" in capsys.readouterr().err
+    assert "is one of the inputs" in capsys.readouterr().err
     folder = str(case_files[0].parent)
     assert main([*command, folder, "-o", folder]) == 2
     assert "is the input folder" in capsys.readouterr().err

@@ -482,7 +482,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path: Path, monkey
         return real_loss(self, *args, **kwargs)
 
     monkeypatch.setattr(VeloxSegLoss, "forward", counted_loss)
-    with pytest.raises(ValueError, match="belongs to a run of 6 steps, not 8"):
+    with pytest.raises(ValueError, match="--max-steps 6 -> 8"):
         run(output_dir=str(interrupted), resume=True, **{**common, "max_steps": 8})
     result = run(output_dir=str(interrupted), resume=True, **common)
     assert result.step == 6 and len(losses_computed) == 3  # steps 4-6 only: it did resume

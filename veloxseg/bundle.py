@@ -133,16 +133,32 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
     }
 
 
+BUNDLE_FOLDERS = ("configs", "docs", "models")
+
+
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is a bundle of :func:`export_bundle` and nothing else: only its three folders,
+    with its inference config and model (a bundle whose ``eval/`` holds results is not replaced)."""
+    return (
+        folder.is_dir()
+        and {p.name for p in folder.iterdir()} <= set(BUNDLE_FOLDERS)
+        and (folder / "configs" / "inference.json").is_file()
+        and (folder / "models" / "config.json").is_file()
+    )
+
+
 def export_bundle(
     model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool = False, present: list[str] | None = None
 ) -> Path:
     """Write ``model`` as a MONAI bundle into ``folder`` (the layout above), all at once: the bundle
     is assembled beside it and renamed into place. With ``present`` (channel names) it segments cases
     that hold those channels only, in that order. Raises FileExistsError for an existing ``folder``
-    without ``overwrite``. Returns the folder."""
+    without ``overwrite``, ValueError when ``folder`` is not a bundle (only a bundle replaces a bundle)
+    or is the model's own folder. Returns the folder."""
+    from .export import check_export_output, model_sources  # export imports this module
+
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"output {folder} exists; pass --overwrite (overwrite=True) to replace it")
+    check_export_output(folder, "monai-bundle", overwrite, model_sources(model))
     with atomic_folder(folder) as tmp:
         save_pretrained(model, tmp / "models")
         (tmp / "configs").mkdir()

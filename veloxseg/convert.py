@@ -4,6 +4,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,9 +117,18 @@ def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict
 
 
 def config_from_reference(config: Mapping[str, Any] | str, **overrides: Any) -> VeloxSegConfig:
-    """Our config from the authors' model config (dict or JSON string, their argument names)."""
+    """Our config from the authors' model config (a dict, a JSON string or a JSON file's path; their
+    argument names). Raises ValueError naming the config when it is none of these."""
     if isinstance(config, str):
-        config = json.loads(config)
+        text = Path(config).read_text() if config.strip().endswith(".json") and Path(config).is_file() else config
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"config {config[:80]!r} is neither a JSON object nor the path of a JSON file holding one ({err})"
+            ) from None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a JSON object of the authors' model arguments, got {type(config).__name__}")
     values = {}
     for name, value in config.items():
         if name in REFERENCE_CONFIG_NAMES:

@@ -21,19 +21,21 @@ import copy
 import json
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .bundle import export_bundle
+from .bundle import export_bundle, is_bundle
 from .hub import NOTICE_NAME
-from .io import atomic_file
+from .io import atomic_file, check_output
 from .model import VeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata, present_metadata
 
 FORMATS = ("onnx", "torchscript")
+EXPORT_KINDS = {"onnx": "an ONNX file", "torchscript": "a TorchScript file"}  # for messages
 TOLERANCE = 1e-4
 CHECK_BATCH = 2  # batch size of the example and check inputs (> 1: the batch axis stays free)
 
@@ -58,13 +60,13 @@ def export(
     (channel names or group indices) of a subset-only export (None: all).
 
     Raises ValueError when the exported model differs from PyTorch by ``tolerance`` or more (nothing
-    is written then) and FileExistsError for an existing ``path`` without ``overwrite``.
+    is written then), FileExistsError for an existing ``path`` without ``overwrite`` and ValueError for
+    one that is not a VeloxSeg export of this format or is a file of the model's own folder.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it")
+    check_export_output(path, format, overwrite, model_sources(model))
     model = copy.deepcopy(model).cpu().eval()
     cfg = model.config
     groups = model.present_groups(present)
@@ -94,6 +96,44 @@ def export(
                 f"the {format} export differs from PyTorch by {diff:.3g} (tolerance {tolerance}); not written"
             )
     return diff
+
+
+def check_export_output(path: Path, format: str, overwrite: bool, sources: list[Path]) -> None:
+    """The overwrite rule (:func:`veloxseg.io.check_output`) for an export: an existing ``path`` is
+    replaced only by the same format's export, never one of the ``sources`` (the model's own folder)."""
+    if format == "monai-bundle":
+        kind, is_kind = "a MONAI bundle written by veloxseg export", is_bundle
+    else:
+        kind, is_kind = f"{EXPORT_KINDS[format]} written by veloxseg export", EXPORT_RECOGNISERS[format]
+    check_output(path, overwrite, kind=kind, is_kind=is_kind, inputs=sources)
+
+
+def model_sources(model: VeloxSeg) -> list[Path]:
+    """The local folder a model was loaded from (``local-dir:``), as a list: what an export must not replace."""
+    folder = getattr(model, "pretrained_cfg", {}).get("file")
+    return [Path(folder).expanduser()] if folder else []
+
+
+def is_onnx_export(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file with VeloxSeg's metadata (written by :func:`export`)."""
+    import onnx
+
+    try:
+        graph = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnx raises protobuf's DecodeError, OSError, ...: any means "not ONNX"
+        return False
+    return any(p.key == "veloxseg_config" for p in graph.metadata_props)
+
+
+def is_torchscript_export(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive with VeloxSeg's extra file (written by :func:`export`)."""
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/extra/veloxseg.json") for name in archive.namelist())
+
+
+EXPORT_RECOGNISERS = {"onnx": is_onnx_export, "torchscript": is_torchscript_export}
 
 
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, info: dict[str, str]) -> None:
@@ -147,8 +187,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def run_export(args: argparse.Namespace) -> int:
-    if args.output.exists() and not args.overwrite:  # before building or downloading the model
-        raise FileExistsError(f"output {args.output} exists; pass --overwrite to replace it")
+    source = [Path(args.model.removeprefix("local-dir:")).expanduser()] if args.model.startswith("local-dir:") else []
+    check_export_output(args.output, args.format, args.overwrite, source)  # before building or downloading the model
     if args.format == "monai-bundle":
         export_bundle(model_from_args(args), args.output, overwrite=args.overwrite, present=args.present)
         print(f"wrote the MONAI bundle {args.output}; how to run it: {args.output / 'docs' / 'README.md'}")

@@ -115,13 +115,26 @@ def read_config(path: str | Path) -> HubConfig:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file. Raises ``ValueError`` naming the file when it is corrupt or truncated."""
+    """Tensors of a safetensors file. Raises ``ValueError`` naming the file when it is corrupt or truncated,
+    or when a weight is NaN or infinite (a diverged training run: such a model segments nothing)."""
     try:
-        return load_file(path, device="cpu")
+        tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError) as err:
         raise ValueError(
             f"{path}: not a readable safetensors file, corrupt or truncated ({err}); download or save it again"
         ) from None
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(
+            f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (e.g. {bad[0]}): the training that "
+            f"wrote them diverged; these weights cannot segment anything"
+        )
+    return tensors
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
 
 
 def save_pretrained(

@@ -417,7 +417,17 @@ class VeloxSeg(nn.Module):
         """Keep the encoder up to the deepest level of ``indices`` (and with ``prune_head`` drop the
         decoder and the teachers): the model then serves ``forward_intermediates`` only. Returns the
         level indices to take (timm's feature API)."""
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        levels = len(self.feature_info)
+        if isinstance(indices, int):  # timm: the last ``indices`` levels
+            bad = not 1 <= indices <= levels
+        else:
+            bad = not indices or any(not -levels <= i < levels for i in indices)
+        if bad:
+            raise ValueError(
+                f"out_indices must name encoder levels among 0..{levels - 1} (or count 1..{levels} of the last), "
+                f"got {indices!r}"
+            )
+        take, max_index = feature_take_indices(levels, indices)
         levels = max_index + 1
         self.attention.levels, self.attention.merges = self.attention.levels[:levels], self.attention.merges[:max_index]
         self.encoder.mixers, self.encoder.stages = self.encoder.mixers[:levels], self.encoder.stages[:levels]

@@ -35,7 +35,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from .data.transforms import IMAGE, preprocessing_transforms
-from .io import atomic_file
+from .io import atomic_file, check_output
 from .metadata import ModelMetadata
 from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
@@ -298,6 +298,7 @@ def predict(
     probs = predict_probabilities(
         model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device, present=groups
     )
+    _check_finite(probs, scan)
     label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
     if targets:
@@ -390,6 +391,11 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--save-probabilities", action="store_true", help="also write <name>_probabilities.nii.gz (float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--allow-untrained-head", action="store_true",
+        help="segment even with a head that was never trained to segment (self-supervised weights, or a "
+        "registry name without --pretrained: random weights); the label maps are then meaningless",
+    )  # fmt: skip
     parser.set_defaults(func=run_predict)
     return parser
 
@@ -408,6 +414,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     present = {case: case_channels(model, files) for case, files in cases.items()}
+    _check_finite(probs, scan)
     if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
         for files, groups in present.values():
             _check_channels(model, present_metadata(model_metadata(model), groups), load_scan(files))
@@ -432,6 +439,7 @@ def _cases_from_args(
 ) -> tuple[dict[str, list[Path]], Path | None]:
     """(cases, output folder or None when ``output`` is the one case's label-map file); files are named
     by nnU-Net's channel numbers or ``channel_names``."""
+    _check_finite(probs, scan)
     # A name with a file extension is a file (refused by output_paths unless .nii/.nii.gz), as in the API.
     names_a_file = output.name.endswith(NIFTI_SUFFIXES) or (bool(output.suffix) and not output.is_dir())
     if len(inputs) == 1 and inputs[0].is_dir():
@@ -457,6 +465,7 @@ def _cases_from_args(
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
         found = channel_of_file(inputs[0].name, channel_names)
         cases = {found[0] if found else _stem(inputs[0]): list(inputs)}
+    _check_finite(probs, scan)
     return cases, None if names_a_file else output
 
 
@@ -468,6 +477,11 @@ def _open(item: ImageInput, index: int) -> tuple[nib.spatialimages.SpatialImage,
     """(image, name for messages); reads the header only."""
     if isinstance(item, nib.spatialimages.SpatialImage):
         return item, f"input image {index}"
+    if not isinstance(item, (str, os.PathLike)):
+        raise ValueError(
+            f"input {index} is a {type(item).__module__}.{type(item).__name__}: give a NIfTI path or a nibabel image "
+            f"(an array needs its affine: nib.Nifti1Image(array, affine))"
+        )
     path = Path(item)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} not found")
@@ -499,6 +513,17 @@ def _check_channels(model: SegModel, metadata: ModelMetadata, scan: Scan) -> Non
         )
 
 
+def _check_finite(probs: torch.Tensor, scan: Scan) -> None:
+    """Refuse (ValueError) probabilities with NaN/inf: their argmax would be a silent all-background map."""
+    bad = probs.numel() - int(torch.isfinite(probs).sum())
+    if bad:
+        source = f" of {', '.join(map(str, scan.sources))}" if scan.sources else ""
+        raise ValueError(
+            f"the model's output{source} holds {bad} NaN or infinite value(s): nothing written (are its weights "
+            f"finite? was the input in a range it was trained on?)"
+        )
+
+
 def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:
     """Warn about each channel that holds a few integer values only (a label map given as an image?)."""
     for index, (channel, info) in enumerate(zip(scan.data, metadata.channels)):
@@ -512,12 +537,10 @@ def _warn_label_like_channels(metadata: ModelMetadata, scan: Scan) -> None:
 
 
 def _check_outputs(targets: Sequence[Path], sources: Sequence[Path], overwrite: bool) -> None:
-    inputs = {p.resolve() for p in sources}
+    """The overwrite rule (:func:`veloxseg.io.check_output`): an existing file is replaced with ``overwrite``
+    (never a folder named like one, nor an input)."""
     for target in targets:
-        if target.resolve() in inputs:
-            raise ValueError(f"output {target} is one of the input files; choose another output path")
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"output {target} exists; pass --overwrite (overwrite=True) to replace it")
+        check_output(target, overwrite, kind="a file", is_kind=Path.is_file, inputs=sources)
 
 
 def _nifti(array: np.ndarray, scan: Scan) -> nib.Nifti1Image:

@@ -187,10 +187,20 @@ def split_cases(
         splits = kfold_splits(list(by_id), num_folds, seed)
     if not 0 <= fold < len(splits):
         raise DatasetError(spec.root, [f"fold {fold} requested but there are {len(splits)} fold(s)"])
-    unknown = [c for c in splits[fold]["train"] + splits[fold]["val"] if c not in by_id]
+    train, val = splits[fold]["train"], splits[fold]["val"]
+    problems = [f"{SPLITS_FILE} fold {fold}: its {name} list is empty" for name, ids in (("train", train), ("val", val)) if not ids]
+    unknown = [c for c in train + val if c not in by_id]
     if unknown:
-        raise DatasetError(spec.root, [f"{SPLITS_FILE} names cases not in the training set: {unknown}"])
-    return [by_id[c] for c in splits[fold]["train"]], [by_id[c] for c in splits[fold]["val"]]
+        problems.append(f"{SPLITS_FILE} names cases not in the training set: {unknown}")
+    both = sorted(set(train) & set(val))
+    if both:
+        problems.append(
+            f"{SPLITS_FILE} fold {fold}: {len(both)} case(s) in both train and val ({', '.join(both[:5])}"
+            f"{', ...' if len(both) > 5 else ''}): validation would score cases the model trained on"
+        )
+    if problems:
+        raise DatasetError(spec.root, problems)
+    return [by_id[c] for c in train], [by_id[c] for c in val]
 
 
 def write_dataset_json(
@@ -424,9 +434,10 @@ def _case_problems(
     if check_values:
         for path, img in zip(case.images, images):
             data = _read_data(img, rel(path), problems)
-            num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data))
+            with np.errstate(over="ignore"):  # training reads float32: a larger value is an infinity there
+                num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data.astype(np.float32)))
             if num_bad:
-                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s)")
+                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s) (or beyond float32's range, 3.4e38)")
         if label is not None:
             data = _read_data(label, rel(case.label), problems)
             if data is not None:

@@ -117,8 +117,9 @@ def make_demo_dataset(
     if num_train < 2 or num_test < 0:
         raise ValueError(f"need num_train >= 2 and num_test >= 0, got {num_train} and {num_test}")
     out = Path(out_dir)
-    if (out / "dataset.json").exists():
-        raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else "is not empty"
+        raise FileExistsError(f"{out} {what}: the demo dataset is written into a new or empty folder only")
     for subset, count, prefix in (("Tr", num_train, "case"), ("Ts", num_test, "test")):
         for index in range(count):
             images, label = generate_case(seed, index, shape, spacing, test=subset == "Ts").to_nifti()
@@ -160,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     """Write the synthetic multimodal (CT + PET) lesion dataset as an nnU-Net v2 raw folder."""
-    parser.add_argument("out_dir", type=Path, help="folder to create (must not hold a dataset.json)")
+    parser.add_argument("out_dir", type=Path, help="folder to create (new or empty)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--num-train", type=int, default=24, help="training cases (default 24)")
     parser.add_argument("--num-test", type=int, default=8, help="test cases (default 8)")

@@ -16,6 +16,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from ..hub import nonfinite_tensors
 from ..io import atomic_folder, temporary_folder
 from ..metadata import ModelMetadata
 from ..model import VeloxSeg
@@ -26,23 +27,11 @@ TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: a folder
 
 def new_state(total_steps: int) -> dict[str, Any]:
     """The trainer state of a run that has not started: the step reached, the run's length, the last and
-    the best validation metrics."""
+    the best validation metrics, the steps skipped for a NaN/inf loss or gradient."""
     return {
         "step": 0, "total_steps": total_steps, "best_dice": -1.0, "best_step": None, "metrics": {}, "best_metrics": {},
+        "nonfinite_steps": 0,
     }  # fmt: skip
-
-
-def checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
-    """With ``resume``, the newest complete checkpoint of the run in ``output_dir`` (None when it has none
-    yet). Without, None; raises FileExistsError when ``output_dir`` holds an earlier run."""
-    checkpoint_dir = output_dir / "checkpoints"
-    if resume:
-        return latest_checkpoint(checkpoint_dir)
-    if any(checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*")) or (output_dir / "config.json").exists():
-        raise FileExistsError(
-            f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir"
-        )
-    return None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -93,7 +82,14 @@ def save_model(
     accelerator: Accelerator, model: VeloxSeg, folder: Path, metadata: ModelMetadata, metrics: dict[str, float]
 ) -> None:
     """Write ``model`` as a Hub-ready folder with ``metadata`` and its validation ``metrics`` (each file
-    renamed into place when complete). All processes call this; the main process writes."""
+    renamed into place when complete). All processes call this; the main process writes. Raises
+    FloatingPointError, writing nothing, when a weight is NaN or infinite."""
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise FloatingPointError(
+            f"the model's weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): {folder} not written; "
+            f"the training diverged: lower the learning rate or clip the gradients (max_grad_norm)"
+        )
     if accelerator.is_main_process:
         metrics = {name.replace("/", "_"): value for name, value in metrics.items()}
         model.save_pretrained(folder, metadata=dataclasses.replace(metadata, metrics=metrics))

@@ -113,6 +113,9 @@ class TrainConfig:
         None, "clip the gradients to this global norm; default the recipe's (1 or none), 0: no clipping", type=float
     )
     warmup_steps: int | None = option(None, "linear warm-up steps; default 5%% of the steps", type=int)
+    max_nonfinite_steps: int = option(
+        10, "steps with a NaN/inf loss or gradient skipped (no update, as AMP's scaler does) before the run stops"
+    )
     # Objective
     seg_weight: float | None = option(
         None, "weight of L_seg (Dice + CE); default 1, 0 to pretrain", type=float
@@ -243,6 +246,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
     if spacing is not None and config.native_spacing:
         raise ValueError("give spacing or native_spacing, not both")
+    _check_ranges(config, recipe.lr if config.lr is None else config.lr)
     if config.head_init_scale is not None and not config.head_init_scale > 0:
         raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
     new_model = not (config.pretrained or config.stage == "finetune")
@@ -269,7 +273,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         roi=roi,
         crops_per_volume=crops,
         spacing=spacing,
-        lr=config.lr or recipe.lr,
+        lr=recipe.lr if config.lr is None else config.lr,
         max_grad_norm=recipe.max_grad_norm if config.max_grad_norm is None else config.max_grad_norm,
         # a new model's head: the recipe's start unless set; pretrained weights keep theirs
         head_init_scale=config.head_init_scale or (recipe.head_init_scale if new_model else None),
@@ -282,3 +286,26 @@ def resolve(config: TrainConfig) -> TrainConfig:
         sdkt_weight=sdkt,
         max_steps=DEMO_MAX_STEPS if config.max_steps is None and config.epochs is None else config.max_steps,
     )
+
+
+def _check_ranges(config: TrainConfig, lr: float) -> None:
+    """Raise ValueError naming the first number out of its range (NaN is out of every range)."""
+    checks = [
+        ("lr", lr, lr > 0, "> 0"),
+        ("min_lr", config.min_lr, 0 <= config.min_lr <= lr, f"in [0, lr = {lr:g}] (the schedule decays to it)"),
+        ("weight_decay", config.weight_decay, config.weight_decay >= 0, ">= 0"),
+        ("max_grad_norm", config.max_grad_norm, config.max_grad_norm is None or config.max_grad_norm >= 0,
+         "> 0 (or 0: no clipping)"),
+        ("warmup_steps", config.warmup_steps, config.warmup_steps is None or config.warmup_steps >= 0, ">= 0"),
+        ("val_fraction", config.val_fraction, 0 < config.val_fraction < 1, "in (0, 1)"),
+        ("fold", config.fold, config.fold >= 0, ">= 0"),
+        ("sw_overlap", config.sw_overlap, 0 <= config.sw_overlap < 1, "in [0, 1)"),
+        ("num_workers", config.num_workers, config.num_workers is None or config.num_workers >= 0, ">= 0"),
+        ("threads", config.threads, config.threads is None or config.threads >= 1, ">= 1"),
+        ("max_nonfinite_steps", config.max_nonfinite_steps, config.max_nonfinite_steps >= 0, ">= 0"),
+        *((name, getattr(config, name), getattr(config, name) is None or getattr(config, name) >= 0, ">= 0")
+          for name in ("seg_weight", "rc_weight", "sdkt_weight")),
+    ]  # fmt: skip
+    for name, value, ok, wanted in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {wanted}, got {value}")

@@ -44,7 +44,7 @@ def prepare_dataset(config: TrainConfig, accelerator: Accelerator) -> DatasetSpe
         else:
             root = cache_dir / "demo"
             if not (root / "dataset.json").is_file():
-                with atomic_folder(root) as tmp:
+                with atomic_folder(_new_cache_folder(root)) as tmp:
                     make_demo_dataset(tmp)
     spec = read_dataset(root)
     # Reading every voxel is slow on big datasets: the main process checks, the others get its verdict.
@@ -75,13 +75,30 @@ def convert_hf_dataset(config: TrainConfig, cache_dir: Path) -> Path:
         )
     root = cache_dir / "hf" / re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{config.hf_dataset}-{config.hf_split}")
     if not (root / "dataset.json").is_file():
-        if Path(config.hf_dataset).is_dir():
-            ds = datasets.load_from_disk(config.hf_dataset)
-            ds = ds[config.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(config.hf_dataset, split=config.hf_split)
-        with atomic_folder(root) as tmp:
+        try:
+            if Path(config.hf_dataset).is_dir():
+                ds = datasets.load_from_disk(config.hf_dataset)
+                ds = ds[config.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                ds = datasets.load_dataset(config.hf_dataset, split=config.hf_split)
+        except (OSError, KeyError) as err:  # offline (ConnectionError), no such dataset or split
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"hf_dataset {config.hf_dataset} (split {config.hf_split}) cannot be loaded: {type(err).__name__}: "
+                f"{first_line}"
+            ) from None
+        with atomic_folder(_new_cache_folder(root)) as tmp:
             from_hf_dataset(ds, tmp, config.hf_image_columns, config.hf_label_column, config.hf_labels)
+    return root
+
+
+def _new_cache_folder(root: Path) -> Path:
+    """``root``, where data is about to be written: refused (ValueError) when something else is there."""
+    if root.exists():
+        raise ValueError(
+            f"{root} exists but holds no dataset.json: it is not data this trainer wrote, and it is left as it is; "
+            f"move it or choose another cache_dir"
+        )
     return root
 
 

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
@@ -16,7 +18,7 @@ from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
 from ..provenance import trained
 from .build import build_accelerator, build_model, build_optimizer, build_scheduler, roi_overrides
-from .checkpoints import checkpoint_to_resume, load_checkpoint, new_state, save_checkpoint, save_model
+from .checkpoints import latest_checkpoint, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
 from .data import (
     batches,
@@ -28,6 +30,7 @@ from .data import (
     training_metadata,
 )
 from .metrics import MetricsLog, TrainingMeter, plot_curves, plot_validation_slice
+from .run_folder import TRAIN_CONFIG, check_resume, check_run_paths, run_lock
 from .step import train_step
 from .validate import validate
 
@@ -44,37 +47,46 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run one training stage; see :mod:`veloxseg.training` for what lands in ``config.output_dir``."""
+    # Flags, paths, the run to resume and the roi are checked before any data is read or written.
     config = resolve(config)
     output_dir = Path(config.output_dir)
-    checkpoint = checkpoint_to_resume(output_dir, config.resume)
-    roi_overrides(config)  # a roi the model cannot take is refused before any data is read or written
+    check_run_paths(config)
+    roi_overrides(config)
 
     accelerator = build_accelerator(config)
     config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)  # Accelerate's when unset
+    if config.resume:
+        check_resume(config, output_dir)
     hardware = {"world_size": accelerator.num_processes, "device": str(accelerator.device)}
     accelerator.print(
         f"{config.stage}: world size {hardware['world_size']}, device {hardware['device']}, "
         f"mixed precision {config.mixed_precision}"
     )
+    with removed_on_failure(output_dir, accelerator.is_main_process), run_lock(output_dir, accelerator.is_main_process):
+        return _train(config, output_dir, accelerator, hardware)
+
+
+def _train(config: TrainConfig, output_dir: Path, accelerator: Accelerator, hardware: dict[str, Any]) -> TrainResult:
+    """:func:`train` once the run is checked and its folder locked."""
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    checkpoint = latest_checkpoint(output_dir / "checkpoints") if config.resume else None
+    if config.resume and checkpoint is None:
+        accelerator.print(f"resume: {output_dir} has no complete checkpoint yet; starting from step 0")
 
     # Data (validated before anything is built), its metadata (the preprocessing saved with the model), model.
-    # Only the demo or converted data may be written before all this succeeds; a new output folder goes again if not.
-    with removed_on_failure(output_dir, accelerator.is_main_process):
-        spec = prepare_dataset(config, accelerator)
-        train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
-        metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
-        model = build_model(config, spec, train_cases)
-        base = model.pretrained_cfg if config.pretrained else None  # the weights it starts from
-        metadata = trained(metadata, base, config.license, len(val_cases))
-        train_set = build_train_set(train_cases, metadata, config, model.config.roi_size)
-        train_loader = build_train_loader(train_set, config)
+    spec = prepare_dataset(config, accelerator)
+    train_cases, val_cases = split_cases(spec, config.val_fraction, config.seed, config.fold)
+    metadata = training_metadata(config, spec, len(train_cases), len(val_cases))
+    model = build_model(config, spec, train_cases)
+    base = model.pretrained_cfg if config.pretrained else None  # the weights it starts from
+    metadata = trained(metadata, base, config.license, len(val_cases))
+    train_set = build_train_set(train_cases, metadata, config, model.config.roi_size)
+    train_loader = build_train_loader(train_set, config)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
         run = {**dataclasses.asdict(config), **hardware, "base_model": metadata.base_model}
-        (output_dir / "train_config.json").write_text(json.dumps(run, indent=2) + "\n")
+        (output_dir / TRAIN_CONFIG).write_text(json.dumps(run, indent=2) + "\n")
 
     loss_fn = VeloxSegLoss(config.seg_weight, config.rc_weight, config.sdkt_weight, config.one_way_sdkt)
     optimizer = build_optimizer(model, config)
@@ -103,11 +115,14 @@ def train(config: TrainConfig) -> TrainResult:
             model, batch, loss_fn, optimizer, scheduler, accelerator, config.mask_ratio, config.mask_patch,
             config.max_grad_norm, config.modality_dropout,
         )  # fmt: skip
+        grad_norm = terms.pop("grad_norm", None)
         meter.add(terms, batch["image"].shape[0] * accelerator.num_processes, config.grad_accum)
         if not accelerator.sync_gradients:
             continue
         state["step"] += 1
         step = state["step"]
+        if not torch.isfinite(grad_norm):
+            count_nonfinite_step(state, config.max_nonfinite_steps, terms["loss"].item(), accelerator)
         meter.count_step()
         progress.update(1)
         if step % config.log_every == 0 or step == total_steps:
@@ -141,14 +156,29 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(state["step"], state["metrics"], state["best_metrics"], output_dir)
 
 
+def count_nonfinite_step(state: dict, limit: int, loss: float, accelerator: Accelerator) -> None:
+    """Count the step ``state["step"]`` whose loss or gradients were NaN/inf (its update was skipped);
+    raise FloatingPointError naming it once more than ``limit`` such steps were skipped."""
+    state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + 1
+    step, count = state["step"], state["nonfinite_steps"]
+    if count > limit:
+        raise FloatingPointError(
+            f"step {step}: NaN or infinite loss or gradients in {count} steps, more than max_nonfinite_steps "
+            f"({limit}): the run stopped (the checkpoints and best/ hold finite weights only). Lower the learning "
+            f"rate, clip the gradients (max_grad_norm) or check the data for extreme values"
+        )
+    accelerator.print(f"step {step}: loss {loss:.4g}, NaN or infinite gradients: update skipped ({count} of {limit})")
+
+
 @contextmanager
 def removed_on_failure(folder: Path, main_process: bool) -> Iterator[None]:
-    """Delete ``folder`` when the block fails and ``folder`` did not exist before it (a refused run
-    leaves no half-made output folder behind); the main process deletes."""
+    """Delete ``folder`` when the block fails before the run started (no train_config.json yet) and
+    ``folder`` did not exist before it: a refused run leaves no half-made output folder behind. The
+    main process deletes."""
     created = not folder.exists()
     try:
         yield
     except BaseException:
-        if created and main_process:
+        if created and main_process and not (folder / TRAIN_CONFIG).exists():
             shutil.rmtree(folder, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ rule (a time budget, say) is a loop around it::
             break
 """
 
+import math
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ def train_step(
     modality_dropout: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Train ``model`` (prepared by ``accelerator``) on one batch and return the loss terms ("loss",
-    and "seg", "rc", "sdkt" as the loss uses them; detached scalars).
+    and "seg", "rc", "sdkt" as the loss uses them; detached scalars), plus "grad_norm" (the global
+    gradient norm before clipping) on the batches where the optimiser steps.
 
     batch: ``image`` (B, C, *roi) and ``label`` (B, 1, *roi); the label is not used when the loss has
     no L_seg (pretraining). With ``mask_ratio`` the model sees the image with that share of its
@@ -45,9 +47,12 @@ def train_step(
     (:func:`veloxseg.modalities.random_modality_mask`); the losses still see the whole image, so the
     teachers of a dropped group (paper recipe) reconstruct it from the groups that remain. Under
     gradient accumulation the optimiser and the schedule step only when ``accelerator.sync_gradients``
-    (the last batch of an accumulation).
+    (the last batch of an accumulation). A step whose gradient norm is NaN or infinite (a NaN loss
+    included) leaves the weights as they were, as AMP's gradient scaler does; the caller decides how
+    many such steps it tolerates.
     """
     image, label = plain(batch["image"]), plain(batch["label"])
+    grad_norm = None
     with accelerator.accumulate(model):
         inputs = mask_random_patches(image, mask_ratio, mask_patch) if mask_ratio else image
         kwargs = {}  # only models trained with modality dropout are asked to take a mask (benchmark baselines don't)
@@ -56,13 +61,16 @@ def train_step(
             kwargs["present"] = random_modality_mask(image.shape[0], groups, modality_dropout).to(image.device)
         terms = loss_fn(model(inputs, **kwargs), image, label if loss_fn.seg_weight else None)
         accelerator.backward(terms["loss"])
-        if max_grad_norm and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if accelerator.sync_gradients:  # an infinite max_norm measures without clipping
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad()  # nothing to step with: AdamW would turn the NaN into every weight
         optimizer.step()
         optimizer.zero_grad()
     if accelerator.sync_gradients:
         scheduler.step()
-    return {name: value.detach() for name, value in terms.items()}
+    terms = {name: value.detach() for name, value in terms.items()}
+    return terms if grad_norm is None else {**terms, "grad_norm": grad_norm.detach()}
 
 
 def mask_random_patches(x: torch.Tensor, ratio: float, patch: int) -> torch.Tensor:
