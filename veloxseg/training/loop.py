@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
 from ..provenance import trained
+from .allocator import keep_freed_memory
 from .build import build_accelerator, build_model, build_optimizer, build_scheduler, roi_overrides
 from .checkpoints import checkpoint_to_resume, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
@@ -59,6 +60,7 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    keep_freed_memory()  # no page faults on each step's fresh activations (glibc only)
 
     # Data (validated before anything is built), its metadata (the preprocessing saved with the model), model.
     # Only the demo or converted data may be written before all this succeeds; a new output folder goes again if not.
