@@ -10,7 +10,7 @@ classes, one thread, as ``benchmarks/accuracy.py`` trains it. Steps alternate be
 process's CPU time (``time.process_time``), so a busy neighbour moves every network's numbers alike;
 the table gives each network's median step and its ratio to the last network named.
 
-``--variants`` also times veloxseg networks with the training fast paths off (``-reference``: the loss
+``--variants`` also times every network with the training fast paths off (``-reference``: the loss
 from MONAI's ``DiceCELoss``, the reference autograd graphs), interleaved with the default: a same-process A/B.
 """
 
@@ -90,7 +90,7 @@ def main() -> None:
                         help="the last one is the reference of the ratio column")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (default: %(default)s)")
     parser.add_argument("--per-round", type=int, default=2, help="steps per network per round (default: %(default)s)")
-    parser.add_argument("--variants", action="store_true", help="also the veloxseg networks with the fast paths off")
+    parser.add_argument("--variants", action="store_true", help="also every network with the fast paths off")
     parser.add_argument("--default-allocator", action="store_true",
                         help="leave glibc's allocator settings as they are (default: the trainer's)")  # fmt: skip
     args = parser.parse_args()
@@ -99,7 +99,7 @@ def main() -> None:
         keep_freed_memory()
     setups = [build_setup(name) for name in args.models]
     if args.variants:
-        setups += [build_setup(name, fast=False) for name in args.models if name.startswith("veloxseg")]
+        setups += [build_setup(name, fast=False) for name in args.models]
     times = interleaved_step_times(setups, args.rounds, args.per_round)
     reference = statistics.median(times[args.models[-1]])
     print(f"`python benchmarks/step_ratio.py {' '.join(sys.argv[1:])}`\n")

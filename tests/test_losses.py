@@ -101,3 +101,14 @@ def test_keep_freed_memory_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     expected = str(platform.libc_ver()[0] == "glibc")
     assert out == [expected, expected]
+
+
+def test_without_a_compiler_the_loss_warns_once_and_falls_back(monkeypatch):
+    import veloxseg.layers.cpu_kernels as cpu_kernels
+
+    def no_compiler() -> None:
+        raise RuntimeError("could not build veloxseg's CPU kernels: c++: command not found")
+
+    monkeypatch.setattr(cpu_kernels, "load_cpu_kernels", no_compiler)
+    with pytest.warns(UserWarning, match="c\\+\\+: command not found; using the slower PyTorch fallback"):
+        assert cpu_kernels.cpu_kernels_available.__wrapped__() is False
