@@ -6,15 +6,18 @@
 Each network takes the trainer's default-recipe step (``train_step``: forward, L_seg, backward, gradient
 clipping, fused AdamW, schedule) on random 2 x 1 x 64^3 patches with 3 classes, on one thread, as
 ``benchmarks/accuracy.py`` trains it. After ``--warmup`` steps, ``--steps`` steps run under
-``torch.profiler``; the table lists each operator's self CPU time per step (time inside the op, not in the
-ops it calls), summed over forward and backward, as a share of the profiled step. Profiling adds
-overhead per op (about 10 us), so a network with many small ops looks a little slower here than it is:
-compare step times with ``benchmarks/step_ratio.py``, not with this table. Like the trainer it keeps
+``torch.profiler``; the table lists each operator's self time per step (time inside the op, not in the
+ops it calls), summed over forward and backward, as a share of the profiled step. The profiler's "self
+CPU" time is the wall clock of the op on its thread: on a machine shared with other jobs every op takes
+longer by the same factor (the load average is printed), so read the shares, and compare step costs with
+``benchmarks/step_ratio.py`` (process CPU time). Profiling also adds overhead per op (about 10 us), so a
+network with many small ops looks a little slower here than it is. Like the trainer it keeps
 glibc's freed memory (:func:`veloxseg.training.allocator.keep_freed_memory`; ``--default-allocator``: not),
 and ``--reference`` turns the training fast paths off (MONAI's ``DiceCELoss``).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -42,9 +45,9 @@ def markdown(name: str, rows: list[tuple[str, int, float]], top: int) -> str:
     total = sum(ms for _, _, ms in rows)
     calls = sum(n for _, n, _ in rows)
     lines = [
-        f"### {name}: {total:.0f} ms of self CPU time per profiled step, {calls} op calls",
+        f"### {name}: {total:.0f} ms of self time per profiled step, {calls} op calls",
         "",
-        "| operator | calls / step | self CPU ms / step | share |",
+        "| operator | calls / step | self ms / step | share |",
         "| --- | ---: | ---: | ---: |",
     ]
     lines += [f"| `{op}` | {n} | {ms:.1f} | {100 * ms / total:.1f} % |" for op, n, ms in rows[:top]]
@@ -69,9 +72,10 @@ def main() -> None:
         keep_freed_memory()
     setups = [build_setup(name, fast=not args.reference) for name in args.models]
     tables = [markdown(setup.name, profile_steps(setup, args.warmup, args.steps), args.top) for setup in setups]
-    text = "\n\n".join(tables) + "\n"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = f"Load average (1, 5, 15 min) at the end: {load} on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
     if args.out:
-        args.out.write_text(f"`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}`\n\n{text}")
+        args.out.write_text(f"`python {Path(sys.argv[0]).as_posix()} {' '.join(sys.argv[1:])}`\n\n{text}")
     print(text)
 
 

@@ -84,7 +84,7 @@ def test_veloxseg_loss_fused_and_reference_agree_over_heads():
         ((2, 3, 4, 4, 4), torch.full((2, 1, 4, 4, 4), -1), r"class indices in \[0, 2\]"),
         ((2, 3, 4, 4, 4), torch.zeros(2, 1, 4, 4, 3), r"labels must be \(B, 1, \*spatial\) = \[2, 1, 4, 4, 4\]"),
         ((2, 3, 4, 4, 4), torch.zeros(2, 3, 4, 4, 4), r"labels must be \(B, 1, \*spatial\)"),
-        ((2, 1, 4, 4, 4), torch.zeros(2, 1, 4, 4, 4), r">= 2 classes"),
+        ((2, 1, 4, 4, 4), torch.zeros(2, 1, 4, 4, 4), r">= 2 classes \(background first\), got logits \[2, 1,"),
     ],
 )
 def test_dice_ce_bad_input(logits_shape, labels, message):

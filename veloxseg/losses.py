@@ -34,7 +34,7 @@ def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     or on other devices and dtypes): ``benchmarks/results/step-speed.md`` has the timings.
     """
     if logits.shape[1] < 2:
-        raise ValueError(f"dice_ce_loss needs logits with >= 2 classes (background first), got shape {tuple(logits.shape)}")
+        raise ValueError(f"dice_ce_loss needs >= 2 classes (background first), got logits {list(logits.shape)}")
     if labels.shape != (logits.shape[0], 1, *logits.shape[2:]):
         raise ValueError(
             f"labels must be (B, 1, *spatial) = {[logits.shape[0], 1, *logits.shape[2:]]} for logits of shape "
@@ -60,7 +60,7 @@ class _DiceCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, use_kernel: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, logits, labels, use_kernel):  # type: ignore[override]
         b, c = logits.shape[:2]
         ctx.use_kernel, ctx.shape = use_kernel, logits.shape
         if use_kernel:
@@ -94,8 +94,8 @@ class _DiceCE(torch.autograd.Function):
         k = numerator / (b * (c - 1) * denominator**2)
         a[:, 0] = k[:, 0] = 0  # no Dice term for the background
         if ctx.use_kernel:
-            grad_logits = torch.ops.veloxseg.dice_ce_backward(tensor, labels, k * grad, a * grad, ce_scale * grad.item())
-            return grad_logits.view(ctx.shape), None, None
+            scaled = (k * grad, a * grad, ce_scale * grad.item())
+            return torch.ops.veloxseg.dice_ce_backward(tensor, labels, *scaled).view(ctx.shape), None, None
         p = tensor
         broadcast = (b, c) + (1,) * (p.dim() - 2)
         a, k = a.to(p.dtype).view(broadcast), k.to(p.dtype).view(broadcast)

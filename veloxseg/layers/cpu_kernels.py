@@ -1,9 +1,10 @@
-"""Hand-written CPU kernels (``veloxseg/csrc``) for ``veloxseg.optimize``, built on first use.
+"""Hand-written CPU kernels (``veloxseg/csrc``), built on first use.
 
-``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch`` (inference only,
-no backward), and the two halves of the training loss's fused Dice + CE (``veloxseg.losses.dice_ce_loss``,
-which falls back to PyTorch ops without them: :func:`cpu_kernels_available`). Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about
-15 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
+For ``veloxseg.optimize``: ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch``
+(inference only, no backward). For training: the two halves of the fused Dice + CE loss
+(``veloxseg.losses.dice_ce_loss``, which falls back to PyTorch ops without them: :func:`cpu_kernels_available`).
+Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about 15 s once on an
+idle machine; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
 
 import contextlib
