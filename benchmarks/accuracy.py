@@ -71,6 +71,7 @@ from veloxseg.training import (
     training_metadata,
     validate,
 )
+from veloxseg.training.allocator import keep_freed_memory
 from veloxseg.training.config import DEMO_ROI
 from veloxseg.training.metrics import save_figure
 
@@ -215,6 +216,7 @@ def train_setup(
     ``train_cases`` for ``config.max_steps`` steps or ``minutes`` of CPU time; ``eval_cases`` are kept
     for scoring."""
     set_seed(config.seed)
+    keep_freed_memory()  # the trainer's allocator settings, for every network alike
     accelerator = Accelerator(
         cpu=config.cpu, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed)
     )

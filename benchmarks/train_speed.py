@@ -25,6 +25,7 @@ import torch
 import veloxseg
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.training import scaled_windows
+from veloxseg.training.allocator import keep_freed_memory
 
 RESULTS = Path(__file__).parent / "results" / "train_speed.md"
 
@@ -32,6 +33,7 @@ RESULTS = Path(__file__).parent / "results" / "train_speed.md"
 def measure(model_name: str, threads: int, batch_size: int, roi: int, steps: int) -> dict:
     """Time ``steps`` training steps after one warm-up step in this process."""
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the trainer does
     torch.manual_seed(0)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: torch, MONAI, ...
     default = veloxseg.VeloxSegConfig()  # every variant's windows tile its 96^3 ROI: scale them with the ROI

@@ -96,6 +96,6 @@ def test_a_failed_build_names_the_kernels_and_what_they_need(monkeypatch):
         raise OSError("c++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    message = r"CPU kernels \(jlc_branch.cpp, window_attention.cpp.*C\+\+ compiler.*not found"
+    message = r"CPU kernels \(dice_ce.cpp, jlc_branch.cpp, window_attention.cpp.*C\+\+ compiler.*not found"
     with pytest.raises(RuntimeError, match=message):
         load_cpu_kernels.__wrapped__()  # past the cache: the real build may already have run in this process

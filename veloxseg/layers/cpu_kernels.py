@@ -1,8 +1,10 @@
-"""Hand-written CPU kernels (``veloxseg/csrc``) for ``veloxseg.optimize``, built on first use.
+"""Hand-written CPU kernels (``veloxseg/csrc``), built on first use.
 
-``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch`` (inference only,
-no backward). Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about
-15 s once; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
+For ``veloxseg.optimize``: ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch``
+(inference only, no backward). For training: the two halves of the fused Dice + CE loss
+(``veloxseg.losses.dice_ce_loss``, which falls back to PyTorch ops without them: :func:`cpu_kernels_available`).
+Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about 15 s once on an
+idle machine; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
 
 import contextlib
@@ -10,6 +12,7 @@ import functools
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +49,11 @@ def load_cpu_kernels() -> None:
       ``softmax(scale * q k^T + bias) v``, (N, h, T, cv).
     - ``jlc_folded_branch(x, weights, biases, groups)``: a JLC block's conv branch on x (B, C, D, H, W), W
       even, with the conv weights re-laid out by ``jlc.fold_conv_weight`` (biases repeated twice).
+    - ``dice_ce_sums(logits, labels)``: logits (B, C, N) float32, labels (B, N) int64 -> (B, blocks, 3C + 1)
+      float64 partial sums per block of voxels: softmax probability at the label's class (C), of each class (C),
+      label counts (C), cross-entropy.
+    - ``dice_ce_backward(logits, labels, k, a, ce_scale)``: the gradient of ``dice_ce_loss`` in the logits
+      (B, C, N), given its per-class coefficients k and a (B, C) and the cross-entropy's scale.
     """
     from torch.utils.cpp_extension import load
 
@@ -71,3 +79,15 @@ def load_cpu_kernels() -> None:
     @torch.library.register_fake("veloxseg::jlc_folded_branch")
     def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], groups: int) -> torch.Tensor:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Whether the kernels are built (building them on the first call); if they cannot be, warns once with
+    the reason and returns False, for code that has a slower fallback (the training loss)."""
+    try:
+        load_cpu_kernels()
+    except RuntimeError as error:
+        warnings.warn(f"{error}; using the slower PyTorch fallback", stacklevel=2)
+        return False
+    return True

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..data.datasets import split_cases
 from ..losses import VeloxSegLoss
 from ..provenance import trained
+from .allocator import keep_freed_memory
 from .build import build_accelerator, build_model, build_optimizer, build_scheduler, roi_overrides
 from .checkpoints import latest_checkpoint, load_checkpoint, new_state, save_checkpoint, save_model
 from .config import TrainConfig, resolve
@@ -74,6 +75,7 @@ def _train(config: TrainConfig, output_dir: Path, accelerator: Accelerator, hard
     checkpoint = latest_checkpoint(output_dir / "checkpoints") if config.resume else None
     if config.resume and checkpoint is None:
         accelerator.print(f"resume: {output_dir} has no complete checkpoint yet; starting from step 0")
+    keep_freed_memory()  # no page faults on each step's fresh activations (glibc only)
 
     # Data (validated before anything is built), its metadata (the preprocessing saved with the model), model.
     spec = prepare_dataset(config, accelerator)
