@@ -5,7 +5,8 @@
 
 Records everything about the tag in its metadata (config.json's ``pretrained_cfg["veloxseg"]``, the
 tag's one source): the test-set metrics of ``--test-data`` beside the run's validation metrics (Dice
-on whole imagesTs volumes, ``score_test_cases``; for a ``pretrain`` run, the masked reconstruction
+on whole imagesTs volumes, ``score_test_cases``, and for a model trained with modality dropout on each
+subset of its modalities, ``score_modality_subsets``; for a ``pretrain`` run, the masked reconstruction
 error on its scans, ``score_reconstruction``) with the number of cases of each split, the text of
 ``--notice``, and how the tag was made (:class:`veloxseg.provenance.Publication`: what it is, the
 run's stage, recipe, seed, learning rate and budget, CPU hours and machine, the data's command).
@@ -32,7 +33,7 @@ from veloxseg.data.datasets import read_dataset
 from veloxseg.io import atomic_folder
 from veloxseg.metadata import ModelMetadata
 from veloxseg.provenance import Publication
-from veloxseg.training.validate import score_reconstruction, score_test_cases
+from veloxseg.training.validate import score_modality_subsets, score_reconstruction, score_test_cases
 from veloxseg.variants import HUB_ORG
 
 HUB_DIR = Path(__file__).resolve().parent
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             cases["test"] = len(spec.test or spec.training)
         else:
             test = score_test_cases(model, spec)
+            if metadata.modality_dropout:  # trained for any subset of its modalities: each one's Dice
+                test.update(score_modality_subsets(model, spec))
             cases["test"] = len(spec.test)
         metrics.update({name.replace("/", "_"): value for name, value in test.items()})
     metrics.update({name: float(value) for name, value in args.metric})

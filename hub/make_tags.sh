@@ -64,8 +64,8 @@ train)
     wait
     ;;
 tags)
-    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape."
-    mni="Grey / white matter segmentation of T1 brain MRI (MNI152 2009a template, randomly deformed copies, 3 mm), 64^3 ROI."
+    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone."
+    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on randomly deformed MNI152 2009a templates with SynthSeg-style domain randomisation, 64^3 ROI."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
     petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
     mni_data=(--test-data "$DATA/mni152" --notice "$DATA/mni152/NOTICE.txt"

@@ -44,13 +44,17 @@ class Publication:
 
 
 def held_out(metrics: dict[str, float]) -> str:
-    """A tag's held-out numbers in words: test Dice (and HD95) for segmentation, the reconstruction
-    error beside the masked input's own for self-supervised tags."""
+    """A tag's held-out numbers in words: test Dice (with each modality subset's, for a model trained
+    with modality dropout, and HD95) for segmentation, the reconstruction error beside the masked
+    input's own for self-supervised tags."""
     if "test_masked_rc_mse" in metrics:
         return f"masked MSE {metrics['test_masked_rc_mse']:.3f} (masked input: {metrics['test_masked_input_mse']:.3f})"
     if "test_dice" not in metrics:
         return "no test metrics"
     dice = f"Dice {metrics['test_dice']:.3f}"
+    subsets = [f"{name.removeprefix('test_dice@')} alone {value:.3f}" for name, value in metrics.items()
+               if name.startswith("test_dice@")]  # fmt: skip
+    dice += f" ({', '.join(subsets)})" if subsets else ""
     return f"{dice}, HD95 {metrics['test_hd95']:.1f} mm" if "test_hd95" in metrics else dice
 
 

@@ -105,8 +105,8 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "0e1dc2726d4f19fffbdf4eb09a6ab986827a9b926d7480ecfd4ffcaa75f8309a",
-            "model.safetensors": "abcf736e7aa6c4734d1ceee6188242dfe1b348bd267b0d994918667e1462e5c5",
+            "config.json": "625fc28c232c84be23cd337e67102a9753aa5a990b8f7e341a712262b4014af1",
+            "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
@@ -117,14 +117,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "51aecc02bf7814ed3e27f6c63a6ced77543df2b2edee6b6e24e52a060cc7ca6d",
-            "model.safetensors": "81a5086100b3990c02fb7dd5e9b5266266c890c07fb376b3d51c2a0193a86c10",
+            "config.json": "9ec023d7164b8feb576e054235cb57f504d49f35b7367869e798e05efa3cfe93",
+            "model.safetensors": "231d44523ebc10d87694ddc4e08590b2262126a1ebb6fd87d6a198dd7809693e",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "f10e487d0a8ff100265c87ecd39f2b2a872c7bd7de5d4e742b31ef2aa3ffd4bf",
-            "model.safetensors": "39f1b70d7fd6a9ac58fce94d72564be2152a9f147391c58eae674b3c3282577a",
+            "config.json": "3b66e3a723a355db77825ffc0b0d4bf6d66703895ecaa68ecd004dbd3f90a2c0",
+            "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
@@ -135,8 +135,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "c0325995e2e7b6b0d20212f66196902e5dcfad43d15e74cf97d91b2e723d3d9c",
-            "model.safetensors": "373e4dcb11f7723a0298d4f7ea19c430d914f6d1351935fe4f3a4c0cc0dda552",
+            "config.json": "34fcf2fc8d254b78ea3cb6bdae9d9d662a66d0f2bb0af16c87eff5d94137da00",
+            "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
@@ -147,14 +147,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "44eef7f7e143380fe897febd5047f43c0ee5fed6343eadd5176fbbaef2a60aca",
-            "model.safetensors": "8fa0f5b20adad4e8a294e019134e9d099925af43b0433e2c4c278a7b3ef9f544",
+            "config.json": "c3ffd6f7753f563855b80deee60a0b0fa4a9887afaa20a74dadb65febe0615cb",
+            "model.safetensors": "eee1d07f4224255942d09299c297762694e7dba3f47fd5ea8b9600164df07c60",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "3338eda44116ca013e5345fc7f7bf6f6205113d2f5cf690afa009ee68663b16d",
-            "model.safetensors": "c1b2d5818bba092f061c04a6e9e8cdac92168bce4ce6a7a796d0867c99b6e25a",
+            "config.json": "8e9f1dff9d1a36eb10436fbd38f731fbe5ebd6f3aaf9c7e6a46938423e14eb3a",
+            "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(

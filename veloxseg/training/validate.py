@@ -2,6 +2,7 @@
 ``veloxseg predict``: the model's preprocessing, Gaussian sliding windows, probabilities mapped back
 to each scan's own grid) and compared with their labels there, by Dice and HD95."""
 
+import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from ..data.datasets import Case, DatasetSpec
 from ..data.transforms import IMAGE, eval_transforms
 from ..metadata import ModelMetadata
 from ..model import VeloxSeg
-from ..predict import load_scan, predict_probabilities
+from ..predict import load_scan, model_metadata, predict_probabilities
 from .data import class_names, plain
 from .step import mask_random_patches
 
@@ -31,8 +32,10 @@ def score_cases(
     *,
     overlap: float = 0.5,
     sw_batch_size: int = 1,
+    present: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """Segment each labelled case as ``veloxseg predict`` does and score it on its own voxel grid.
+    ``present``: give the model the files of these modality groups only (one file per channel).
 
     Returns (dice, hd95, example): dice and hd95 (mm) are (cases, len(classes)) with NaN where a class
     is absent from both label and prediction (Dice) or from either (HD95); example holds the first
@@ -45,8 +48,12 @@ def score_cases(
     for case in cases:
         if case.label is None:
             raise ValueError(f"case {case.case_id} has no label to score against")
-        scan = load_scan(list(case.images))
-        probs = predict_probabilities(model, scan, overlap=overlap, sw_batch_size=sw_batch_size, metadata=metadata)
+        channels = (metadata or model_metadata(model)).channels
+        files = [f for f, c in zip(case.images, channels) if present is None or c.group in present]
+        scan = load_scan(files)
+        probs = predict_probabilities(
+            model, scan, overlap=overlap, sw_batch_size=sw_batch_size, metadata=metadata, present=present
+        )
         prediction = probs.argmax(0)
         label = torch.from_numpy(np.asarray(nib.load(case.label).dataobj).astype(np.int64).reshape(prediction.shape))
         pred_onehot, label_onehot = (F.one_hot(t[None], n_classes).movedim(-1, 1) for t in (prediction, label))
@@ -89,15 +96,28 @@ def validate(
     return summarise(dice, hd95, classes, "val"), example
 
 
-def score_test_cases(model: VeloxSeg, spec: DatasetSpec) -> dict[str, float]:
+def score_test_cases(model: VeloxSeg, spec: DatasetSpec, present: Sequence[int] | None = None) -> dict[str, float]:
     """The ``test/`` metrics of ``model`` on the dataset's labelled test cases (imagesTs/labelsTs),
-    segmented exactly as ``veloxseg predict`` segments them. Raises ValueError when the dataset has no
-    labelled test cases."""
+    segmented exactly as ``veloxseg predict`` segments them (given the files of the modality groups
+    ``present`` only, when set). Raises ValueError when the dataset has no labelled test cases."""
     if not spec.test or any(case.label is None for case in spec.test):
         raise ValueError(f"{spec.root}: no labelled test cases (imagesTs and labelsTs)")
     classes = class_names(spec)
-    dice, hd95, _ = score_cases(model.eval(), spec.test, classes)
+    dice, hd95, _ = score_cases(model.eval(), spec.test, classes, present=present)
     return summarise(dice, hd95, classes, "test")
+
+
+def score_modality_subsets(model: VeloxSeg, spec: DatasetSpec) -> dict[str, float]:
+    """``test/dice@<channels>`` for every proper non-empty subset of the model's modality groups (e.g.
+    ``test/dice@PET``): the test Dice of a model trained with modality dropout given those files only."""
+    channels = model_metadata(model).channels
+    groups = range(len(model.config.in_ch))
+    scores = {}
+    for size in range(1, len(groups)):
+        for subset in itertools.combinations(groups, size):
+            names = "+".join(c.name for c in channels if c.group in subset)
+            scores[f"test/dice@{names}"] = score_test_cases(model, spec, present=subset)["test/dice"]
+    return scores
 
 
 @torch.no_grad()
