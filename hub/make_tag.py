@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", help="the tag: <variant>.<tag>")
     parser.add_argument("--about", required=True, help="what the weights are, for the card")
     parser.add_argument("--test-data", type=Path, help="nnU-Net folder whose labelled test cases are scored")
+    parser.add_argument("--license", help="the tag's license (a Hub license id); default: the run's")
     parser.add_argument("--notice", type=Path, help="the data's origins and licenses: kept in the metadata, written as NOTICE")
     parser.add_argument("--data-command", default="", help="the command that made the training data, for the card")
     parser.add_argument("--time-log", type=Path, help="the run's log with GNU time's report, for the CPU hours")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics.update({name: float(value) for name, value in args.metric})
     hours = cpu_hours(args.time_log) if args.time_log else None
     metadata = dataclasses.replace(
-        metadata, metrics=metrics, evaluation_cases=cases,
+        metadata, metrics=metrics, evaluation_cases=cases, license=args.license or metadata.license,
         notice=args.notice.read_text(encoding="utf-8") if args.notice else metadata.notice,
         publication=dataclasses.asdict(publication(run, args.about, hours, args.data_command)),
     )  # fmt: skip

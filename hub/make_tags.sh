@@ -35,7 +35,7 @@ run() {  # run NAME FLAGS...: one training run into $RUNS/NAME, its log (with GN
 tag() {  # tag RUN TAG ABOUT [make_tag.py flags]
     local run=$1 name=$2 about=$3; shift 3
     [[ " ${SKIP:-} " == *" $run "* ]] && return 0
-    $PY hub/make_tag.py "$RUNS/$run" "$name" --about "$about" --time-log "$RUNS/$run.log" "$@"
+    $PY hub/make_tag.py "$RUNS/$run" "$name" --about "$about" --time-log "$RUNS/$run.log" --license apache-2.0 "$@"
 }
 
 case ${1:-} in

@@ -8,8 +8,8 @@ A tag's facts are in its config.json (``pretrained_cfg["veloxseg"]``: data, metr
 and case counts, license, notice, base model, and ``publication``: budget, CPU hours, machine,
 command; hub/make_tag.py records them). Made from them: each tag's README.md (the card), NOTICE and
 config.json ``description`` and 3-D fields (``veloxseg.hub.model_files``), the config.json SHA-256 in
-``veloxseg.variants.PUBLISHED``, ``benchmarks/results/tags.md`` and the tags table of MODEL_CARD.md
-(between its ``TABLE_START`` / ``TABLE_END`` markers). Tags in the order of ``PUBLISHED``, so each
+``veloxseg.variants.PUBLISHED``, ``benchmarks/results/tags.md`` and the tags tables of MODEL_CARD.md
+and README.md (between their ``TABLE_START`` / ``TABLE_END`` markers). Tags in the order of ``PUBLISHED``, so each
 variant's default tag comes first.
 """
 
@@ -29,6 +29,7 @@ HUB_DIR = Path(__file__).resolve().parent
 ROOT = HUB_DIR.parent
 TAGS_MD = ROOT / "benchmarks" / "results" / "tags.md"
 MODEL_CARD = ROOT / "MODEL_CARD.md"
+README = ROOT / "README.md"
 VARIANTS_PY = ROOT / "veloxseg" / "variants.py"
 TABLE_START = "<!-- tags table: made by hub/tags_table.py --write from the tags' metadata; do not edit -->\n"
 TABLE_END = "<!-- end of tags table -->\n"
@@ -80,8 +81,9 @@ def expected_files(hub_dir: Path = HUB_DIR) -> dict[Path, str]:
     files = {hub_dir / name / filename: text for name in PUBLISHED for filename, text in tag_files(name, hub_dir).items()}
     text = table(hub_dir)
     files[TAGS_MD] = TAGS_MD_HEAD + text
-    head, _, rest = MODEL_CARD.read_text(encoding="utf-8").partition(TABLE_START)
-    files[MODEL_CARD] = head + TABLE_START + text + TABLE_END + rest.partition(TABLE_END)[2]
+    for page in (MODEL_CARD, README):
+        head, _, rest = page.read_text(encoding="utf-8").partition(TABLE_START)
+        files[page] = head + TABLE_START + text + TABLE_END + rest.partition(TABLE_END)[2]
     return files
 
 

@@ -105,14 +105,14 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "625fc28c232c84be23cd337e67102a9753aa5a990b8f7e341a712262b4014af1",
+            "config.json": "3d5e19336dd7146c829434132f96c7b4146f7cbb95f59a6b167c6a0ca08e1205",
             "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "ef0d0c08bb638fd36e2a0a42479b5fc286f6a60269fc97a1cbdb1b24ab2557a5",
-            "model.safetensors": "01239212af74256eb4785d5f119c62d3a59120e1aac7549ceb17704dcc7df848",
+            "config.json": "6ea096d6bf7f51eeb4b121741c37e593ce17d577c5a0adc5b08fafe45e6552f5",
+            "model.safetensors": "d6bfeb364cb1051d02ff7490e73c67758e7bbbb878d7755afef076ddb8c46688",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
@@ -123,26 +123,26 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "3b66e3a723a355db77825ffc0b0d4bf6d66703895ecaa68ecd004dbd3f90a2c0",
+            "config.json": "1c85fd333d0adaee2fa4a19937b2f8ee3a210804c94a6582c453d5bb88781c50",
             "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "f082aae2b0deed1ef67d178d8fa7c1808b46ed6267a9eb9d481adda2bd656dec",
-            "model.safetensors": "d762be12feadb6760d3bb0ecdebae641f61e5e810ec0dc42d5e9315f8dac37c7",
+            "config.json": "add09e98314c49215ee9223a3bf79143a61888f12b67fb0489e6d91a86d189a8",
+            "model.safetensors": "b579f55805dd2d08fa5dfe230964badbd0088ffc590d7cc1b1005aec158d089d",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "34fcf2fc8d254b78ea3cb6bdae9d9d662a66d0f2bb0af16c87eff5d94137da00",
+            "config.json": "901cc57c63c441af13052b041272fe760ce2daa6d86178856d0ad2e719ba8c7c",
             "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "2d0465a6f46c406d69abd1725c3e847215221f1afd7a91febcf36721e2bb2714",
-            "model.safetensors": "b6510ef35deb230b5369c0a968f510ab7bb129b59cfe359c9b86b8eee9a25e10",
+            "config.json": "9039578171af3b006774a28bbbaab7dd6a7ca0c841597fb23dd00b53cee332fe",
+            "model.safetensors": "7449950de615389b801ea206f0109c216cead6b96e6ed54ed5fdc74e34437028",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
@@ -153,14 +153,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "8e9f1dff9d1a36eb10436fbd38f731fbe5ebd6f3aaf9c7e6a46938423e14eb3a",
+            "config.json": "5e5e05f17e112481e78d8c2115d11b7fc7d7d42c80446289b29c227b4e18fc2c",
             "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "3ebf495a1fad37aaaf1c0f55acb6b0ebfd50ecb9f265771fd1a744622c90d4fc",
-            "model.safetensors": "f2ffc0ef838b1101ee289a98dfa75baa63d79b46b3e1bd6bd835455cd010e73c",
+            "config.json": "6b9be367562f7cd161b66545f0b16403e7180f5c24f6e27c10fdbee6d43c3636",
+            "model.safetensors": "9522a49eaf64524d31c109be207da82b2e56ee05197e6ee1fed7fcd510e4a4d1",
         },
     ),
 }
