@@ -560,9 +560,10 @@ def test_a_diverged_run_stops_naming_the_step_and_saves_no_model(monkeypatch, tm
     from veloxseg.losses import VeloxSegLoss
 
     real_loss = VeloxSegLoss.forward
-    monkeypatch.setattr(
-        VeloxSegLoss, "forward", lambda self, *a, **k: {n: v * float("nan") for n, v in real_loss(self, *a, **k).items()}
-    )
+    def nan_loss(self: VeloxSegLoss, *args, **kwargs) -> dict:
+        return {name: value * float("nan") for name, value in real_loss(self, *args, **kwargs).items()}
+
+    monkeypatch.setattr(VeloxSegLoss, "forward", nan_loss)
     out = tmp_path / "out"
     code = train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--max-nonfinite-steps", "0")
     refused(code, "step 1: NaN or infinite loss or gradients in 1 steps, more than max_nonfinite_steps (0)")

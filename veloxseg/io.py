@@ -96,7 +96,9 @@ def check_output(
     for source in inputs:
         source = source.resolve()
         if target == source or target in source.parents or (target.exists() and source in target.parents):
-            raise ValueError(f"output {path} is one of the inputs or would replace one ({source}); choose another output path")
+            raise ValueError(
+                f"output {path} is one of the inputs or would replace one ({source}); choose another output path"
+            )
     if not path.exists():
         return
     if not overwrite:

@@ -405,7 +405,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     device = resolve_device(args.device)
+    _check_head_trained(args)
     model = model_from_args(args).to(device)  # its channel names name the case files
+    _check_head_trained(args, model)
     names = [c.name for c in model_metadata(model).channels]
     cases, output_dir = _cases_from_args(args.input, args.output, names)
     targets = {case: args.output if output_dir is None else output_dir / f"{case}.nii.gz" for case in cases}
@@ -414,7 +416,6 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     present = {case: case_channels(model, files) for case, files in cases.items()}
-    _check_finite(probs, scan)
     if len(cases) > 1 or args.optimize:  # no earlier case written, no compilation, before a bad case fails
         for files, groups in present.values():
             _check_channels(model, present_metadata(model_metadata(model), groups), load_scan(files))
@@ -434,12 +435,28 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_head_trained(args: argparse.Namespace, model: SegModel | None = None) -> None:
+    """Refuse (ValueError) to segment with a head that never learnt to segment: a registry name without
+    --pretrained (random weights; checked before building, ``model`` None) or self-supervised weights
+    (their metadata's training command ran ``--stage pretrain``), unless --allow-untrained-head; then warn."""
+    if model is None:
+        if args.model.startswith(("hf-hub:", "local-dir:")) or args.pretrained:
+            return
+        why = f"{args.model} without --pretrained has random weights"
+    elif re.search(r"--stage[= ]pretrain\b", model_metadata(model).training_command):
+        why = f"{args.model} holds self-supervised weights: its segmentation head was never trained (fine-tune it)"
+    else:
+        return
+    if not args.allow_untrained_head:
+        raise ValueError(f"{why}; its label maps would be meaningless. Pass --allow-untrained-head to segment anyway")
+    warnings.warn(f"{why}: the label maps are meaningless (--allow-untrained-head)")
+
+
 def _cases_from_args(
     inputs: list[Path], output: Path, channel_names: Sequence[str] = ()
 ) -> tuple[dict[str, list[Path]], Path | None]:
     """(cases, output folder or None when ``output`` is the one case's label-map file); files are named
     by nnU-Net's channel numbers or ``channel_names``."""
-    _check_finite(probs, scan)
     # A name with a file extension is a file (refused by output_paths unless .nii/.nii.gz), as in the API.
     names_a_file = output.name.endswith(NIFTI_SUFFIXES) or (bool(output.suffix) and not output.is_dir())
     if len(inputs) == 1 and inputs[0].is_dir():
@@ -463,9 +480,11 @@ def _cases_from_args(
         missing = [str(p) for p in inputs if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"input file(s) not found: {', '.join(missing)}")
+        other = [str(p) for p in inputs if not p.name.endswith(NIFTI_SUFFIXES)]
+        if other:
+            raise ValueError(f"input file(s) {', '.join(other)}: not NIfTI (.nii or .nii.gz)")
         found = channel_of_file(inputs[0].name, channel_names)
         cases = {found[0] if found else _stem(inputs[0]): list(inputs)}
-    _check_finite(probs, scan)
     return cases, None if names_a_file else output
 
 

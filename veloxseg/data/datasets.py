@@ -187,8 +187,9 @@ def split_cases(
         splits = kfold_splits(list(by_id), num_folds, seed)
     if not 0 <= fold < len(splits):
         raise DatasetError(spec.root, [f"fold {fold} requested but there are {len(splits)} fold(s)"])
-    train, val = splits[fold]["train"], splits[fold]["val"]
-    problems = [f"{SPLITS_FILE} fold {fold}: its {name} list is empty" for name, ids in (("train", train), ("val", val)) if not ids]
+    ids = splits[fold]
+    train, val = ids["train"], ids["val"]
+    problems = [f"{SPLITS_FILE} fold {fold}: its {name} list is empty" for name in ("train", "val") if not ids[name]]
     unknown = [c for c in train + val if c not in by_id]
     if unknown:
         problems.append(f"{SPLITS_FILE} names cases not in the training set: {unknown}")

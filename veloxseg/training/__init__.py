@@ -13,6 +13,7 @@ returns the final validation metrics; ``examples/train.py`` is its command line.
 The parts, in the order ``train()`` (:mod:`.loop`) uses them:
 
 * :mod:`.config`: :class:`TrainConfig`, its command-line flags and :func:`resolve` (defaults, checks);
+* :mod:`.run_folder`: the output folder's checks, its lock (one writer) and what ``resume`` may change;
 * :mod:`.recipe`: the ``default`` and ``paper`` recipes (loss weights, deep supervision, dropout, lr);
 * :mod:`.data`: the dataset, its metadata (the preprocessing saved with the model), datasets, loaders;
 * :mod:`.build`: Accelerator, model, optimiser and learning-rate schedule;
@@ -28,7 +29,8 @@ The output folder:
 * ``checkpoints/step_XXXXXXXX/``: training state (Accelerate ``save_state`` plus
   ``trainer_state.json``), written into a ``.tmp-`` folder and renamed when complete.
 * ``metrics.jsonl`` (one JSON object per line), ``curves.png``, ``validation.png``,
-  ``train_config.json``, ``logs/`` (tensorboard, when installed), ``data/`` (the demo dataset).
+  ``train_config.json``, ``logs/`` (tensorboard, when installed), ``data/`` (the demo dataset),
+  ``run.lock`` while a run writes (its pid and host).
 """
 
 from .build import build_model, build_optimizer, build_scheduler, scaled_windows

@@ -87,7 +87,8 @@ def save_model(
     bad = nonfinite_tensors(model.state_dict())
     if bad:
         raise FloatingPointError(
-            f"the model's weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): {folder} not written; "
+            f"the model's weights hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]}): {folder} not "
+            f"written; "
             f"the training diverged: lower the learning rate or clip the gradients (max_grad_norm)"
         )
     if accelerator.is_main_process:

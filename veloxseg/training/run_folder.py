@@ -25,8 +25,8 @@ TRAIN_CONFIG = "train_config.json"
 CACHE_FOLDER = "data"  # OUTPUT_DIR/data: the demo or converted data, the only thing a new run may find there
 # Settings a resumed run may change: how the run is watched and run, not what it trains.
 RESUMABLE_CHANGES = frozenset({
-    "output_dir", "resume", "val_every", "checkpoint_every", "keep_checkpoints", "log_every", "sw_batch_size", "sw_overlap",
-    "progress", "cpu", "threads", "num_workers", "cache", "cache_dir", "max_nonfinite_steps", "command",
+    "output_dir", "resume", "val_every", "checkpoint_every", "keep_checkpoints", "log_every", "sw_batch_size",
+    "sw_overlap", "progress", "cpu", "threads", "num_workers", "cache", "cache_dir", "max_nonfinite_steps", "command",
 })  # fmt: skip
 
 
@@ -56,7 +56,9 @@ def check_run_paths(config: TrainConfig) -> None:
                 f"resume: {output_dir} holds no run to continue (no {TRAIN_CONFIG}); start without resume"
             )
     elif "checkpoints" in found or "config.json" in found:
-        raise FileExistsError(f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir")
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run: pass resume to continue it, or use another output_dir"
+        )
     elif set(found) - {CACHE_FOLDER}:
         listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         raise FileExistsError(
