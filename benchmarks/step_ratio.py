@@ -56,7 +56,7 @@ def build_setup(name: str, fast: bool = True, seed: int = 0) -> StepSetup:
         model = create_model(name, in_ch=[1], n_classes=CLASSES, **overrides)
         model.decoder.init_head(config.head_init_scale, torch.full((CLASSES,), 1 / CLASSES))
     else:
-        model = MonaiNet(build_baseline(name, 1, CLASSES, ROI), ROI, CLASSES)
+        model = MonaiNet(build_baseline(name, 1, CLASSES, ROI), ROI, 1, CLASSES)
     model.train()
     loss_fn = VeloxSegLoss(*RECIPES["default"].loss_weights["segment"], fused=fast)
     optimizer = build_optimizer(model, config)
