@@ -236,7 +236,7 @@ def test_train_step_drops_modality_groups_per_sample() -> None:
     torch.manual_seed(0)
     model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1, 1], **SMALL_ROI)
     seen = []
-    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["present"]), with_kwargs=True)
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("present")), with_kwargs=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=4)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -248,7 +248,7 @@ def test_train_step_drops_modality_groups_per_sample() -> None:
     assert masks.shape == (8, 3) and masks.any(1).all() and not masks.all(1).any()  # proper, non-empty
     assert len({tuple(m) for m in masks.tolist()}) > 1  # drawn per sample
     train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
-    assert seen[-1] is None  # without the flag: the plain network
+    assert seen[-1] is None  # without the flag: the plain network (no mask passed)
 
 
 def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Path, tmp_path: Path) -> None:
