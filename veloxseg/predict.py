@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import glob
 import os
+import re
 import sys
 import warnings
 import zlib
