@@ -112,8 +112,7 @@ def test_every_tags_pretrained_cfg_describes_a_3d_segmentation_model(name):
     assert cfg.input_size == (sum(config.in_ch), *config.roi_size)  # (C, D, H, W)
     assert cfg.num_classes == config.n_classes > 0 and len(cfg.label_names) == cfg.num_classes
     assert cfg.label_names[0] == "background" and len(cfg.channel_names) == len(cfg.normalisation) == cfg.input_size[0]
-    # None until the tags are republished with the spacing they were trained at (issue 32's other half)
-    assert cfg.spacing is None or (len(cfg.spacing) == 3 and all(s > 0 for s in cfg.spacing))
+    assert len(cfg.spacing) == 3 and all(s > 0 for s in cfg.spacing)  # the spacing the tag was trained at
     assert len(cfg.orientation) == 3
     assert (cfg.interpolation, cfg.crop_pct, cfg.crop_mode, cfg.mean, cfg.std) == (None,) * 5  # no 2-D preprocessing
 
