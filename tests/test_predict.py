@@ -182,7 +182,7 @@ def test_output_equal_to_an_input_is_rejected(model, case_files, capsys):
     original = case_files[1].read_bytes()
     with pytest.raises(ValueError, match="is one of the inputs"):
         predict(model, case_files, case_files[1], overwrite=True)
-    command = ["predict", "--model", "veloxseg_tiny", "--overwrite", "-i"]
+    command = ["predict", "--model", "veloxseg_tiny", "--allow-untrained-head", "--overwrite", "-i"]
     assert main([*command, *map(str, case_files), "-o", str(case_files[1])]) == 2
     assert "is one of the inputs" in capsys.readouterr().err
     folder = str(case_files[0].parent)
@@ -205,7 +205,7 @@ def test_folder_with_one_bad_case_writes_nothing(model_dir, case_files, tmp_path
 
 def test_channel_numbers_beyond_the_models_are_refused(case_files, tmp_path, capsys):
     case_files[1].rename(case_files[1].with_name("scan_0002.nii.gz"))
-    code = main(["predict", "--model", "veloxseg_tiny", "-i", str(case_files[0].parent / "scan"), "-o", str(tmp_path)])
+    code = main(["predict", "--model", "veloxseg_tiny", "--allow-untrained-head", "-i", str(case_files[0].parent / "scan"), "-o", str(tmp_path)])
     assert code == 2 and "channel(s) [2] do not exist: the model has 2 (" in capsys.readouterr().err
 
 

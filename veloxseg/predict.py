@@ -207,7 +207,7 @@ def case_channels(
     names = [c.name for c in metadata.channels]
     if isinstance(image, dict):
         image, present = list(image.values()), list(image)
-    images = [image] if isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)) else list(image)
+    images = list(image) if isinstance(image, (list, tuple)) else [image]  # anything else: one image (checked on reading)
     found = [_channel_of_image(item, names) for item in images]
     if present is not None:
         if len(present) != len(images):
@@ -239,8 +239,8 @@ def _channel_index(item: str | int, names: list[str]) -> int:
 
 
 def _channel_of_image(image: ImageInput, names: list[str]) -> int | None:
-    """The channel a file's name gives (None: it gives none, or an in-memory image)."""
-    found = None if isinstance(image, nib.spatialimages.SpatialImage) else channel_of_file(Path(image).name, names)
+    """The channel a file's name gives (None: it gives none, or it is no file name)."""
+    found = channel_of_file(Path(image).name, names) if isinstance(image, (str, os.PathLike)) else None
     return None if found is None else found[1]
 
 
