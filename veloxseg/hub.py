@@ -12,9 +12,10 @@ A model folder (and a Hub repo) holds three files, and a fourth where the weight
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
 mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. A published tag
 (:data:`veloxseg.variants.PUBLISHED`), named through the registry or as ``hf-hub:veloxseg/<tag>``,
-comes from a local copy before any network call: the Hub cache, else the copy of its folder that
-ships with the package (``veloxseg/hub_models``, a link to the repository's ``hub/``), and only
-else from the Hub; on every route each of its files must have the SHA-256 the registry records (its
+comes from a local copy before any network call: the Hub cache, else the installed weights package
+(``pip install "veloxseg[weights]"``, built from ``hub/``), else the copy of its folder that ships
+with veloxseg (``veloxseg/hub_models``, a link to the repository's ``hub/``: a checkout has every file,
+the wheel the config.json files only), and only else from the Hub; on every route each of its files must have the SHA-256 the registry records (its
 files cannot change, so a verified local copy is the file the Hub would give). The first load of
 each weights file in a process says on one WARNING line where they came from. Weights are loaded
 into a model whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`;
@@ -69,6 +70,7 @@ NOTICE_NAME = "NOTICE"  # the training data's sources and licenses, where the ca
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
 _LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
+INSTALL_WEIGHTS = 'pip install "veloxseg[weights]" (from a checkout: pip install ./hub)'
 
 
 @dataclass(frozen=True)
@@ -372,8 +374,9 @@ def _published_tag(source: dict[str, Any]) -> str | None:
 
 def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Fetched:
     """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``, through the Hub
-    cache). A published tag's file comes from the Hub cache, else its shipped copy, else the Hub, and
-    must have its registered SHA-256: a changed file is an error, never skipped for another copy."""
+    cache). A published tag's file comes from the Hub cache, else the weights package, else its shipped
+    copy, else the Hub, and must have its registered SHA-256: a changed file is an error, never skipped
+    for another copy. With none of them, the error says how to install the weights."""
     tag = _published_tag(source)
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
@@ -382,22 +385,37 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
         return Fetched(path, "the local folder")
     if tag is None:
         return Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub (or its cache)")
-    shipped = SHIPPED_MODELS / tag / filename
+    packaged, shipped = weights_package_file(tag, filename), SHIPPED_MODELS / tag / filename
     cached = _download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True)
     if cached is not None:
         fetched = Fetched(cached, "the Hugging Face cache")
+    elif packaged is not None and packaged.is_file():
+        fetched = Fetched(packaged, "the veloxseg-weights package")
     elif shipped.is_file():
         fetched = Fetched(shipped, "the copy shipped with veloxseg")
     else:
-        fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
+        try:
+            fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; nor is the weights package installed: {INSTALL_WEIGHTS}") from None
     _logger.info("%s: %s from %s, %s", tag, filename, fetched.origin, fetched.path)
     expected = PUBLISHED[tag]["sha256"][filename]
     if sha256_of(fetched.path) != expected:
         raise ValueError(
             f"{fetched.path}: its SHA-256 is not the one registered for {tag} ({expected}): the file was changed "
-            f"or is incomplete; delete it and download it again (or reinstall veloxseg for the shipped copy)"
+            f"or is incomplete; delete it and download it again (or reinstall the weights: {INSTALL_WEIGHTS})"
         )
     return Fetched(fetched.path, f"{fetched.origin} (SHA-256 verified)")
+
+
+def weights_package_file(tag: str, filename: str) -> Path | None:
+    """``filename`` of published tag ``tag`` in the installed weights package (``veloxseg-weights``),
+    or None when the package is not installed."""
+    try:
+        import veloxseg_weights  # optional: the [weights] extra
+    except ImportError:
+        return None
+    return veloxseg_weights.MODELS / tag / filename
 
 
 def _download(

@@ -94,7 +94,8 @@ def describe_3d(config: VeloxSegConfig, metadata: dict[str, Any]) -> dict[str, A
 
 
 HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<variant>.<tag>
-# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
+# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it): every file
+# in a checkout, the config.json files only in the wheel (the weights are the veloxseg-weights package's).
 SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 # Published tags: the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py prints them, hub/tags_table.py
