@@ -180,3 +180,22 @@ def test_weight_decay_and_layer_groups_follow_timm():
     no_decay = {names_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert tables <= no_decay and any(".norms." in n for n in no_decay) and "encoder.downs.0.bias" in no_decay
     assert all(".bias" in n or n in tables or ".norm" in n for n in no_decay)
+
+
+def test_drop_path_rate_is_timm_stochastic_depth_in_training_only(x):
+    no_dropout = dict(attn_drop=0.0, proj_drop=0.0, conv_drop=0.0, teachers=False, deep_supervision=False)
+    model = timm.create_model("veloxseg_tiny", drop_path_rate=0.3, depths=[1, 1, 2, 1], **no_dropout, **SMALL_ROI)
+    attention = [block.drop_path for level in model.attention.levels for block in level]
+    conv = [block.drop_path for stage in model.encoder.stages for block in stage]
+    assert isinstance(attention[0], torch.nn.Identity) and isinstance(conv[0], torch.nn.Identity)  # rate 0
+    assert [m.drop_prob for m in attention[1:]] == pytest.approx([0.075, 0.15, 0.225, 0.3])  # 5 PWA blocks
+    assert [m.drop_prob for m in conv[1:]] == pytest.approx([0.1, 0.2, 0.3])  # 4 JLC blocks
+    plain = timm.create_model("veloxseg_tiny", depths=[1, 1, 2, 1], **no_dropout, **SMALL_ROI)
+    plain.load_state_dict(model.state_dict())  # the same parameters: drop path has none
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x))  # identity at inference
+        model.train()
+        first, second = model(x).logits[0], model(x).logits[0]
+    assert not torch.allclose(first, second)  # branches dropped at random while training
+    with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\)"):
+        veloxseg.create_model("veloxseg_tiny", drop_path_rate=1.0)

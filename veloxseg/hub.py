@@ -9,14 +9,21 @@ A model folder (and a Hub repo) holds three files, and a fourth where the weight
 * ``NOTICE``: the metadata's ``notice``, the terms of the data or base weights that ask to be kept
   with every copy (:mod:`veloxseg.provenance`).
 
+``VeloxSeg.from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` follow huggingface_hub's
+``ModelHubMixin``. timm's ``save_for_hf`` writes the same config.json and weights (no card), and its
+``push_to_hf_hub`` adds timm's image-classification card to a repo without a README.md: there is no
+hook to give it ours, so push with ``model.push_to_hub`` (or upload a ``save_pretrained`` folder's
+README.md afterwards).
+
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
 mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. A published tag
 (:data:`veloxseg.variants.PUBLISHED`), named through the registry or as ``hf-hub:veloxseg/<tag>``,
 comes from a local copy before any network call: the Hub cache, else the installed weights package
 (``pip install "veloxseg[weights]"``, built from ``hub/``), else the copy of its folder that ships
-with veloxseg (``veloxseg/hub_models``, a link to the repository's ``hub/``: a checkout has every file,
-the wheel the config.json files only), and only else from the Hub; on every route each of its files must have the SHA-256 the registry records (its
-files cannot change, so a verified local copy is the file the Hub would give). The first load of
+with veloxseg (``veloxseg/hub_models``, a link to the repository's ``hub/``: a checkout has every
+file, the wheel the config.json files only), and only else from the Hub; on every route each of its
+files must have the SHA-256 the registry records (its files cannot change, so a verified local copy is
+the file the Hub would give). The first load of
 each weights file in a process says on one WARNING line where they came from. Weights are loaded
 into a model whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`;
 the report is ``model.adaptation_report``, and a warning says when tensors were dropped or
@@ -343,6 +350,27 @@ def create_from_hub(
         pretrained_cfg={**hub_config.pretrained_cfg, **source},
         cache_dir=cache_dir,
         **{**hub_config.config.to_dict(), **overrides},
+    )
+
+
+def from_pretrained(
+    name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, **overrides: Any
+) -> VeloxSeg:
+    """A trained model, as huggingface_hub's ``ModelHubMixin.from_pretrained`` loads one: from a folder
+    :func:`save_pretrained` wrote, a Hub repo id ``org/name`` (at ``revision``), or a published tag
+    (``veloxseg_small.petct_lesions``). ``overrides`` change config fields; the weights are adapted to
+    them (see :func:`load_pretrained`)."""
+    name = str(name_or_path)
+    if name in timm.list_pretrained("veloxseg*"):
+        if revision is not None:
+            raise ValueError(f"{name} is a published tag, whose files are fixed: it takes no revision")
+        return timm.create_model(name, pretrained=True, cache_dir=cache_dir, **overrides)
+    if Path(name).expanduser().is_dir():
+        if revision is not None:
+            raise ValueError(f"{name} is a local folder: it takes no revision")
+        return create_from_hub(f"local-dir:{name}", pretrained=True, cache_dir=cache_dir, **overrides)
+    return create_from_hub(
+        f"hf-hub:{name}" + (f"@{revision}" if revision else ""), pretrained=True, cache_dir=cache_dir, **overrides
     )
 
 

@@ -61,8 +61,10 @@ class Up(nn.Module):
         return instance_norm(self.up(x))
 
 
-def jlc_stage(cfg: VeloxSegConfig, level: int) -> CheckpointedSequential:
-    """``conv_depths[level]`` JLC blocks at conv width C_level."""
+def jlc_stage(cfg: VeloxSegConfig, level: int, drop_paths: list[float] | None = None) -> CheckpointedSequential:
+    """``conv_depths[level]`` JLC blocks at conv width C_level, with the stochastic depth rates ``drop_paths``
+    (one per block; default none)."""
+    depth = cfg.conv_depths[level - 1]
     return CheckpointedSequential(
         *(
             JLCBlock(
@@ -71,10 +73,19 @@ def jlc_stage(cfg: VeloxSegConfig, level: int) -> CheckpointedSequential:
                 cfg.kernel_sizes,
                 cfg.conv_expansion[level - 1],
                 cfg.conv_drop,
+                rate,
             )
-            for _ in range(cfg.conv_depths[level - 1])
+            for rate in drop_paths or [0.0] * depth
         )
     )
+
+
+def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+    """timm's stochastic depth schedule: per level, the rates of its blocks, linear from 0 at the first
+    block of the stream to ``rate`` at its last (plain Python: models are also built on the meta device)."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    return [rates[sum(depths[:level]) : sum(depths[: level + 1])] for level in range(len(depths))]
 
 
 class AttentionStream(nn.Module):
@@ -94,14 +105,15 @@ class AttentionStream(nn.Module):
         self.embed_drop = nn.Dropout(cfg.proj_drop)
         self.levels = nn.ModuleList()
         self.merges = nn.ModuleList()
+        drop_paths = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         for level in range(1, NUM_LEVELS + 1):
             dim, scales = cfg.attn_width(level), cfg.level_scales(level)
             blocks = [
                 PWABlock(
                     dim, groups, scales, cfg.num_heads[level - 1], cfg.min_dim_head[level - 1],
-                    cfg.ffn_expansion[level - 1], cfg.attn_drop, cfg.proj_drop,
+                    cfg.ffn_expansion[level - 1], cfg.attn_drop, cfg.proj_drop, rate,
                 )  # fmt: skip
-                for _ in range(cfg.depths[level - 1])
+                for rate in drop_paths[level - 1]
             ]
             self.levels.append(CheckpointedSequential(*blocks))
             if level < NUM_LEVELS:
@@ -169,7 +181,10 @@ class ConvStream(nn.Module):
             nn.Conv3d(cfg.num_groups * cfg.attn_width(level), widths[level - 1], 1)
             for level in range(1, NUM_LEVELS + 1)
         )
-        self.stages = nn.ModuleList(jlc_stage(cfg, level) for level in range(1, NUM_LEVELS + 1))
+        drop_paths = drop_path_rates(cfg.drop_path_rate, cfg.conv_depths)
+        self.stages = nn.ModuleList(
+            jlc_stage(cfg, level, drop_paths[level - 1]) for level in range(1, NUM_LEVELS + 1)
+        )
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, sum(in_ch), D, H, W) -> (B, C_1, D/p, H/p, W/p), before its instance norm."""
@@ -543,6 +558,13 @@ class VeloxSeg(nn.Module):
             stem=r"^attention\.patch_embeds|^encoder\.downs\.0\.|^decoder\.detail\.stem",
             blocks=r"^(?:attention\.(?:levels|merges)|encoder\.(?:downs|mixers|stages))\.(\d+)",
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "VeloxSeg":
+        """A trained model from a ``save_pretrained`` folder, a Hub repo id ``org/name`` or a published tag
+        (huggingface_hub's ``ModelHubMixin`` call: ``revision=``, ``cache_dir=``; other keyword arguments
+        change config fields, the weights adapted). See veloxseg.hub.from_pretrained."""
+        return hub.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
         """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""
