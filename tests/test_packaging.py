@@ -16,7 +16,7 @@ import yaml
 
 import veloxseg
 from veloxseg import cli
-from veloxseg.variants import VARIANTS
+from veloxseg.variants import PUBLISHED, VARIANTS
 
 from .conftest import SMALL_ROI
 
@@ -93,6 +93,14 @@ def test_train_command_reports_bad_data_without_a_traceback(tmp_path, capsys):
     assert "Traceback" not in error and not (tmp_path / "out").exists()
 
 
+def sdist_files(folder: str, names: list[str]) -> list[str]:
+    """shutil.copytree's ``ignore``: what an sdist leaves out of veloxseg/, whose hub_models (a link to hub/)
+    it holds the package data of only: each tag's config.json."""
+    if "hub_models" not in Path(folder).parts:
+        return ["__pycache__"]
+    return [n for n in names if n != "config.json" and not ((Path(folder) / n).is_dir() and "." in n)]  # <variant>.<tag>
+
+
 def test_the_core_wheel_holds_the_code_without_weights_under_1_mb(tmp_path):
     """The wheel of a copy of the package's sources (as an sdist would hold them); hub/ builds the weights'."""
     setuptools = pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
@@ -102,7 +110,7 @@ def test_the_core_wheel_holds_the_code_without_weights_under_1_mb(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         (source / name).parent.mkdir(exist_ok=True)
         (source / name).write_bytes((ROOT / name).read_bytes())
-    shutil.copytree(ROOT / "veloxseg", source / "veloxseg", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "veloxseg", source / "veloxseg", ignore=sdist_files)
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path,
          source], capture_output=True, text=True, timeout=300,
@@ -113,6 +121,9 @@ def test_the_core_wheel_holds_the_code_without_weights_under_1_mb(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert wheel.stat().st_size < 1_000_000 and wheel.name == f"veloxseg-{veloxseg.__version__}-py3-none-any.whl"
     assert not [n for n in names if n.endswith((".safetensors", ".pt", ".pth", ".ckpt"))]
+    assert {n for n in names if n.startswith("veloxseg/hub_models/")} == {
+        f"veloxseg/hub_models/{tag}/config.json" for tag in PUBLISHED
+    }  # the registry describes the tags from them
     for expected in ("veloxseg/train.py", "veloxseg/py.typed", "veloxseg/csrc/window_attention.cpp"):
         assert expected in names, expected
     metadata = zipfile.ZipFile(wheel).read(f"veloxseg-{veloxseg.__version__}.dist-info/METADATA").decode()
