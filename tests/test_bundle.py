@@ -1,6 +1,7 @@
 """``veloxseg export --format monai-bundle``: the bundle run by MONAI's own runner writes the label maps of
 ``veloxseg predict``, and MONAI's bundle checks accept its metadata and network."""
 
+import configparser
 import json
 import subprocess
 import sys
@@ -55,12 +56,16 @@ def cases(tmp_path_factory) -> Path:
 def test_bundle_layout(bundle):
     files = sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file())
     assert files == [
-        "configs/inference.json", "configs/metadata.json", "docs/README.md", "docs/data_license.txt",
-        "models/NOTICE", "models/README.md", "models/config.json", "models/model.safetensors",
+        "LICENSE", "configs/inference.json", "configs/logging.conf", "configs/metadata.json", "docs/README.md",
+        "docs/data_license.txt", "models/NOTICE", "models/README.md", "models/config.json", "models/model.safetensors",
     ]  # fmt: skip
     notice = "Example data (C) its owners; keep with all copies."
     assert (bundle / "models" / "NOTICE").read_text() == notice
     assert (bundle / "docs" / "data_license.txt").read_text() == f"License: other\n\n{notice}"
+    assert "licensed under other" in (bundle / "LICENSE").read_text()
+    conf = configparser.ConfigParser(interpolation=None)  # logging.config.fileConfig's format
+    conf.read(bundle / "configs" / "logging.conf")
+    assert {"loggers", "handlers", "formatters", "logger_root"} <= set(conf.sections())
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"]) == (2, [64] * 3)

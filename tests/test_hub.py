@@ -309,7 +309,11 @@ def test_publish_validates_then_pushes_only_when_asked(saved, tmp_path, monkeypa
     assert problems == ["README.md model-index results {'dice': 0.9} are not config.json's metrics {'dice': 0.625}"]
 
 
-@pytest.mark.parametrize("folder", sorted(p for p in (ROOT / "hub").iterdir() if p.is_dir()), ids=lambda p: p.name)
+# hub/'s model folders (<variant>.<tag>), beside the weights package's veloxseg_weights/
+MODEL_FOLDERS = sorted(p for p in (ROOT / "hub").iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("folder", MODEL_FOLDERS, ids=lambda p: p.name)
 def test_shipped_model_folders_are_publishable(folder):
     """Every model folder under hub/ loads exactly as saved, runs, and has a complete card."""
     assert load_publish().validate(folder) == []
@@ -331,3 +335,23 @@ def test_recorded_architecture_is_the_variant_of_the_widths(tmp_path):
     custom = veloxseg.VeloxSeg(veloxseg.VeloxSegConfig(base_ch=8, **SMALL_ROI))
     with pytest.raises(ValueError, match="widths of no registered variant .* veloxseg.create_model"):
         hub.save_pretrained(custom, tmp_path / "custom")
+
+
+def test_from_pretrained_loads_a_folder_a_hub_repo_and_a_tag(saved, cache, tmp_path):
+    """VeloxSeg.from_pretrained, symmetric with save_pretrained, as huggingface_hub's ModelHubMixin."""
+    model, folder, x, expected = saved
+    assert torch.equal(outputs(veloxseg.VeloxSeg.from_pretrained(folder), x), expected)
+    assert torch.equal(outputs(veloxseg.VeloxSeg.from_pretrained(str(folder)), x), expected)
+    cache_repo(cache, REPO, folder)
+    other = veloxseg.create_model("veloxseg_tiny", n_classes=3, **SMALL_ROI)
+    cache_repo(cache, REPO, hub.save_pretrained(other, tmp_path / "v2"), revision="v2", sha="b" * 40)
+    assert torch.equal(outputs(veloxseg.VeloxSeg.from_pretrained(REPO), x), expected)
+    assert veloxseg.VeloxSeg.from_pretrained(REPO, revision="v2").num_classes == 3
+    adapted = veloxseg.VeloxSeg.from_pretrained(folder, n_classes=4)
+    assert adapted.num_classes == 4 and torch.equal(adapted.encoder.downs[0].weight, model.encoder.downs[0].weight)
+    tag = veloxseg.list_models("veloxseg_tiny.*", pretrained=True)[0]
+    assert veloxseg.VeloxSeg.from_pretrained(tag).pretrained_cfg["tag"] == tag.split(".", 1)[1]
+    with pytest.raises(FileNotFoundError, match="config.json of Hub repo org/missing"):
+        veloxseg.VeloxSeg.from_pretrained("org/missing")
+    with pytest.raises(ValueError, match="local folder: it takes no revision"):
+        veloxseg.VeloxSeg.from_pretrained(folder, revision="v2")

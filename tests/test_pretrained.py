@@ -6,8 +6,10 @@ import logging
 import re
 import shutil
 import socket
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -196,3 +198,35 @@ def test_the_mni152_tags_notice_travels_with_every_copy(tmp_path):
     assert "Louis Collins" in shipped  # the MNI152 templates' notice asks to be kept with all copies
     model = veloxseg.create_model(name, pretrained=True)
     assert (model.save_pretrained(tmp_path / "copy") / hub.NOTICE_NAME).read_text() == shipped
+
+
+@pytest.fixture
+def weights_package(tmp_path, monkeypatch):
+    """An installed veloxseg-weights package on sys.path, holding a copy of TAGS[0]'s folder."""
+    package = tmp_path / "site" / "veloxseg_weights"
+    shutil.copytree(hub.SHIPPED_MODELS / TAGS[0], package / "models" / TAGS[0])
+    shutil.copy(hub.SHIPPED_MODELS.resolve() / "veloxseg_weights" / "__init__.py", package / "__init__.py")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.delitem(sys.modules, "veloxseg_weights", raising=False)
+    return package / "models"
+
+
+def test_the_weights_package_comes_before_the_shipped_copy(weights_package, caplog):
+    with caplog.at_level(logging.INFO, logger="veloxseg.hub"):
+        veloxseg.create_model(TAGS[0], pretrained=True)
+    assert f"from the veloxseg-weights package, {weights_package / TAGS[0] / hub.WEIGHTS_NAME}" in caplog.text
+    assert "shipped" not in caplog.text
+
+
+def test_the_hub_cache_comes_before_the_weights_package(weights_package, offline_hub, caplog):
+    cache_repo(offline_hub, f"{HUB_ORG}/{TAGS[0]}", hub.SHIPPED_MODELS / TAGS[0])
+    with caplog.at_level(logging.INFO, logger="veloxseg.hub"):
+        veloxseg.create_model(TAGS[0], pretrained=True)
+    assert "from the Hugging Face cache" in caplog.text and "veloxseg-weights" not in caplog.text
+
+
+def test_without_any_copy_the_error_says_how_to_install_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path)  # an installed veloxseg: no checkout
+    monkeypatch.setitem(sys.modules, "veloxseg_weights", None)  # and no weights package
+    with pytest.raises(FileNotFoundError, match=r'not in the Hub cache .* pip install "veloxseg\[weights\]"'):
+        veloxseg.create_model(TAGS[0], pretrained=True)

@@ -141,16 +141,20 @@ def test_scaled_windows_follow_the_roi() -> None:
 
 
 def test_optimizer_is_fused_adamw_of_the_trainable_parameters() -> None:
-    """AdamW with the config's rate and decay, fused on the CPU, over the parameters that train only; its
-    update equals the for-loop AdamW's."""
+    """AdamW with the config's rate and decay, fused on the CPU, over the parameters that train only, with
+    no decay on biases; its update equals the for-loop AdamW's."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.05))
     assert optimizer.defaults["fused"] and optimizer.defaults["lr"] == 1e-2
     assert optimizer.defaults["weight_decay"] == 0.05
-    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model[1].parameters())
+    decay = {g["weight_decay"]: [id(p) for p in g["params"]] for g in optimizer.param_groups}
+    assert decay == {0.0: [id(model[1].bias)], 0.05: [id(model[1].weight)]}
     reference = [p.detach().clone().requires_grad_() for p in model[1].parameters()]
-    loop = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.05, foreach=False)
+    loop = torch.optim.AdamW(
+        [{"params": reference[:1]}, {"params": reference[1:], "weight_decay": 0.0}], lr=1e-2, weight_decay=0.05,
+        foreach=False,
+    )  # fmt: skip
     for params in (list(model[1].parameters()), reference):
         for p in params:
             p.grad = torch.ones_like(p)

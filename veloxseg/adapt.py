@@ -40,7 +40,7 @@ _logger = logging.getLogger(__name__)
 # Config fields that may differ between the pretrained weights and the model they are loaded into.
 ADAPTABLE_FIELDS = (
     "in_ch", "n_classes", "roi_size", "big_windows", "small_windows",
-    "attn_drop", "proj_drop", "conv_drop", "deep_supervision", "teachers",
+    "attn_drop", "proj_drop", "conv_drop", "drop_path_rate", "deep_supervision", "teachers",
 )  # fmt: skip
 
 # A module of one modality group: (prefix).(group).(rest of the name).

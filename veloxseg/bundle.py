@@ -1,11 +1,14 @@
 """A VeloxSeg model as a MONAI bundle (``veloxseg export --format monai-bundle -o DIR``).
 
+    DIR/LICENSE                  the weights' license (the code that runs them, veloxseg: Apache-2.0)
     DIR/configs/metadata.json    MONAI's metadata: versions, task, labels, metrics, and the network's
                                  input and output (``network_data_format``)
     DIR/configs/inference.json   the inference workflow
+    DIR/configs/logging.conf     the runner's logging (Python's logging.config file format)
     DIR/models/                  the model folder (config.json, model.safetensors, README.md: the card)
     DIR/docs/README.md           how to run it
-    DIR/docs/data_license.txt    the weights' license and NOTICE (also models/NOTICE), where they have one
+    DIR/docs/data_license.txt    the weights' license and the training data's terms (NOTICE, also
+                                 models/NOTICE, where they have one)
 
 MONAI's runner runs it, the folders overridden as the MONAI model zoo's bundles take them:
 
@@ -36,6 +39,29 @@ from .predict import find_cases, model_metadata, predict, present_metadata
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 PAPER = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation (ICLR 2026)"
+# The MONAI model zoo's bundles log the runner's progress to the console in this layout.
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=console
+
+[formatters]
+keys=full
+
+[logger_root]
+level=INFO
+handlers=console
+
+[handler_console]
+class=StreamHandler
+level=INFO
+formatter=full
+args=(sys.stdout,)
+
+[formatter_full]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
 
 # Expressions are MONAI config syntax: "$..." is Python, "@id" another entry of the config.
 INFERENCE = {
@@ -107,7 +133,7 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
             f"the label maps written on each input's own voxel grid (veloxseg predict)."
         ),
         "authors": "veloxseg contributors",
-        "copyright": f"License: {meta.license}" + ("; see docs/data_license.txt (NOTICE)" if meta.notice else ""),
+        "copyright": "Copyright (c) the veloxseg contributors; licenses: LICENSE and docs/data_license.txt",
         "data_source": meta.training_data,
         "data_type": "nibabel",
         "image_classes": f"{len(channels)} channels: {', '.join(channels.values())}",
@@ -166,10 +192,17 @@ def export_bundle(
         inference = {**INFERENCE, "present": present}
         for name, content in (("metadata.json", bundle_metadata(model, present)), ("inference.json", inference)):
             (tmp / "configs" / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        (tmp / "configs" / "logging.conf").write_text(LOGGING_CONF, encoding="utf-8")
         (tmp / "docs" / "README.md").write_text(_readme(folder.name), encoding="utf-8")
         meta = model_metadata(model)
-        if meta.notice:  # where the MONAI model zoo's bundles keep their data's terms
-            (tmp / "docs" / "data_license.txt").write_text(f"License: {meta.license}\n\n{meta.notice}", encoding="utf-8")
+        (tmp / "LICENSE").write_text(
+            f"The weights in models/ are licensed under {meta.license} (the model card, models/README.md, says "
+            f"what that license is for them); the training data's terms: docs/data_license.txt.\n"
+            f"The code that runs them, veloxseg, is licensed under Apache-2.0.\n",
+            encoding="utf-8",
+        )
+        terms = meta.notice or "The training data's sources: models/README.md (the model card)."
+        (tmp / "docs" / "data_license.txt").write_text(f"License: {meta.license}\n\n{terms}", encoding="utf-8")
     return folder
 
 

@@ -83,6 +83,9 @@ class VeloxSegConfig:
     attn_drop: float = 0.1
     proj_drop: float = 0.1
     conv_drop: float = 0.1
+    # Stochastic depth (timm's drop_path_rate): the deepest encoder block's rate, from 0 at the first, linear
+    # over each stream's blocks; it drops the feed-forward branch of PWA and JLC blocks (see PWABlock, JLCBlock).
+    drop_path_rate: float = 0.0
     deep_supervision: bool = True
     teachers: bool = True  # build the reconstruction teachers (training only; SDKT)
     detail_ch: int = 0  # width of the half-resolution detail path (layers/detail.py); 0: none, as in the paper
@@ -165,6 +168,8 @@ class VeloxSegConfig:
                 f"n_classes must be >= 2, got {self.n_classes}: "
                 "n_classes counts the background: use 2 for one structure"
             )
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if not isinstance(self.detail_ch, int) or self.detail_ch < 0:
             raise ValueError(f"detail_ch must be an int >= 0 (0: no detail path), got {self.detail_ch!r}")
         if self.detail_ch and self.patch_size != 4:

@@ -9,13 +9,21 @@ A model folder (and a Hub repo) holds three files, and a fourth where the weight
 * ``NOTICE``: the metadata's ``notice``, the terms of the data or base weights that ask to be kept
   with every copy (:mod:`veloxseg.provenance`).
 
+``VeloxSeg.from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` follow huggingface_hub's
+``ModelHubMixin``. timm's ``save_for_hf`` writes the same config.json and weights (no card), and its
+``push_to_hf_hub`` adds timm's image-classification card to a repo without a README.md: there is no
+hook to give it ours, so push with ``model.push_to_hub`` (or upload a ``save_pretrained`` folder's
+README.md afterwards).
+
 Downloads go through ``hf_hub_download``, so its cache (``HF_HUB_CACHE`` or ``cache_dir``), offline
 mode (``HF_HUB_OFFLINE``) and revisions (``org/name@revision``) apply. A published tag
 (:data:`veloxseg.variants.PUBLISHED`), named through the registry or as ``hf-hub:veloxseg/<tag>``,
-comes from a local copy before any network call: the Hub cache, else the copy of its folder that
-ships with the package (``veloxseg/hub_models``, a link to the repository's ``hub/``), and only
-else from the Hub; on every route each of its files must have the SHA-256 the registry records (its
-files cannot change, so a verified local copy is the file the Hub would give). The first load of
+comes from a local copy before any network call: the Hub cache, else the installed weights package
+(``pip install "veloxseg[weights]"``, built from ``hub/``), else the copy of its folder that ships
+with veloxseg (``veloxseg/hub_models``, a link to the repository's ``hub/``: a checkout has every
+file, the wheel the config.json files only), and only else from the Hub; on every route each of its
+files must have the SHA-256 the registry records (its files cannot change, so a verified local copy is
+the file the Hub would give). The first load of
 each weights file in a process says on one WARNING line where they came from. Weights are loaded
 into a model whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`;
 the report is ``model.adaptation_report``, and a warning says when tensors were dropped or
@@ -69,6 +77,7 @@ NOTICE_NAME = "NOTICE"  # the training data's sources and licenses, where the ca
 REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
 _LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
+INSTALL_WEIGHTS = 'pip install "veloxseg[weights]" (from a checkout: pip install ./hub)'
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,27 @@ def create_from_hub(
     )
 
 
+def from_pretrained(
+    name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None, **overrides: Any
+) -> VeloxSeg:
+    """A trained model, as huggingface_hub's ``ModelHubMixin.from_pretrained`` loads one: from a folder
+    :func:`save_pretrained` wrote, a Hub repo id ``org/name`` (at ``revision``), or a published tag
+    (``veloxseg_small.petct_lesions``). ``overrides`` change config fields; the weights are adapted to
+    them (see :func:`load_pretrained`)."""
+    name = str(name_or_path)
+    if name in timm.list_pretrained("veloxseg*"):
+        if revision is not None:
+            raise ValueError(f"{name} is a published tag, whose files are fixed: it takes no revision")
+        return timm.create_model(name, pretrained=True, cache_dir=cache_dir, **overrides)
+    if Path(name).expanduser().is_dir():
+        if revision is not None:
+            raise ValueError(f"{name} is a local folder: it takes no revision")
+        return create_from_hub(f"local-dir:{name}", pretrained=True, cache_dir=cache_dir, **overrides)
+    return create_from_hub(
+        f"hf-hub:{name}" + (f"@{revision}" if revision else ""), pretrained=True, cache_dir=cache_dir, **overrides
+    )
+
+
 def _name(cfg: dict[str, Any]) -> str:
     """The weights' name for messages: the registry tag, else the Hub repo or folder, else the architecture."""
     if cfg.get("tag"):
@@ -372,8 +402,9 @@ def _published_tag(source: dict[str, Any]) -> str | None:
 
 def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Fetched:
     """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``, through the Hub
-    cache). A published tag's file comes from the Hub cache, else its shipped copy, else the Hub, and
-    must have its registered SHA-256: a changed file is an error, never skipped for another copy."""
+    cache). A published tag's file comes from the Hub cache, else the weights package, else its shipped
+    copy, else the Hub, and must have its registered SHA-256: a changed file is an error, never skipped
+    for another copy. With none of them, the error says how to install the weights."""
     tag = _published_tag(source)
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
@@ -382,22 +413,37 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
         return Fetched(path, "the local folder")
     if tag is None:
         return Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub (or its cache)")
-    shipped = SHIPPED_MODELS / tag / filename
+    packaged, shipped = weights_package_file(tag, filename), SHIPPED_MODELS / tag / filename
     cached = _download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True)
     if cached is not None:
         fetched = Fetched(cached, "the Hugging Face cache")
+    elif packaged is not None and packaged.is_file():
+        fetched = Fetched(packaged, "the veloxseg-weights package")
     elif shipped.is_file():
         fetched = Fetched(shipped, "the copy shipped with veloxseg")
     else:
-        fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
+        try:
+            fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; nor is the weights package installed: {INSTALL_WEIGHTS}") from None
     _logger.info("%s: %s from %s, %s", tag, filename, fetched.origin, fetched.path)
     expected = PUBLISHED[tag]["sha256"][filename]
     if sha256_of(fetched.path) != expected:
         raise ValueError(
             f"{fetched.path}: its SHA-256 is not the one registered for {tag} ({expected}): the file was changed "
-            f"or is incomplete; delete it and download it again (or reinstall veloxseg for the shipped copy)"
+            f"or is incomplete; delete it and download it again (or reinstall the weights: {INSTALL_WEIGHTS})"
         )
     return Fetched(fetched.path, f"{fetched.origin} (SHA-256 verified)")
+
+
+def weights_package_file(tag: str, filename: str) -> Path | None:
+    """``filename`` of published tag ``tag`` in the installed weights package (``veloxseg-weights``),
+    or None when the package is not installed."""
+    try:
+        import veloxseg_weights  # optional: the [weights] extra
+    except ImportError:
+        return None
+    return veloxseg_weights.MODELS / tag / filename
 
 
 def _download(

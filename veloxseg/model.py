@@ -12,7 +12,8 @@ from torch import nn
 from . import hub
 from .config import NUM_LEVELS, VeloxSegConfig
 from .layers import (
-    DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm, pixel_shuffle_3d,
+    CheckpointedSequential, DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm,
+    pixel_shuffle_3d,
 )  # fmt: skip
 from .metadata import ModelMetadata
 from .modalities import Present, resolve_present
@@ -60,9 +61,11 @@ class Up(nn.Module):
         return instance_norm(self.up(x))
 
 
-def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
-    """``conv_depths[level]`` JLC blocks at conv width C_level."""
-    return nn.Sequential(
+def jlc_stage(cfg: VeloxSegConfig, level: int, drop_paths: list[float] | None = None) -> CheckpointedSequential:
+    """``conv_depths[level]`` JLC blocks at conv width C_level, with the stochastic depth rates ``drop_paths``
+    (one per block; default none)."""
+    depth = cfg.conv_depths[level - 1]
+    return CheckpointedSequential(
         *(
             JLCBlock(
                 cfg.conv_width(level),
@@ -70,10 +73,19 @@ def jlc_stage(cfg: VeloxSegConfig, level: int) -> nn.Sequential:
                 cfg.kernel_sizes,
                 cfg.conv_expansion[level - 1],
                 cfg.conv_drop,
+                rate,
             )
-            for _ in range(cfg.conv_depths[level - 1])
+            for rate in drop_paths or [0.0] * depth
         )
     )
+
+
+def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
+    """timm's stochastic depth schedule: per level, the rates of its blocks, linear from 0 at the first
+    block of the stream to ``rate`` at its last (plain Python: models are also built on the meta device)."""
+    total = sum(depths)
+    rates = [rate * i / max(total - 1, 1) for i in range(total)]
+    return [rates[sum(depths[:level]) : sum(depths[: level + 1])] for level in range(len(depths))]
 
 
 class AttentionStream(nn.Module):
@@ -93,16 +105,17 @@ class AttentionStream(nn.Module):
         self.embed_drop = nn.Dropout(cfg.proj_drop)
         self.levels = nn.ModuleList()
         self.merges = nn.ModuleList()
+        drop_paths = drop_path_rates(cfg.drop_path_rate, cfg.depths)
         for level in range(1, NUM_LEVELS + 1):
             dim, scales = cfg.attn_width(level), cfg.level_scales(level)
             blocks = [
                 PWABlock(
                     dim, groups, scales, cfg.num_heads[level - 1], cfg.min_dim_head[level - 1],
-                    cfg.ffn_expansion[level - 1], cfg.attn_drop, cfg.proj_drop,
+                    cfg.ffn_expansion[level - 1], cfg.attn_drop, cfg.proj_drop, rate,
                 )  # fmt: skip
-                for _ in range(cfg.depths[level - 1])
+                for rate in drop_paths[level - 1]
             ]
-            self.levels.append(nn.Sequential(*blocks))
+            self.levels.append(CheckpointedSequential(*blocks))
             if level < NUM_LEVELS:
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
@@ -144,8 +157,7 @@ class AttentionStream(nn.Module):
         """The streams of ``groups`` (the group of each of ``xs``) -> per level, their features."""
         features = []
         for level, blocks in enumerate(self.levels):
-            for block in blocks:
-                xs = block(xs, groups)
+            xs = blocks(xs, groups)
             features.append(xs)
             if level < len(self.merges):
                 xs = [self.merges[level][group](t) for group, t in zip(groups, xs)]
@@ -169,7 +181,10 @@ class ConvStream(nn.Module):
             nn.Conv3d(cfg.num_groups * cfg.attn_width(level), widths[level - 1], 1)
             for level in range(1, NUM_LEVELS + 1)
         )
-        self.stages = nn.ModuleList(jlc_stage(cfg, level) for level in range(1, NUM_LEVELS + 1))
+        drop_paths = drop_path_rates(cfg.drop_path_rate, cfg.conv_depths)
+        self.stages = nn.ModuleList(
+            jlc_stage(cfg, level, drop_paths[level - 1]) for level in range(1, NUM_LEVELS + 1)
+        )
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """(B, sum(in_ch), D, H, W) -> (B, C_1, D/p, H/p, W/p), before its instance norm."""
@@ -229,12 +244,23 @@ class SegmentationDecoder(nn.Module):
         """[e_1..e_4] (and the detail path's stem output) -> (logits list [full, u_2, u_3, e_4 heads at
         their own scale], u_1)."""
         u = self.ladder(features)
-        logits = [pixel_shuffle_3d(self.head(u[0]), self.head_upscale)]
-        if self.detail is not None:
-            logits[0] = self.detail(detail_stem, u[0], logits[0])
+        logits = [self.segment(u[0], detail_stem)]
         if self.training and self.aux_heads is not None:
             logits += [head(f) for head, f in zip(self.aux_heads, [u[1], u[2], features[3]])]
         return logits, u[0]
+
+    def segment(self, u1: torch.Tensor, detail_stem: torch.Tensor | None = None) -> torch.Tensor:
+        """u_1 (B, C_1, D/p, H/p, W/p) -> full-resolution logits (B, n_classes, D, H, W): the head, pixel
+        shuffle and, with a detail path, its correction from ``detail_stem`` (the path's stem on the input)."""
+        logits = pixel_shuffle_3d(self.head(u1), self.head_upscale)
+        if self.detail is None:
+            return logits
+        if detail_stem is None:
+            raise ValueError(
+                "this model's detail path (detail_ch) also reads the input: pass detail_stem="
+                "model.decoder.detail.stem(x), or call model(x)"
+            )
+        return self.detail(detail_stem, u1, logits)
 
     @torch.no_grad()
     def init_head(self, scale: float = 1.0, class_frequencies: torch.Tensor | None = None) -> None:
@@ -469,6 +495,76 @@ class VeloxSeg(nn.Module):
                 out.teacher_grams.append(gram_matrix(v1))
             out.reconstruction = torch.cat(recons, 1)
         return out
+
+    # --- timm's model API -------------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor, present: Present = None) -> torch.Tensor:
+        """(B, sum(in_ch), D, H, W) -> u_1 (B, C_1, D/p, H/p, W/p), the last decoder feature, which the
+        segmentation head reads (``num_features`` = C_1 channels); :meth:`forward_head` takes it.
+        ``present``: the modality groups the input has, as for ``forward``."""
+        mask = self.check_input(x, present)
+        _, conv = self.encode(*self.embed(x, mask)[:2], mask)
+        return self.decoder.ladder(conv)[0]
+
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, detail_stem: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """u_1 from :meth:`forward_features` -> logits (B, n_classes, D, H, W) (u_1 itself with
+        ``pre_logits``). A model with a detail path (``*_hr`` variants) needs ``detail_stem``, its stem on
+        the input: ``model.decoder.detail.stem(input)``."""
+        return x if pre_logits else self.decoder.segment(x, detail_stem)
+
+    def get_classifier(self) -> nn.Module:
+        """The segmentation head: a 3^3 conv C_1 -> f^3 n_classes, pixel-shuffled by f to full resolution."""
+        return self.decoder.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace every class-dependent layer (segmentation head, deep-supervision heads, the detail path's
+        output conv) with a newly initialised one for ``num_classes`` (>= 2, background included); the rest
+        keeps its weights. A segmentation model pools nothing: ``global_pool`` must stay None."""
+        if global_pool is not None:
+            raise ValueError(f"VeloxSeg is a segmentation model with no global pooling; got global_pool={global_pool!r}")
+        cfg = self.config.replace(n_classes=num_classes)
+        old, new = self.decoder, SegmentationDecoder(cfg)
+        new.apply(init_weights)
+        new.ladder = old.ladder
+        if new.detail is not None:
+            new.detail.reset_output()
+            for name in ("stem", "up", "mix", "spatial"):
+                setattr(new.detail, name, getattr(old.detail, name))
+        parameter = next(old.head.parameters())
+        self.decoder, self.config = new.to(parameter.device, parameter.dtype).train(old.training), cfg
+        metadata = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, num_classes)
+        self.pretrained_cfg["veloxseg"] = metadata.to_dict()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them (timm's
+        activation checkpointing; every PWA and JLC stage, teachers included): less memory for one more
+        forward pass of compute."""
+        for module in self.modules():
+            if isinstance(module, CheckpointedSequential):
+                module.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that get no weight decay beside norms and biases (timm's optimizer factory and the
+        trainer leave out every 1-D parameter): the attention's relative position bias tables."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups, input to output (layer-wise learning-rate decay): the input convs, then
+        encoder level i (its attention blocks and merge, conv downsampling, mixer and JLC blocks); the
+        decoder and teachers, unmatched, come last. ``coarse`` changes nothing (one group per level)."""
+        return dict(
+            stem=r"^attention\.patch_embeds|^encoder\.downs\.0\.|^decoder\.detail\.stem",
+            blocks=r"^(?:attention\.(?:levels|merges)|encoder\.(?:downs|mixers|stages))\.(\d+)",
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "VeloxSeg":
+        """A trained model from a ``save_pretrained`` folder, a Hub repo id ``org/name`` or a published tag
+        (huggingface_hub's ``ModelHubMixin`` call: ``revision=``, ``cache_dir=``; other keyword arguments
+        change config fields, the weights adapted). See veloxseg.hub.from_pretrained."""
+        return hub.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
         """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""

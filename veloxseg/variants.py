@@ -94,13 +94,14 @@ def describe_3d(config: VeloxSegConfig, metadata: dict[str, Any]) -> dict[str, A
 
 
 HUB_ORG = "veloxseg"  # the Hub organisation of the published tags: <HUB_ORG>/<variant>.<tag>
-# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it).
+# The published tags' folders as shipped with the package (hub/<variant>.<tag>/, linked into it): every file
+# in a checkout, the config.json files only in the wheel (the weights are the veloxseg-weights package's).
 SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 
 # Published tags: the SHA-256 of each file of hub/<variant>.<tag>/ (hub/make_tag.py prints them, hub/tags_table.py
 # --write updates config.json's); everything else about a tag is in its config.json. ``pretrained=True`` loads
-# them from the Hub cache, else the copy shipped with the package, else the Hub (veloxseg.hub), each file checked
-# against its SHA-256. Each variant's default comes first: the kind of tag that fine-tuned best on a task
+# them from the Hub cache, the veloxseg-weights package, the copy shipped with veloxseg, else the Hub
+# (veloxseg.hub), each file checked against its SHA-256. Each variant's default comes first: the kind of tag that fine-tuned best on a task
 # it was not trained on (benchmarks/results/finetune-colin27*.md: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(

@@ -3,6 +3,7 @@
 The attention stream works on channels-last (B, D, H, W, C) tensors, the conv stream on
 channels-first (B, C, D, H, W) ones."""
 
+from .checkpointing import CheckpointedSequential
 from .conv import OneDNNConv3d, PatchConv3d, PointwiseConv3d
 from .detail import DetailPath
 from .jlc import JLCBlock
@@ -12,6 +13,7 @@ from .pixel_shuffle import pixel_shuffle_3d
 from .pwa import PairedWindowAttention, PWABlock, WindowScale, window_scales
 
 __all__ = [
+    "CheckpointedSequential",
     "DetailPath",
     "JLCBlock",
     "OneDNNConv3d",

@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from .conv import grouped_conv3d
@@ -58,7 +59,8 @@ class JLCBlock(nn.Module):
     """Multi-kernel grouped conv branch plus a 1x1x1 expansion MLP, both residual.
 
     ``y = x + sum_k GELU(IN(conv_k(x)))`` over the kernel sizes (a bare ``x + conv(x)`` with a single
-    kernel size), then ``z = y + Dropout(project(GELU(expand(IN(y)))))``. Every conv is grouped with
+    kernel size), then ``z = y + DropPath(Dropout(project(GELU(expand(IN(y))))))`` (stochastic depth drops
+    this branch only: the conv branch's residual is summed inside it). Every conv is grouped with
     ``groups`` groups, each ``dim // groups`` channels wide: the JL lemma bounds how narrow a random
     projection may be and still keep distances, hence a minimum group width instead of depth-wise.
     With groups of ``NARROW_GROUP`` channels or fewer the 3^3 and 5^3 convs run on the width-folded
@@ -77,6 +79,7 @@ class JLCBlock(nn.Module):
         kernel_sizes: Sequence[int] = (1, 3, 5),
         expansion: int = 3,
         drop: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.spatial_convs = nn.ModuleList(
@@ -85,13 +88,14 @@ class JLCBlock(nn.Module):
         self.expand = nn.Conv3d(dim, dim * expansion, kernel_size=1)
         self.project = nn.Conv3d(dim * expansion, dim, kernel_size=1)
         self.drop = nn.Dropout(drop)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         self.narrow_groups = dim // groups <= NARROW_GROUP
         # Set by veloxseg.optimize once torch.ops.veloxseg.jlc_folded_branch is built (CPU, inference only).
         self.fused_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._conv_branch(x)
-        return y + self.drop(self.project(F.gelu(self.expand(instance_norm(y)))))
+        return y + self.drop_path(self.drop(self.project(F.gelu(self.expand(instance_norm(y))))))
 
     def _conv_branch(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.fused_kernel and x.device.type == "cpu" and not self.training

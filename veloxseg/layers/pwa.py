@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from .conv import PointwiseConv3d
@@ -269,7 +270,9 @@ class FeedForward(nn.Sequential):
 class PWABlock(nn.Module):
     """Paired-window attention then a per-group feed-forward, on M channels-last (B, D, H, W, A) tensors.
 
-    As in the authors' network the attention residual is added twice: ``y = x + (x + attn(x))``.
+    As in the authors' network the attention residual is added twice: ``y = x + (x + attn(x))``; then
+    ``z = y + DropPath(ffn(norm(y)))``. Stochastic depth drops the feed-forward branch only: the
+    attention's residual is inside the authors' layer, whose output is not a branch to drop.
     """
 
     def __init__(
@@ -282,14 +285,16 @@ class PWABlock(nn.Module):
         ffn_ratio: int,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.attn = PairedWindowAttention(dim, num_groups, scales, num_heads, qk_head_dim, attn_drop, proj_drop)
         self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(num_groups))
         self.ffns = nn.ModuleList(FeedForward(dim, ffn_ratio, proj_drop) for _ in range(num_groups))
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(self, xs: list[torch.Tensor], groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``groups``: which modality groups ``xs`` hold (default all, in order)."""
         groups = range(len(xs)) if groups is None else groups
         ys = [x + o for x, o in zip(xs, self.attn(xs, groups))]
-        return [y + self.ffns[group](self.norms[group](y)) for y, group in zip(ys, groups)]
+        return [y + self.drop_path(self.ffns[group](self.norms[group](y))) for y, group in zip(ys, groups)]

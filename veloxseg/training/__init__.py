@@ -1,7 +1,7 @@
 """The VeloxSeg trainer: self-supervised pretraining, segmentation and fine-tuning with Accelerate.
 
 ``train(TrainConfig(...))`` runs one stage from start to end (or from its last checkpoint) and
-returns the final validation metrics; ``examples/train.py`` is its command line. Stages:
+returns the final validation metrics; ``veloxseg train`` (:mod:`veloxseg.train`) is its command line. Stages:
 
 * ``pretrain``: the teachers learn to reconstruct each modality group (L_rc), optionally from a
   masked input; encoder and teachers train, labels are not used.

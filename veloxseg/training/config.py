@@ -1,6 +1,6 @@
 """The training run's settings: :class:`TrainConfig`, its command-line flags and :func:`resolve`.
 
-Each field of :class:`TrainConfig` is one flag of ``examples/train.py`` (:func:`add_train_arguments`
+Each field of :class:`TrainConfig` is one flag of ``veloxseg train`` (:func:`add_train_arguments`
 turns a field declared with :func:`option` into ``--field-name``); a new setting is one more field.
 ``None`` means "the default for the stage, model or data", filled in by :func:`resolve`, which also
 rejects bad combinations with a ValueError naming them.
@@ -31,7 +31,7 @@ def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """One training run. Each field is a flag of ``examples/train.py`` (``--max-steps`` for
+    """One training run. Each field is a flag of ``veloxseg train`` (``--max-steps`` for
     ``max_steps``); ``None`` means the default for the stage, model or data, filled in by :func:`resolve`."""
 
     # Model and stage
@@ -198,8 +198,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig:
-    """A :class:`TrainConfig` from the flags of :func:`add_train_arguments`."""
-    return TrainConfig(**vars(args), command=command)
+    """A :class:`TrainConfig` from the flags of :func:`add_train_arguments` (other attributes of ``args``,
+    such as the ``veloxseg`` command's own, are left out)."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+    return TrainConfig(**flags, command=command)
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
