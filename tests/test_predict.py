@@ -205,7 +205,8 @@ def test_folder_with_one_bad_case_writes_nothing(model_dir, case_files, tmp_path
 
 def test_channel_numbers_beyond_the_models_are_refused(case_files, tmp_path, capsys):
     case_files[1].rename(case_files[1].with_name("scan_0002.nii.gz"))
-    code = main(["predict", "--model", "veloxseg_tiny", "--allow-untrained-head", "-i", str(case_files[0].parent / "scan"), "-o", str(tmp_path)])
+    prefix = str(case_files[0].parent / "scan")
+    code = main(["predict", "--model", "veloxseg_tiny", "--allow-untrained-head", "-i", prefix, "-o", str(tmp_path)])
     assert code == 2 and "channel(s) [2] do not exist: the model has 2 (" in capsys.readouterr().err
 
 
