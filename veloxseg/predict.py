@@ -208,6 +208,8 @@ def case_channels(
     if isinstance(image, dict):
         image, present = list(image.values()), list(image)
     images = list(image) if isinstance(image, (list, tuple)) else [image]  # anything else: one image (checked on reading)
+    for index, item in enumerate(images):
+        _check_input_type(item, index)
     found = [_channel_of_image(item, names) for item in images]
     if present is not None:
         if len(present) != len(images):
@@ -493,15 +495,20 @@ def _stem(path: Path) -> str:
     return path.name[: -len(next(s for s in NIFTI_SUFFIXES if path.name.endswith(s)))]
 
 
-def _open(item: ImageInput, index: int) -> tuple[nib.spatialimages.SpatialImage, str]:
-    """(image, name for messages); reads the header only."""
-    if isinstance(item, nib.spatialimages.SpatialImage):
-        return item, f"input image {index}"
-    if not isinstance(item, (str, os.PathLike)):
+def _check_input_type(item: object, index: int) -> None:
+    """Refuse (ValueError) an input that is neither a path nor a nibabel image (an array, a tensor)."""
+    if not isinstance(item, (str, os.PathLike, nib.spatialimages.SpatialImage)):
         raise ValueError(
             f"input {index} is a {type(item).__module__}.{type(item).__name__}: give a NIfTI path or a nibabel image "
             f"(an array needs its affine: nib.Nifti1Image(array, affine))"
         )
+
+
+def _open(item: ImageInput, index: int) -> tuple[nib.spatialimages.SpatialImage, str]:
+    """(image, name for messages); reads the header only."""
+    if isinstance(item, nib.spatialimages.SpatialImage):
+        return item, f"input image {index}"
+    _check_input_type(item, index)
     path = Path(item)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} not found")
