@@ -230,7 +230,8 @@ FAST_TRAIN = ["--model", "veloxseg_tiny", "--roi", "64", "--num-workers", "0", "
 
 
 def train_script(monkeypatch: pytest.MonkeyPatch, *args: str) -> int | str | None:
-    """Run examples/train.py in this process; its exit code (a refusal exits with its message; 0: success)."""
+    """Run examples/train.py in this process; its exit code (a refusal exits with its message; 0: success;
+    None: it returned without exiting)."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     monkeypatch.setattr(sys, "argv", [str(TRAIN_SCRIPT), *FAST_TRAIN, *args])
@@ -440,7 +441,7 @@ def finished_run(tmp_path_factory, small_data) -> Path:
     """A finished one-step run (its folder is copied by the tests that change it)."""
     out = tmp_path_factory.mktemp("run") / "out"
     with pytest.MonkeyPatch.context() as monkeypatch:
-        assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data)) is None
+        assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data)) == 0
     return out
 
 
@@ -457,7 +458,7 @@ def test_a_run_folder_has_one_writer(monkeypatch, tmp_path, small_data, finished
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "run.lock").write_text(json.dumps({"pid": int(gone.stdout), "host": host}))  # a crashed run's lock
     watched = ["--val-every", "7", "--log-every", "3", "--num-workers", "0", "--keep-checkpoints", "1"]  # may change
-    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *watched) is None
+    assert train_script(monkeypatch, "--output-dir", str(out), "--data", str(small_data), "--resume", *watched) == 0
     assert not (out / "run.lock").exists()
 
 

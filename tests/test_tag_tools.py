@@ -141,4 +141,5 @@ def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
     assert "| test_dice | 0.5 | test | 4 |" in files["README.md"]
     assert "test (4 cases): Dice 0.500" in json.loads(files["config.json"])["pretrained_cfg"]["description"]
     assert tags_table.row(name, tmp_path).startswith(f"| `{name}` (default) | MNI152BrainTissue | 1500 steps of 2 patches")
-    assert " | Dice 0.500, HD95 3.5 mm | 4 | apache-2.0 |" in tags_table.row(name, tmp_path)
+    hd95 = config["pretrained_cfg"]["veloxseg"]["metrics"]["test_hd95"]
+    assert f" | Dice 0.500, HD95 {hd95:.1f} mm | 4 | apache-2.0 |" in tags_table.row(name, tmp_path)

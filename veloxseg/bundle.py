@@ -159,15 +159,15 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
     }
 
 
-BUNDLE_FOLDERS = ("configs", "docs", "models")
+BUNDLE_ENTRIES = ("configs", "docs", "models", "LICENSE")
 
 
 def is_bundle(folder: Path) -> bool:
-    """Whether ``folder`` is a bundle of :func:`export_bundle` and nothing else: only its three folders,
+    """Whether ``folder`` is a bundle of :func:`export_bundle` and nothing else: only its three folders and LICENSE,
     with its inference config and model (a bundle whose ``eval/`` holds results is not replaced)."""
     return (
         folder.is_dir()
-        and {p.name for p in folder.iterdir()} <= set(BUNDLE_FOLDERS)
+        and {p.name for p in folder.iterdir()} <= set(BUNDLE_ENTRIES)
         and (folder / "configs" / "inference.json").is_file()
         and (folder / "models" / "config.json").is_file()
     )

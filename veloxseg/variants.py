@@ -106,61 +106,61 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "3d5e19336dd7146c829434132f96c7b4146f7cbb95f59a6b167c6a0ca08e1205",
+            "config.json": "22b3be389169acd26c84f475a06c1b0d80ffe953658a395b01941a96ea087131",
             "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "6ea096d6bf7f51eeb4b121741c37e593ce17d577c5a0adc5b08fafe45e6552f5",
+            "config.json": "42a0bd5326fa728d05ed3d374897e4ec16a0fe1311525f412a4d270f229905ba",
             "model.safetensors": "d6bfeb364cb1051d02ff7490e73c67758e7bbbb878d7755afef076ddb8c46688",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "9ec023d7164b8feb576e054235cb57f504d49f35b7367869e798e05efa3cfe93",
+            "config.json": "415f8786529df081e41d70e21d6ea5d915377dd15b4259b91dd9d35baf544b5d",
             "model.safetensors": "231d44523ebc10d87694ddc4e08590b2262126a1ebb6fd87d6a198dd7809693e",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "1c85fd333d0adaee2fa4a19937b2f8ee3a210804c94a6582c453d5bb88781c50",
+            "config.json": "d9273afe9e8a812c0b7b0dc69fa729c9f14e343693e711cb9f0d1d857f49d90f",
             "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "add09e98314c49215ee9223a3bf79143a61888f12b67fb0489e6d91a86d189a8",
+            "config.json": "83b471a2a67d150a1358423588c5f1249ec6d643c1e68754449cc2f1f4fe1165",
             "model.safetensors": "b579f55805dd2d08fa5dfe230964badbd0088ffc590d7cc1b1005aec158d089d",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "901cc57c63c441af13052b041272fe760ce2daa6d86178856d0ad2e719ba8c7c",
+            "config.json": "e1fb467869a104da9296551ba45c685910537368600099136f0553907af8624b",
             "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "9039578171af3b006774a28bbbaab7dd6a7ca0c841597fb23dd00b53cee332fe",
+            "config.json": "d712f03e2eb7e0ec89ee5d9ca001e2def7d20831087778197340c64554b58f6f",
             "model.safetensors": "7449950de615389b801ea206f0109c216cead6b96e6ed54ed5fdc74e34437028",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "c3ffd6f7753f563855b80deee60a0b0fa4a9887afaa20a74dadb65febe0615cb",
+            "config.json": "887739ebb80cb72aec35a4c6cfd9c63e2a7ce63241696d6676de743f1dc5d746",
             "model.safetensors": "eee1d07f4224255942d09299c297762694e7dba3f47fd5ea8b9600164df07c60",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "5e5e05f17e112481e78d8c2115d11b7fc7d7d42c80446289b29c227b4e18fc2c",
+            "config.json": "e7b1453d4c1227f3bbcff97856b236a54027f3b63d2aa3ca13bae60efa048c5e",
             "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "6b9be367562f7cd161b66545f0b16403e7180f5c24f6e27c10fdbee6d43c3636",
+            "config.json": "3882198dcc326d6fbd7287cdadcdec9d7086b072ae3d7b49215bb6ea7261b177",
             "model.safetensors": "9522a49eaf64524d31c109be207da82b2e56ee05197e6ee1fed7fcd510e4a4d1",
         },
     ),
