@@ -312,3 +312,13 @@ def test_prediction_normalises_like_training(channel_names, tmp_path, monkeypatc
     predict_module.predict_probabilities(model, predict_module.load_scan(files))
     torch.testing.assert_close(inputs[0][0], validation_input, rtol=0, atol=0)
     assert validation_input.abs().max() > 0.1  # a real mapping, not all zeros
+
+
+def test_veloxseg_predict_stays_the_function_after_the_submodule_is_imported(model, case_files):
+    """``veloxseg.predict(...)`` segments whether or not ``veloxseg.predict`` was imported as a module."""
+    import importlib
+
+    importlib.import_module("veloxseg.predict")
+    first = np.asarray(veloxseg.predict(model, case_files).dataobj)
+    again = np.asarray(veloxseg.predict(model, case_files).dataobj)
+    assert first.shape == nib.load(case_files[0]).shape and np.array_equal(first, again)

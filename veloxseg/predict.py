@@ -20,12 +20,14 @@ import glob
 import os
 import re
 import sys
+import types
 import warnings
 import zlib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -578,3 +580,15 @@ def _nifti(array: np.ndarray, scan: Scan) -> nib.Nifti1Image:
         img.set_sform(scan.affine, int(scan.header["sform_code"]))
         img.set_qform(scan.affine, int(scan.header["qform_code"]))
     return img
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`predict`. Importing ``veloxseg.predict`` makes the module the
+    package attribute of that name, which would hide the function that ``veloxseg.predict(...)``
+    documents; calling the module calls the function instead."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nib.Nifti1Image:
+        return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
