@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        command = "python benchmarks/brain_generalisation.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        command = "python benchmarks/brain_generalisation.py " + " ".join(argv if argv is not None else sys.argv[1:])
         args.out.with_suffix(".md").write_text(
             f"# Brain tissue on a held-out T1 (Colin27 skull-stripped)\n\n`{command}`\n\n{table}\n"
         )

@@ -45,10 +45,10 @@ def score_cases(
     hd95_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
     n_classes = len(classes) + 1
     dices, hd95s, example = [], [], {}
+    channels = (metadata or model_metadata(model)).channels
     for case in cases:
         if case.label is None:
             raise ValueError(f"case {case.case_id} has no label to score against")
-        channels = (metadata or model_metadata(model)).channels
         files = [f for f, c in zip(case.images, channels) if present is None or c.group in present]
         scan = load_scan(files)
         probs = predict_probabilities(
