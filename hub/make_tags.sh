@@ -49,7 +49,7 @@ train)
     mkdir -p "$RUNS"
     {
         run veloxseg_small.petct --model veloxseg_small $PETCT --max-steps 1500 --val-every 500
-        run veloxseg_small.mni152 --model veloxseg_small $MNI152 --max-steps 1500 --val-every 500
+        run veloxseg_small.mni152 --model veloxseg_small $MNI152 --max-steps 4500 --val-every 1500
         run veloxseg_small.ssl --model veloxseg_small $SSL --max-steps 1500 --val-every 500
     } &
     {
@@ -57,7 +57,7 @@ train)
         run veloxseg_base.petct --model veloxseg_base $PETCT --max-steps 600 --val-every 300
         run veloxseg_base.ssl --model veloxseg_base $SSL --max-steps 500 --val-every 500
         run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 1200 --val-every 400
-        run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 1500 --val-every 500
+        run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 4500 --val-every 1500
         run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL --max-steps 1000 --val-every 500
         run veloxseg_tiny.petct --model veloxseg_tiny $PETCT --max-steps 2000 --val-every 500
     } &

@@ -118,8 +118,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "415f8786529df081e41d70e21d6ea5d915377dd15b4259b91dd9d35baf544b5d",
-            "model.safetensors": "231d44523ebc10d87694ddc4e08590b2262126a1ebb6fd87d6a198dd7809693e",
+            "config.json": "f94cbfd4df36bdbdc204932a91663c58e27f1ebfbf67b994abf8af52ecc47994",
+            "model.safetensors": "d9c8710ced1a26a64342805a418d8aae44e64a6861975895699138f31aba4b90",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
@@ -148,8 +148,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "887739ebb80cb72aec35a4c6cfd9c63e2a7ce63241696d6676de743f1dc5d746",
-            "model.safetensors": "eee1d07f4224255942d09299c297762694e7dba3f47fd5ea8b9600164df07c60",
+            "config.json": "1d2f74afa6da5b8affdde80cb27cbd34865412e8dc7eb3f44008a07e851c2c6b",
+            "model.safetensors": "32b09cfe6a5403b2305fd91edb82b6eaa0b6cb7caff631a7447b2e59514227ce",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
