@@ -44,7 +44,7 @@ RECIPES: dict[str, Recipe] = {
         dropout=0.0,
         lr=8e-3,  # veloxseg_small_hr's, chosen on validation splits: benchmarks/results/learning_rates.json
         max_grad_norm=1.0,
-        # chosen on validation splits, 4 seeds, both tasks: benchmarks/experiments/head-init/head-prior-validation-0.1.json
+        # chosen on validation splits, 4 seeds: benchmarks/experiments/head-init/head-prior-validation-0.1.json
         head_init_scale=0.1,
         head_class_prior=True,
     ),
