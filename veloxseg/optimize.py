@@ -8,7 +8,7 @@ biases and activations fused. Two parts that inductor compiles poorly run as han
 block, and the conv branch of the JLC blocks with 4-channel groups. On this project's 2-core EPYC,
 1 thread, one 2 x 96^3 patch of veloxseg_small: about 0.75 of the eager time and 0.47 of a
 straightforward implementation's, with the same outputs (relative error ~2e-6 to the authors'
-vectors; ``benchmarks/speed.py`` and ``benchmarks/results/speed_notes.md`` have the numbers). The
+vectors; ``benchmarks/speed.py`` and ``benchmarks/experiments/speed/speed_notes.md`` have the numbers). The
 price is a one-time compilation (about a minute on 2 CPU cores) and a C++ compiler on the machine.
 """
 

@@ -14,7 +14,7 @@ with DDP, or as several CPU processes under ``torchrun --nproc_per_node 2 -m vel
 
 The default recipe (``--recipe default``) trains the recommended ``veloxseg_small_hr`` with L_seg on
 its full-resolution head, no teachers and no dropout: what learned best at short CPU budgets
-(benchmarks/results/accuracy.md). The paper's recipe (deep supervision, teachers, L_seg + 0.5 L_rc
+(benchmarks/experiments/recipe/). The paper's recipe (deep supervision, teachers, L_seg + 0.5 L_rc
 + 2 L_sdkt, lr 2.5e-4) is one flag away, here in two stages, then fine-tuning the result on another dataset:
 
     veloxseg train --stage pretrain --data DIR --model veloxseg_small --output-dir runs/pretrain

@@ -24,7 +24,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         base_ch=32, attn_base_ch=32, min_dim_group=(8, 16, 16, 32), num_heads=(2, 4, 4, 8), min_dim_head=(8, 16, 16, 32)
     ),
     # Not in the paper: small with a half-resolution head and a detail path that takes its logits to full
-    # resolution (layers/detail.py), the recommended variant (benchmarks/results/accuracy.md: it learns
+    # resolution (layers/detail.py), the recommended variant (benchmarks/experiments/equal-cpu-5min/: it learns
     # sub-patch detail that small cannot).
     "veloxseg_small_hr": dict(detail_ch=8),
 }
@@ -102,7 +102,7 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 # --write updates config.json's); everything else about a tag is in its config.json. ``pretrained=True`` loads
 # them from the Hub cache, the veloxseg-weights package, the copy shipped with veloxseg, else the Hub
 # (veloxseg.hub), each file checked against its SHA-256. Each variant's default comes first: the kind of tag that fine-tuned best on a task
-# it was not trained on (benchmarks/results/finetune-colin27*.md: tissue, then lesions, then SSL).
+# it was not trained on (benchmarks/experiments/finetune/: tissue, then lesions, then SSL).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={

@@ -153,7 +153,7 @@ class PointwiseConv3d(nn.Conv3d):
 
 # PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels, and which detour is
 # faster depends on the CPU (veloxseg_small's level-1 5x5x3 conv, 32 width-folded channels in 4 groups,
-# batch 2 x 64^3, one thread; benchmarks/results/speed_notes.md):
+# batch 2 x 64^3, one thread; benchmarks/experiments/speed/speed_notes.md):
 # - AVX-512 (an AMD EPYC with avx512_bf16): the dense conv's weight gradient, 6.2 instead of 13.9 ms;
 # - AVX2 only (an AMD EPYC without AVX-512): dense is slower there (31.6 vs 17.6 ms); the grouped one
 #   on channels-last copies of the input and of the output gradient takes 14.5 ms instead.

@@ -1,6 +1,6 @@
 """Training recipes: what a segmentation run optimises and which training-only parts the model keeps.
 
-* ``default``: what measured best at short CPU budgets (``benchmarks/results/accuracy.md``): L_seg on
+* ``default``: what measured best at short CPU budgets (``benchmarks/experiments/recipe/``): L_seg on
   the full-resolution head only (no deep supervision), no teachers (SDKT did not pay at the budgets
   measured), no dropout, a peak learning rate chosen on validation splits, and a new model's head
   started small (a tenth of its Kaiming weights) with the training labels' class shares as its prior
@@ -44,7 +44,7 @@ RECIPES: dict[str, Recipe] = {
         dropout=0.0,
         lr=8e-3,  # veloxseg_small_hr's, chosen on validation splits: benchmarks/results/learning_rates.json
         max_grad_norm=1.0,
-        # chosen on validation splits, 4 seeds, both tasks: benchmarks/results/head-prior-validation-0.1.json
+        # chosen on validation splits, 4 seeds: benchmarks/experiments/head-init/head-prior-validation-0.1.json
         head_init_scale=0.1,
         head_class_prior=True,
     ),
