@@ -10,6 +10,8 @@
 #                                  # SKIP="veloxseg_tiny.petct ..." leaves runs out)
 #   bash hub/make_tags.sh tags     # hub/<tag>/ from the runs; then paste the printed entries into PUBLISHED
 #                                  # and run python hub/tags_table.py --write (cards, tables, hashes)
+#   bash hub/make_tags.sh heldout  # the tissue tags on Colin27 (no fine-tuning at 1-3 mm; fine-tuning
+#                                  # against scratch); then `tags` and --write again put the numbers on them
 set -euo pipefail
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
@@ -65,7 +67,7 @@ train)
     ;;
 tags)
     petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone."
-    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on randomly deformed MNI152 2009a templates with SynthSeg-style domain randomisation, 64^3 ROI."
+    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on randomly deformed MNI152 2009a templates with SynthSeg-style domain randomisation, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
     petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
     mni_data=(--test-data "$DATA/mni152" --notice "$DATA/mni152/NOTICE.txt"
@@ -75,12 +77,21 @@ tags)
         tag $variant.petct $variant.petct_lesions "$petct" "${petct_data[@]}"
         tag $variant.ssl $variant.ssl_generalist "$ssl" "${ssl_data[@]}"
     done
+    for variant in veloxseg_small veloxseg_small_hr; do  # their Colin27 numbers once `heldout` has run
+        colin27=$($PY hub/colin27_metrics.py $variant 2>/dev/null || true)
+        tag $variant.mni152 $variant.mni152_tissue "$mni" "${mni_data[@]}" $colin27
+    done
+    ;;
+heldout)  # the tissue tags on Colin27 (seen by no tag): then `tags` again records the numbers in them
+    $PY benchmarks/brain_generalisation.py --models veloxseg_small veloxseg_small_hr --resolutions 1 1.5 2 3 \
+        --out benchmarks/results/brain-generalisation
     for variant in veloxseg_small veloxseg_small_hr; do
-        tag $variant.mni152 $variant.mni152_tissue "$mni" "${mni_data[@]}"
+        $PY benchmarks/finetune.py --data "$DATA/colin27" --variant $variant --starts scratch mni152_tissue --seed 0 1 2 \
+            --out benchmarks/results/finetune-colin27-$variant
     done
     ;;
 *)
-    echo "usage: bash hub/make_tags.sh data|train|tags" >&2
+    echo "usage: bash hub/make_tags.sh data|train|tags|heldout" >&2
     exit 2
     ;;
 esac

@@ -128,6 +128,23 @@ def test_tags_table_has_every_published_tag_with_its_budget_cost_and_held_out_nu
     assert sum("(default)" in row for row in rows) == len({name.split(".")[0] for name in PUBLISHED})
 
 
+def test_tissue_tags_show_their_numbers_on_a_brain_of_another_source():
+    from veloxseg.provenance import held_out
+    from veloxseg.variants import PUBLISHED
+
+    tissue = [name for name in PUBLISHED if name.endswith(".mni152_tissue")]
+    assert tissue
+    for name in tissue:
+        metrics = json.loads((hub.SHIPPED_MODELS / name / hub.CONFIG_NAME).read_text())
+        metrics = metrics["pretrained_cfg"]["veloxseg"]["metrics"]
+        unseen = sorted(v for k, v in metrics.items() if k.startswith("colin27_dice_"))
+        assert len(unseen) >= 3, name  # without fine-tuning, at several resolutions
+        words = held_out(metrics)
+        assert f"unseen Colin27 T1 {unseen[0]:.3f}-{unseen[-1]:.3f} at 1/" in words, words
+        assert f"fine-tuned on it {metrics['colin27_finetune_dice']:.3f}" in words, words
+        assert metrics["colin27_finetune_dice"] > metrics["colin27_scratch_dice"], name
+
+
 def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
     tags_table = load_script(ROOT / "hub" / "tags_table.py")
     assert tags_table.check() == []  # cards, NOTICEs, config.json descriptions, hashes, tags.md, MODEL_CARD.md
@@ -140,6 +157,7 @@ def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
     assert files["README.md"] != (tmp_path / name / hub.CARD_NAME).read_text()
     assert "| test_dice | 0.5 | test | 4 |" in files["README.md"]
     assert "test (4 cases): Dice 0.500" in json.loads(files["config.json"])["pretrained_cfg"]["description"]
-    assert tags_table.row(name, tmp_path).startswith(f"| `{name}` (default) | MNI152BrainTissue | 1500 steps of 2 patches")
+    budget = config["pretrained_cfg"]["veloxseg"]["publication"]["budget"]
+    assert tags_table.row(name, tmp_path).startswith(f"| `{name}` (default) | MNI152BrainTissue | {budget} |")
     hd95 = config["pretrained_cfg"]["veloxseg"]["metrics"]["test_hd95"]
-    assert f" | Dice 0.500, HD95 {hd95:.1f} mm | 4 | apache-2.0 |" in tags_table.row(name, tmp_path)
+    assert f" | Dice 0.500, HD95 {hd95:.1f} mm; unseen Colin27 T1 " in tags_table.row(name, tmp_path)

@@ -55,7 +55,26 @@ def held_out(metrics: dict[str, float]) -> str:
     subsets = [f"{name.removeprefix('test_dice@')} alone {value:.3f}" for name, value in metrics.items()
                if name.startswith("test_dice@")]  # fmt: skip
     dice += f" ({', '.join(subsets)})" if subsets else ""
-    return f"{dice}, HD95 {metrics['test_hd95']:.1f} mm" if "test_hd95" in metrics else dice
+    dice = f"{dice}, HD95 {metrics['test_hd95']:.1f} mm" if "test_hd95" in metrics else dice
+    return "; ".join([dice, *unseen_source(metrics)])
+
+
+def unseen_source(metrics: dict[str, float]) -> list[str]:
+    """The tissue tags' numbers on Colin27, a T1 brain of another source that no tag trains on: Dice
+    without fine-tuning at each resolution (``colin27_dice_<mm>mm``, benchmarks/brain_generalisation.py)
+    and after fine-tuning against scratch (``colin27_finetune_dice`` / ``colin27_scratch_dice``,
+    benchmarks/finetune.py)."""
+    by_mm = {float(name[len("colin27_dice_") : -2].replace("_", ".")): value for name, value in metrics.items()
+             if name.startswith("colin27_dice_") and name.endswith("mm")}  # fmt: skip
+    words = []
+    if by_mm:
+        resolutions = "/".join(f"{mm:g}" for mm in sorted(by_mm))
+        words.append(f"unseen Colin27 T1 {min(by_mm.values()):.3f}-{max(by_mm.values()):.3f} at {resolutions} mm")
+    if "colin27_finetune_dice" in metrics and "colin27_scratch_dice" in metrics:
+        words.append(
+            f"fine-tuned on it {metrics['colin27_finetune_dice']:.3f} against scratch {metrics['colin27_scratch_dice']:.3f}"
+        )
+    return words
 
 
 def description(metadata: ModelMetadata) -> str:

@@ -118,7 +118,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "f94cbfd4df36bdbdc204932a91663c58e27f1ebfbf67b994abf8af52ecc47994",
+            "config.json": "e9015670f35a19591e71234be5afc9e422f22e3cafad3ef6df31c3166431fe4d",
             "model.safetensors": "d9c8710ced1a26a64342805a418d8aae44e64a6861975895699138f31aba4b90",
         },
     ),
@@ -148,7 +148,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "1d2f74afa6da5b8affdde80cb27cbd34865412e8dc7eb3f44008a07e851c2c6b",
+            "config.json": "395c9a130de42985ef4e2ba8527a2d1d995959c9c1950837fcd9a2350ab1515f",
             "model.safetensors": "32b09cfe6a5403b2305fd91edb82b6eaa0b6cb7caff631a7447b2e59514227ce",
         },
     ),
