@@ -92,10 +92,11 @@ def test_bundle_layout(bundle):
     assert (image["num_channels"], image["spatial_shape"]) == (2, [64] * 3)
     assert image["channel_def"] == {"0": "T1", "1": "T2"}
     assert image["value_range"] == []  # T1 is z-scored: no bound
+    assert (image["spacing"], image["orientation"]) == ([3.0, 2.5, 4.0], "RAS")
     assert (pred["num_channels"], pred["channel_def"]) == (2, {"0": "background", "1": "lesion"})
     assert meta["eval_metrics"] == {"dice": 0.5}
     assert "license" not in meta["copyright"].lower()
-    assert set(meta["required_packages_version"]) == {"nibabel", "pytorch-ignite"}
+    assert set(meta["required_packages_version"]) == {"nibabel", "pytorch-ignite", "fire"}
 
 
 def test_model_ts_is_the_eager_network(bundle):

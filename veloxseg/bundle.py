@@ -48,8 +48,9 @@ from .predict import model_metadata, present_metadata
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 PAPER = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation (ICLR 2026)"
-# What the workflow imports beyond MONAI and torch (metadata.json's required_packages_version).
-REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite")
+# What running the bundle needs beyond MONAI and torch (metadata.json's required_packages_version): the
+# NIfTI reader, the evaluator's engine and python -m monai.bundle's command line.
+REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire")
 # The MONAI model zoo's bundles log the runner's progress to the console in this layout.
 LOGGING_CONF = """[loggers]
 keys=root
@@ -91,11 +92,11 @@ def channel_normalisation_config(key: str, info: ChannelInfo) -> list[dict[str, 
     if info.normalisation == "ct" and info.clip is None:
         return [{"_target_": "NormalizeIntensityd", "keys": key, "subtrahend": info.mean, "divisor": info.std}]
     if info.normalisation == "ct":
-        lo, hi = info.clip
+        (a_min, a_max), (b_min, b_max) = info.clip, window_range(info)
         return [
             {
-                "_target_": "ScaleIntensityRanged", "keys": key, "a_min": lo, "a_max": hi, "clip": True,
-                "b_min": (lo - info.mean) / info.std, "b_max": (hi - info.mean) / info.std,
+                "_target_": "ScaleIntensityRanged", "keys": key, "a_min": a_min, "a_max": a_max, "clip": True,
+                "b_min": b_min, "b_max": b_max,
             }
         ]  # fmt: skip
     if info.normalisation == "zscore":
@@ -217,7 +218,8 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
                 "image": {
                     "type": "image", "format": "magnitude", "modality": ", ".join(channels.values()),
                     "num_channels": len(channels), "channel_def": channels, "value_range": input_range(meta.channels),
-                    **patch,
+                    **patch, "orientation": meta.orientation,  # the voxel grid the scans are resampled to
+                    **({"spacing": list(meta.spacing)} if meta.spacing is not None else {}),  # mm; none: native
                 }
             },
             "outputs": {
@@ -230,12 +232,18 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
     }
 
 
+def window_range(info: ChannelInfo) -> tuple[float, float]:
+    """The values a "ct" channel with a ``clip`` window takes once normalised: the window's ends mapped."""
+    lo, hi = info.clip
+    return (lo - info.mean) / info.std, (hi - info.mean) / info.std
+
+
 def input_range(channels: list[ChannelInfo]) -> list[float]:
     """[min, max] of the normalised input, or [] (MONAI's "not known") when a channel has no bound:
     a "ct" channel with a clip window maps it onto a fixed range; the z-scores have none."""
-    bounds = [((lo - c.mean) / c.std, (hi - c.mean) / c.std) for c in channels if c.clip for lo, hi in [c.clip]]
-    if len(bounds) < len(channels):
+    if not all(c.normalisation == "ct" and c.clip for c in channels):
         return []
+    bounds = [window_range(c) for c in channels]
     return [min(lo for lo, _ in bounds), max(hi for _, hi in bounds)]
 
 
@@ -313,7 +321,7 @@ Segment a folder of NIfTI cases, each one file per channel, {files}, or one 4-D 
 torch alone (the network is `models/model.ts`, TorchScript):
 
 ```bash
-pip install monai nibabel pytorch-ignite
+pip install monai nibabel pytorch-ignite fire
 python -m monai.bundle run --config_file {name}/configs/inference.json --bundle_root {name} \\
     --dataset_dir IN --output_dir OUT
 ```
