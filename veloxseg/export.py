@@ -32,6 +32,7 @@ from .bundle import export_bundle, is_bundle
 from .hub import NOTICE_NAME
 from .io import atomic_file, check_output
 from .model import VeloxSeg
+from .optimize import OptimizedVeloxSeg
 from .predict import add_model_arguments, model_from_args, model_metadata, present_metadata
 
 FORMATS = ("onnx", "torchscript")
@@ -52,7 +53,7 @@ class PresentGroups(nn.Module):
 
 
 def export(
-    model: VeloxSeg, path: str | os.PathLike, format: str = "onnx", *, overwrite: bool = False,
+    model: VeloxSeg | OptimizedVeloxSeg, path: str | os.PathLike, format: str = "onnx", *, overwrite: bool = False,
     tolerance: float = TOLERANCE, present: Sequence[str | int] | None = None,
 ) -> float:  # fmt: skip
     """Export a copy of ``model`` (eval mode, CPU) to ``path``, check it against PyTorch on a random
@@ -67,7 +68,7 @@ def export(
         raise ValueError(f"unknown export format {format!r}; use one of {', '.join(FORMATS)}")
     path = Path(path)
     check_export_output(path, format, overwrite, model_sources(model))
-    model = copy.deepcopy(model).cpu().eval()
+    model = plain_torch_copy(model)
     cfg = model.config
     groups = model.present_groups(present)
     metadata = present_metadata(model_metadata(model), groups)
@@ -96,6 +97,17 @@ def export(
                 f"the {format} export differs from PyTorch by {diff:.3g} (tolerance {tolerance}); not written"
             )
     return diff
+
+
+def plain_torch_copy(model: VeloxSeg | OptimizedVeloxSeg) -> VeloxSeg:
+    """An eval-mode CPU copy of ``model`` (of the network inside an optimized one) that runs PyTorch's own
+    ops only: veloxseg's compiled CPU kernels (``veloxseg.optimize``) turned off, as an exported graph
+    must not call them (they exist only where veloxseg built them)."""
+    model = copy.deepcopy(model.model if isinstance(model, OptimizedVeloxSeg) else model).cpu().eval()
+    for module in model.modules():
+        if hasattr(module, "fused_kernel"):
+            module.fused_kernel = False
+    return model
 
 
 def check_export_output(path: Path, format: str, overwrite: bool, sources: list[Path]) -> None:
