@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import veloxseg
 from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
 from veloxseg.layers.conv import OneDNNConv3d, PatchConv3d, grouped_conv3d
-from veloxseg.layers.pwa import relative_position_index, window_attention
+from veloxseg.layers.pwa import PairedWindowAttention, relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
 
@@ -251,6 +251,19 @@ def test_window_attention_is_softmax_attention(windows, heads, length, width, va
     (grad,) = torch.autograd.grad(out.square().sum(), q)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), q)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [(0, 1), (1,)])
+def test_paired_window_attention_gradcheck(groups):
+    """The attention's backward (the gather's and scatter's per-scale splits, max pools and resizes) matches
+    finite differences in float64, with both modality groups and with one missing."""
+    torch.manual_seed(0)
+    scales = window_scales((4, 4, 4), (2, 2, 2), (1, 1, 1))
+    attn = PairedWindowAttention(4, 2, scales, num_heads=1, qk_head_dim=2).double()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    xs = [torch.randn(1, 4, 4, 4, 4, dtype=torch.float64, requires_grad=True) for _ in groups]
+    assert torch.autograd.gradcheck(lambda *xs: tuple(attn(list(xs), groups)), xs)
 
 
 @pytest.mark.parametrize("kernel_sizes", [(1, 3, 5), (3,), (5, 7)])
