@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import veloxseg
-from veloxseg.layers import JLCBlock, conv, pixel_shuffle_3d, window_scales
+from veloxseg.layers import JLCBlock, pixel_shuffle_3d, window_scales
 from veloxseg.layers.conv import OneDNNConv3d, PatchConv3d, grouped_conv3d
-from veloxseg.layers.pwa import relative_position_index, window_attention
+from veloxseg.layers.pwa import PairedWindowAttention, relative_position_index, window_attention
 
 from .conftest import SMALL_ROI
 
@@ -152,12 +152,10 @@ def test_pixel_shuffle_3d_channels_last_gradient(f):
     assert torch.equal(leaf_cl.grad, leaf_cf.grad)
 
 
-@pytest.mark.parametrize("method", ["dense", "channels_last"])
-@pytest.mark.parametrize("channels, groups, kernel", [(16, 4, (5, 5, 3)), (32, 4, (3, 3, 3)), (8, 2, (1, 1, 1))])
-def test_grouped_conv3d_fast_weight_gradient(monkeypatch, method, channels, groups, kernel):
-    """CPU training takes the grouped conv's weight gradient by this CPU's faster detour (both tested
-    here): the forward is the same bit for bit, every gradient matches autograd's through F.conv3d."""
-    monkeypatch.setattr(conv, "weight_grad_method", lambda: method)
+@pytest.mark.parametrize("channels, groups, kernel", [(16, 4, (5, 5, 3)), (32, 4, (3, 3, 3)), (64, 8, (3, 3, 3))])
+def test_grouped_conv3d_fast_weight_gradient(channels, groups, kernel):
+    """CPU training takes the grouped conv's weight gradient on channels-last copies: the forward is the
+    same bit for bit, every gradient matches autograd's through F.conv3d."""
     x = torch.randn(2, channels, 6, 5, 4)
     weight = torch.randn(channels, channels // groups, *kernel) * 0.1
     bias = torch.randn(channels)
@@ -176,14 +174,13 @@ def test_grouped_conv3d_fast_weight_gradient(monkeypatch, method, channels, grou
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "capability, method",
-    [("AVX512", "dense"), ("AVX512_BF16", "dense"), ("AVX2", "channels_last"), ("DEFAULT", "channels_last")],
-)
-def test_weight_grad_method_follows_cpu(monkeypatch, capability, method):
-    """The narrow weight gradient's detour is the one measured faster on that kind of CPU."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert conv.weight_grad_method() == method
+@pytest.mark.parametrize("channels, groups, kernel", [(8, 2, (1, 1, 1)), (128, 8, (3, 3, 3))])
+def test_grouped_conv3d_own_weight_gradient(channels, groups, kernel):
+    """1x1x1 kernels and wide convs keep PyTorch's own backward (faster there)."""
+    x = torch.randn(2, channels, 4, 4, 4)
+    weight = (torch.randn(channels, channels // groups, *kernel) * 0.1).requires_grad_()
+    out = grouped_conv3d(x, weight, None, tuple(k // 2 for k in kernel), groups)
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
 
 
 @pytest.mark.parametrize("in_ch, bias, input_grad", [(1, True, False), (2, False, True)])
@@ -254,6 +251,19 @@ def test_window_attention_is_softmax_attention(windows, heads, length, width, va
     (grad,) = torch.autograd.grad(out.square().sum(), q)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), q)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [(0, 1), (1,)])
+def test_paired_window_attention_gradcheck(groups):
+    """The attention's backward (the gather's and scatter's per-scale splits, max pools and resizes) matches
+    finite differences in float64, with both modality groups and with one missing."""
+    torch.manual_seed(0)
+    scales = window_scales((4, 4, 4), (2, 2, 2), (1, 1, 1))
+    attn = PairedWindowAttention(4, 2, scales, num_heads=1, qk_head_dim=2).double()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    xs = [torch.randn(1, 4, 4, 4, 4, dtype=torch.float64, requires_grad=True) for _ in groups]
+    assert torch.autograd.gradcheck(lambda *xs: tuple(attn(list(xs), groups)), xs)
 
 
 @pytest.mark.parametrize("kernel_sizes", [(1, 3, 5), (3,), (5, 7)])

@@ -151,31 +151,26 @@ class PointwiseConv3d(nn.Conv3d):
         return F.linear(x, self.weight.flatten(1), self.bias)
 
 
-# PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels, and which detour is
-# faster depends on the CPU (veloxseg_small's level-1 5x5x3 conv, 32 width-folded channels in 4 groups,
-# batch 2 x 64^3, one thread; benchmarks/experiments/speed/speed_notes.md):
-# - AVX-512 (an AMD EPYC with avx512_bf16): the dense conv's weight gradient, 6.2 instead of 13.9 ms;
-# - AVX2 only (an AMD EPYC without AVX-512): dense is slower there (31.6 vs 17.6 ms); the grouped one
-#   on channels-last copies of the input and of the output gradient takes 14.5 ms instead.
-# From 64 channels on, PyTorch's own is the fastest on both.
-FAST_WEIGHT_GRAD_MAX_CHANNELS = 32
-
-
-def weight_grad_method() -> str:
-    """How :func:`grouped_conv3d` computes narrow weight gradients on this CPU: "dense" or "channels_last"."""
-    return "dense" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "channels_last"
+# PyTorch's CPU weight gradient of a grouped 3-D conv is slow for few channels; on channels-last copies of
+# the input and of the output gradient it is 2.5-4x faster (batch 2, one thread, an AMD EPYC with AVX-512,
+# torch 2.14, copies included: the level-1 width-folded 5x5x3 conv, 32 channels in 4 groups at 16x16x8,
+# 3.4 ms instead of 8.8 ms, or 5.6 ms as the dense conv's gradient cut to its diagonal blocks; 64 channels
+# in 8 groups at 4^3, 5^3: 0.34 instead of 1.35 ms; an AVX2-only EPYC: 14.5 instead of 17.6 ms). Not for
+# 1x1x1 kernels (0.58 instead of 0.07 ms) nor from 128 channels on (2.4 instead of 0.4 ms).
+FAST_WEIGHT_GRAD_MAX_CHANNELS = 64
 
 
 def grouped_conv3d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, ...], groups: int
 ) -> torch.Tensor:
     """``F.conv3d(x, weight, bias, padding=padding, groups=groups)`` (stride 1), the same forward; when
-    training on the CPU in float32 with at most ``FAST_WEIGHT_GRAD_MAX_CHANNELS`` input channels, its weight
-    gradient takes the faster detour for this CPU (:class:`_FastWeightGradConv3d`).
+    training on the CPU in float32 with at most ``FAST_WEIGHT_GRAD_MAX_CHANNELS`` input channels and a kernel
+    wider than one voxel, its weight gradient is computed on channels-last tensors (:class:`_FastWeightGradConv3d`).
     Shapes: (B, C_in, D, H, W) -> (B, C_out, D, H, W)."""
     if (
         groups > 1
         and x.shape[1] <= FAST_WEIGHT_GRAD_MAX_CHANNELS
+        and weight.shape[2:].numel() > 1
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")  # bf16 autocast: PyTorch's own conv and backward
@@ -183,19 +178,18 @@ def grouped_conv3d(
         and torch.is_grad_enabled()
         and eager()
     ):
-        return _FastWeightGradConv3d.apply(x, weight, bias, tuple(padding), groups, weight_grad_method())
+        return _FastWeightGradConv3d.apply(x, weight, bias, tuple(padding), groups)
     return F.conv3d(x, weight, bias, padding=padding, groups=groups)
 
 
 class _FastWeightGradConv3d(torch.autograd.Function):
-    """Grouped conv whose backward computes the weight gradient by ``method``: "dense", as that of the
-    dense conv (C_out, C_in, k), keeping its ``groups`` diagonal blocks (more FLOPs, on a faster CPU path),
-    or "channels_last", PyTorch's grouped one on channels-last copies. The input gradient is PyTorch's own."""
+    """Grouped conv whose backward computes the weight gradient with PyTorch's grouped kernel on channels-last
+    copies of the input and of the output gradient. The input gradient is PyTorch's own."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, groups, method):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, padding, groups):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.groups, ctx.method, ctx.has_bias = padding, groups, method, bias is not None
+        ctx.padding, ctx.groups, ctx.has_bias = padding, groups, bias is not None
         return F.conv3d(x, weight, bias, padding=padding, groups=groups)
 
     @staticmethod
@@ -208,15 +202,7 @@ class _FastWeightGradConv3d(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, ones, ctx.padding, ones, False, zeros, groups, [True, False, False]
             )[0]
-        if ctx.needs_input_grad[1] and ctx.method == "dense":
-            c_out, c_in_group, *kernel = weight.shape
-            dense = weight.new_empty(c_out, c_in_group * groups, *kernel)  # only its shape is read
-            grad_dense = torch.ops.aten.convolution_backward(
-                grad, x, dense, None, ones, ctx.padding, ones, False, zeros, 1, [False, True, False]
-            )[1]
-            blocks = grad_dense.view(groups, c_out // groups, groups, c_in_group, *kernel)
-            grad_weight = torch.stack([blocks[g, :, g] for g in range(groups)]).view(weight.shape)
-        elif ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:
             layout = torch.channels_last_3d
             grad_weight = torch.ops.aten.convolution_backward(
                 grad.contiguous(memory_format=layout), x.contiguous(memory_format=layout), weight, None,
@@ -224,4 +210,4 @@ class _FastWeightGradConv3d(torch.autograd.Function):
             )[1].contiguous()  # fmt: skip
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 2, 3, 4))
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None

@@ -41,7 +41,7 @@ class DetailPath(nn.Module):
         self.stem = OneDNNConv3d(in_ch, width, 4, stride=2, padding=1)
         self.up = nn.ConvTranspose3d(u1_ch, width, 2, stride=2)
         self.mix = nn.Conv3d(2 * width, width, 1)
-        self.spatial = OneDNNConv3d(width, width, 3, padding=1, channels_last_backward=True)
+        self.spatial = OneDNNConv3d(width, width, 3, padding=1, channels_last_input=True, channels_last_backward=True)
         self.out = nn.Conv3d(width, 8 * n_classes, 1)
 
     def reset_output(self) -> None:

@@ -189,9 +189,9 @@ class PairedWindowAttention(nn.Module):
             tokens = norm(x)
             # One GEMM for all scales (4 narrow ones took 2.5x as long at level 1), sliced scale by scale.
             projected = F.linear(tokens, qkv.weight.flatten(1)[self.scale_major_rows], qkv.bias[self.scale_major_rows])
+            # split, not slices: the backward of S slices writes S zero-filled gradients of the whole projection
             start = 0
-            for j, (scale, count) in enumerate(zip(self.scales, counts)):
-                part = projected[..., j * width : (j + 1) * width]
+            for scale, count, part in zip(self.scales, counts, projected.split(width, dim=-1)):
                 if scale.pool != (1, 1, 1):
                     part = F.max_pool3d(part.permute(0, 4, 1, 2, 3), scale.pool, scale.pool).permute(0, 2, 3, 4, 1)
                 part = part.view(b, count[0], self.tokens[0], count[1], self.tokens[1], count[2], self.tokens[2], width)
@@ -213,19 +213,17 @@ class PairedWindowAttention(nn.Module):
         groups = tokens.shape[3] // math.prod(self.tokens)
         tokens = tokens.unflatten(3, (groups, -1))  # (B, N, h, M, L, c)
         out = tokens.new_empty(groups, b, *grid, len(self.scales), heads, c)
-        start = 0
-        for j, (scale, resize) in enumerate(zip(self.scales, self.resize_matrices)):
-            counts = [g // w for g, w in zip(grid, scale.window)]
-            part = tokens[:, start : start + math.prod(counts)]
-            start += math.prod(counts)
+        counts = [[g // w for g, w in zip(grid, scale.window)] for scale in self.scales]
+        parts = tokens.split([math.prod(count) for count in counts], dim=1)  # (split's backward: no zero-filling)
+        for j, (scale, resize, count, part) in enumerate(zip(self.scales, self.resize_matrices, counts, parts)):
             if scale.pool != (1, 1, 1):
                 # (L, B*N_j*h*M*c) layout: one plain GEMM resizes every window of the scale at once.
                 part = resize @ part.permute(4, 0, 1, 2, 3, 5).reshape(part.shape[4], -1)
-                part = part.view(*scale.window, b, *counts, heads, groups, c).permute(8, 3, 4, 0, 5, 1, 6, 2, 7, 9)
+                part = part.view(*scale.window, b, *count, heads, groups, c).permute(8, 3, 4, 0, 5, 1, 6, 2, 7, 9)
             else:
-                part = part.reshape(b, *counts, heads, groups, *scale.window, c).permute(5, 0, 1, 6, 2, 7, 3, 8, 4, 9)
-            target = out[..., j, :, :].view(groups, b, counts[0], scale.window[0], counts[1], scale.window[1],
-                                            counts[2], scale.window[2], heads, c)  # fmt: skip
+                part = part.reshape(b, *count, heads, groups, *scale.window, c).permute(5, 0, 1, 6, 2, 7, 3, 8, 4, 9)
+            target = out[..., j, :, :].view(groups, b, count[0], scale.window[0], count[1], scale.window[1],
+                                            count[2], scale.window[2], heads, c)  # fmt: skip
             target.copy_(part)
         return out.flatten(-3)
 
