@@ -31,7 +31,7 @@ def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     as separate autograd graphs, about twenty passes over (B, C, *spatial) tensors forward and backward.
     Here the gradient has a closed form (:class:`_DiceCE`), and float32 CPU tensors take one pass each way
     on veloxseg's CPU kernel (``csrc/dice_ce.cpp``, built on first use; PyTorch ops when it cannot be built,
-    or on other devices and dtypes): ``benchmarks/results/step-speed.md`` has the timings.
+    or on other devices and dtypes): ``benchmarks/experiments/speed/step-speed.md`` has the timings.
     """
     if logits.shape[1] < 2:
         raise ValueError(f"dice_ce_loss needs >= 2 classes (background first), got logits {list(logits.shape)}")
