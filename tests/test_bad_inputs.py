@@ -21,6 +21,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 import veloxseg
+import veloxseg.data.demo
 import veloxseg.training.data
 from veloxseg.cli import main
 from veloxseg.config import VeloxSegConfig
@@ -519,7 +520,7 @@ def test_nonfinite_step_leaves_the_weights_and_stops_after_the_limit(model):
     network, optimizer, scheduler = accelerator.prepare(network, optimizer, scheduler)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     image = torch.randn(1, 2, 64, 64, 64)
-    image[0, 0, 3, 3, 3] = float("nan")
+    image[0, 0, 3, 3, 3] = 3e38  # finite (a NaN is refused by the forward), but overflows inside the network
     batch = {"image": image, "label": torch.zeros(1, 1, 64, 64, 64)}
     terms = train_step(network, batch, VeloxSegLoss(1.0, 0.0, 0.0), optimizer, scheduler, accelerator)
     assert not torch.isfinite(terms["grad_norm"])
@@ -626,3 +627,34 @@ def test_hf_dataset_offline_is_one_line(monkeypatch, tmp_path):
     )  # fmt: skip
     refused(code, "hf_dataset someone/no-such-dataset (split train) cannot be loaded")
     assert not (tmp_path / "out").exists()
+
+
+# --- issue 35 leftovers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_voxel_is_named_not_turned_into_nan_logits(model, value):
+    x = torch.randn(2, 2, 64, 64, 64)
+    x[1, 1, 3, 4, 5] = value
+    with pytest.raises(ValueError, match=r"input holds 1 non-finite voxels \(NaN/inf\) in channel\(s\) CT \(1\)"):
+        model(x)
+    with pytest.raises(ValueError, match="non-finite voxels"):
+        model.forward_features(x)
+    x[1, 1] = 0  # the same voxel in a group the sample lacks is never read
+    x[0, 1, 0, 0, 0] = value
+    assert torch.isfinite(model(x, present=torch.tensor([[True, False], [True, True]]))).all()
+    assert torch.isfinite(model(x, present=["PET"])).all()
+
+
+def test_nonfinite_check_stays_out_of_traced_graphs(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "check_finite", lambda x, groups: calls.append(x.shape))
+    x = torch.randn(1, 2, 64, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert calls == []  # a data-dependent check has no place in a graph (ONNX, TorchScript, torch.export)
+    model(x)
+    assert calls == [x.shape]
+    x[0, 0, 1, 2, 3] = float("nan")
+    assert torch.isnan(traced(x)).all()
+

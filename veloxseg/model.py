@@ -361,7 +361,26 @@ class VeloxSeg(nn.Module):
                 f"roi_size), got {list(x.shape[2:])}; use sliding-window inference for larger volumes or "
                 f"create the model with roi_size=..."
             )
+        if not _traced():
+            self.check_finite(x, groups)
         return groups
+
+    def check_finite(self, x: torch.Tensor, groups: Groups = None) -> None:
+        """Raise ValueError naming the channels when ``x`` (B, C, D, H, W) holds a NaN or an infinity in a
+        channel of a group it has (``groups`` as ``check_input`` returns it; a missing group's channels are
+        never read): one NaN voxel would make every logit NaN. Costs one ``isfinite`` pass when all is finite."""
+        if bool(torch.isfinite(x).all()):
+            return
+        if groups is not None:  # (B, sum(in_ch), D, H, W), a missing group's channels 0
+            x = with_missing_channels_zeroed(x, groups, self.config.in_ch)
+        counts = (~torch.isfinite(x)).transpose(0, 1).flatten(1).sum(1).tolist()  # per channel
+        names = [name for group in self.group_channels() for name in group]
+        named = [f"{names[c]} ({n})" for c, n in enumerate(counts) if n]
+        if named:
+            raise ValueError(
+                f"input holds {sum(counts)} non-finite voxels (NaN/inf) in channel(s) {', '.join(named)}: a single "
+                f"one makes every logit NaN; fix or mask them first (e.g. torch.nan_to_num)"
+            )
 
     def present_groups(self, present: Present) -> tuple[int, ...] | None:
         """The groups ``present`` names for every sample alike (channel names, group indices or a (M,) bool
@@ -579,6 +598,15 @@ class VeloxSeg(nn.Module):
         training_only = [self.teachers, self.decoder.aux_heads]
         skip = {id(p) for m in training_only if m is not None for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def _traced() -> bool:
+    """Whether the forward runs under TorchScript, tracing, torch.compile / torch.export or ONNX export:
+    data-dependent checks are left out of the graph."""
+    return (
+        torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )  # fmt: skip
 
 
 def has_group(present: Groups, group: int) -> bool:

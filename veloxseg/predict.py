@@ -22,7 +22,6 @@ import re
 import sys
 import types
 import warnings
-import zlib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -42,14 +41,13 @@ from .io import atomic_file, check_output
 from .metadata import ModelMetadata
 from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
+from .nifti import NIFTI_SUFFIXES, READ_ERRORS, nifti_stem, nonfinite_problem, nonfinite_voxels
 from .optimize import OptimizedVeloxSeg, optimize
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
 CaseInput = ImageInput | Sequence[ImageInput] | dict[str | int, ImageInput]
 SegModel = VeloxSeg | OptimizedVeloxSeg
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 LABEL_LIKE_VALUES = 8  # a channel of at most this many distinct integer values looks like a label map
 LABEL_CHECK_VOXELS = 1_000_000  # voxels sampled per channel for that check
 
@@ -108,9 +106,9 @@ def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
                 f"channel files must be co-registered on one voxel grid"
             )
         data = _read_data(img, name)
-        bad = data.size - np.count_nonzero(np.isfinite(data))
+        bad = nonfinite_voxels(data)
         if bad:
-            raise ValueError(f"{name}: {bad} NaN or infinite voxel(s); fix or mask them before segmenting")
+            raise ValueError(f"{nonfinite_problem(name, bad)}; fix or mask them before segmenting")
         volumes.append(data.reshape(*data.shape[:3], -1))
         if not isinstance(item, nib.spatialimages.SpatialImage):
             sources.append(Path(item))
@@ -338,7 +336,7 @@ def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dic
     channels in order; a case may lack some (which, :func:`case_channels` checks against the model)."""
     channels: dict[str, dict[int, Path]] = {}
     for path in files:
-        case, channel = channel_of_file(path.name, channel_names) or (_stem(path), 0)
+        case, channel = channel_of_file(path.name, channel_names) or (nifti_stem(path), 0)
         if channel in channels.setdefault(case, {}):
             raise ValueError(
                 f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}"
@@ -489,12 +487,8 @@ def _cases_from_args(
         if other:
             raise ValueError(f"input file(s) {', '.join(other)}: not NIfTI (.nii or .nii.gz)")
         found = channel_of_file(inputs[0].name, channel_names)
-        cases = {found[0] if found else _stem(inputs[0]): list(inputs)}
+        cases = {found[0] if found else nifti_stem(inputs[0]): list(inputs)}
     return cases, None if names_a_file else output
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(next(s for s in NIFTI_SUFFIXES if path.name.endswith(s)))]
 
 
 def _check_input_type(item: object, index: int) -> None:

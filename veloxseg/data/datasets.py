@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
+from ..nifti import READ_ERRORS, nonfinite_problem, nonfinite_voxels
+
 SPLITS_FILE = "splits_final.json"
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -288,7 +288,7 @@ def from_hf_dataset(
             row = ds[index]
             case_id = str(row[case_id_column]) if case_id_column else case_id
             write_nnunet_case(out_dir, case_id, [row[c] for c in image_columns], row[label_column])
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             problems.append(f"row {index} ({case_id}): {type(err).__name__}: {err}")
     if problems:
         raise DatasetError(out_dir, problems)
@@ -400,7 +400,7 @@ def _case_problems(
             return None
         try:
             return nib.load(path)
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             problems.append(f"unreadable {what} file {rel(path)}: {type(err).__name__}: {err}")
             return None
 
@@ -435,10 +435,9 @@ def _case_problems(
     if check_values:
         for path, img in zip(case.images, images):
             data = _read_data(img, rel(path), problems)
-            with np.errstate(over="ignore"):  # training reads float32: a larger value is an infinity there
-                num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data.astype(np.float32)))
+            num_bad = 0 if data is None else nonfinite_voxels(data)
             if num_bad:
-                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s) (or beyond float32's range, 3.4e38)")
+                problems.append(nonfinite_problem(rel(path), num_bad))
         if label is not None:
             data = _read_data(label, rel(case.label), problems)
             if data is not None:
@@ -456,6 +455,6 @@ def _read_data(img: nib.Nifti1Image, name: str, problems: list[str]) -> np.ndarr
     """The voxel array, or ``None`` after noting why it could not be read (e.g. a truncated file)."""
     try:
         return np.asanyarray(img.dataobj)
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         problems.append(f"unreadable data in {name}: {type(err).__name__}: {err}")
         return None
