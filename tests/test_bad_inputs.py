@@ -658,3 +658,39 @@ def test_nonfinite_check_stays_out_of_traced_graphs(model, monkeypatch):
     x[0, 0, 1, 2, 3] = float("nan")
     assert torch.isnan(traced(x)).all()
 
+
+def test_demo_data_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_state(tmp_path)
+    generate_case = veloxseg.data.demo.generate_case
+
+    def crash_on_the_second_case(seed, index, *args, **kwargs):
+        if index == 1:
+            raise MemoryError("killed")
+        return generate_case(seed, index, *args, **kwargs)
+
+    monkeypatch.setattr(veloxseg.data.demo, "generate_case", crash_on_the_second_case)
+    with pytest.raises(MemoryError):
+        make_demo_dataset(tmp_path / "demo", num_train=2, num_test=0, shape=(24, 24, 24))
+    assert tree_state(tmp_path) == before  # no half-written dataset, no temporary folder
+
+
+@pytest.mark.parametrize("script", ["prepare_brain_templates", "prepare_brain_contrasts", "prepare_ssl_corpus"])
+def test_prepare_scripts_never_replace_what_they_did_not_write(tmp_path, capsys, script):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    try:
+        main_of_script = runpy.run_path(str(Path(__file__).parents[1] / "examples" / f"{script}.py"))["main"]
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dataset.json").write_text('{"name": "my own dataset"}')
+    (tmp_path / "a_file").write_text("not a folder")
+    before = tree_state(tmp_path)
+    for out, message in (("mine", "mine is not empty"), ("a_file", "a_file is a file")):
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit) as exit_info:
+                main_of_script([str(tmp_path / out), *flags])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err), err
+            assert tree_state(tmp_path) == before
+

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
+from ..io import atomic_folder
 from ..nifti import READ_ERRORS, nonfinite_problem, nonfinite_voxels
 
 SPLITS_FILE = "splits_final.json"
@@ -224,6 +227,33 @@ def write_dataset_json(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+@contextmanager
+def new_dataset_folder(out: str | Path, name: str, overwrite: bool = False) -> Iterator[Path]:
+    """The folder to fill with dataset ``name`` (its dataset.json's ``name``), renamed to ``out`` when the
+    block ends without an error (:func:`veloxseg.io.atomic_folder`): a crash leaves no half-written
+    dataset. ``out`` must be new or empty, or with ``overwrite`` hold a dataset of that ``name`` (one the
+    same command wrote); anything else is refused (FileExistsError, one line) before anything is written."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not (overwrite and _dataset_name(out) == name):
+            what = "is a file" if not out.is_dir() else "is not empty"
+            raise FileExistsError(
+                f"{out} {what}: the {name} dataset is written into a new or empty folder only"
+                + (", or with --overwrite over a folder of that dataset" if out.is_dir() else "")
+            )
+    with atomic_folder(out) as tmp:
+        yield tmp
+
+
+def _dataset_name(folder: Path) -> str | None:
+    """The ``name`` in ``folder``'s dataset.json; None when it has none or no readable one."""
+    try:
+        meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta.get("name") if isinstance(meta, dict) else None
 
 
 def write_nnunet_case(
