@@ -694,3 +694,19 @@ def test_prepare_scripts_never_replace_what_they_did_not_write(tmp_path, capsys,
             assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err), err
             assert tree_state(tmp_path) == before
 
+
+def test_timm_checkpoint_path_takes_a_tag_file_or_says_in_one_line_why_not():
+    import timm
+
+    tag = Path(__file__).parents[1] / "hub" / "veloxseg_tiny.petct_lesions"
+    weights, model_args = str(tag / "model.safetensors"), json.loads((tag / "config.json").read_text())["model_args"]
+    with pytest.raises(ValueError) as refused_load:  # the variant's default ROI: other attention tables
+        timm.create_model("veloxseg_tiny", checkpoint_path=weights)
+    assert "\n" not in str(refused_load.value) and "of another shape (e.g. attention." in str(refused_load.value)
+    with pytest.warns(UserWarning, match="training-only tensors .* keep their initialisation"):
+        training = timm.create_model("veloxseg_tiny", checkpoint_path=weights, **{**model_args, "teachers": True})
+    exact = timm.create_model("veloxseg_tiny", checkpoint_path=weights, **model_args)
+    published = veloxseg.create_model("veloxseg_tiny.petct_lesions", pretrained=True).state_dict()
+    assert exact.state_dict().keys() == published.keys()
+    assert all(torch.equal(published[k], v) for k, v in [*exact.state_dict().items()])
+    assert all(torch.equal(published[k], v) for k, v in training.state_dict().items() if k in published)

@@ -1,6 +1,7 @@
 """The VeloxSeg network: attention stream + JLC conv stream, student decoder, reconstruction teachers."""
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,8 @@ from .layers import (
 from .metadata import ModelMetadata
 from .modalities import Present, resolve_present
 
+# The modules only training reads: published weights are saved without them (configs teachers / deep_supervision).
+TRAINING_ONLY = ("teachers.", "decoder.aux_heads.")
 # what the network reads of ``present`` (veloxseg.modalities.resolve_present): None, shared groups, per-sample mask
 Groups = tuple[int, ...] | torch.Tensor | None
 
@@ -592,6 +595,46 @@ class VeloxSeg(nn.Module):
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload this model to the Hugging Face Hub. See veloxseg.hub.push_to_hub."""
         return hub.push_to_hub(self, repo_id, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's load (timm's ``checkpoint_path=`` loads through it), but with ``strict`` the training-only
+        modules (:data:`TRAINING_ONLY`: teachers, deep-supervision heads) may be absent on either side, as in
+        the published tags: absent from the weights, they keep their initialisation (a warning says so);
+        absent from the model, their weights are left out. Any other mismatch is one ValueError line that
+        counts the missing, unexpected and reshaped tensors (weights of another config)."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        problems = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (
+                ("missing", [k for k in missing if not k.startswith(TRAINING_ONLY)]),
+                ("unexpected", [k for k in unexpected if not k.startswith(TRAINING_ONLY)]),
+            )
+            if keys
+        ]
+        if reshaped:
+            k = reshaped[0]
+            problems.append(
+                f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state_dict[k].shape)} in the weights, "
+                f"{tuple(own[k].shape)} here)"
+            )
+        if problems:
+            raise ValueError(
+                f"the weights do not fit this VeloxSeg ({'; '.join(problems)}): they come from a model of another "
+                f"config; build it with theirs, or load their folder with VeloxSeg.from_pretrained(folder) (or "
+                f"create_model('local-dir:folder')), which reads its config.json and adapts them"
+            )
+        if missing:
+            warnings.warn(
+                f"{len(missing)} training-only tensors (teachers, deep-supervision heads) are not in the weights and "
+                f"keep their initialisation; for inference build the model with teachers=False, deep_supervision=False",
+                stacklevel=2,
+            )
+        return super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
 
     def inference_parameters(self) -> int:
         """Parameters used by an eval-mode forward (no teachers, no deep-supervision heads)."""
