@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
+from .model import VeloxSeg
 from .provenance import Publication, hub_base_model, split_of
-
-if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
-    from .model import VeloxSeg
 
 PIPELINE_TAG = "image-segmentation"
 TAGS = ["veloxseg", "medical-imaging", "image-segmentation", "3d", "pytorch", "safetensors"]

@@ -11,7 +11,7 @@ import torch
 
 from .adapt import state_dict_problems
 from .config import VeloxSegConfig
-from .model import VeloxSeg
+from .hub import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from . import hub
 from .config import NUM_LEVELS, VeloxSegConfig
 from .layers import (
     CheckpointedSequential, DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm,
@@ -312,6 +311,9 @@ class VeloxSeg(nn.Module):
     In training mode returns a :class:`VeloxSegOutput` with deep-supervision logits, the teachers'
     reconstruction and the Gram matrices for self-supervised distillation (SDKT). Build with
     ``VeloxSeg(config)`` or ``VeloxSeg(**config_fields)`` (both: the fields override the config).
+
+    The network alone: ``veloxseg.VeloxSeg`` (what ``create_model`` builds) adds the Hub I/O methods
+    ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` (:class:`veloxseg.hub.HubMixin`).
     """
 
     def __init__(self, config: VeloxSegConfig | None = None, **overrides: Any) -> None:
@@ -580,21 +582,6 @@ class VeloxSeg(nn.Module):
             stem=r"^attention\.patch_embeds|^encoder\.downs\.0\.|^decoder\.detail\.stem",
             blocks=r"^(?:attention\.(?:levels|merges)|encoder\.(?:downs|mixers|stages))\.(\d+)",
         )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "VeloxSeg":
-        """A trained model from a ``save_pretrained`` folder, a Hub repo id ``org/name`` or a published tag
-        (huggingface_hub's ``ModelHubMixin`` call: ``revision=``, ``cache_dir=``; other keyword arguments
-        change config fields, the weights adapted). See veloxseg.hub.from_pretrained."""
-        return hub.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
-        """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""
-        return hub.save_pretrained(self, save_directory, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload this model to the Hugging Face Hub. See veloxseg.hub.push_to_hub."""
-        return hub.push_to_hub(self, repo_id, **kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """torch's load (timm's ``checkpoint_path=`` loads through it), but with ``strict`` the training-only

@@ -14,9 +14,8 @@ from timm.models import build_model_with_cfg, register_model, resolve_pretrained
 from torch import nn
 
 from .config import NUM_LEVELS
-from .hub import create_from_hub, load_pretrained, published_config
+from .hub import VeloxSeg, create_from_hub, load_pretrained, published_config
 from .metadata import ModelMetadata
-from .model import VeloxSeg
 from .variants import VARIANTS, default_cfgs, describe_3d, translate_timm_args, variant_cfg
 
 # timm's register_model reads the pretrained configs from ``default_cfgs`` of the entrypoints' module.
