@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from .bundle import export_bundle, is_bundle
+from .cli import add_model_arguments, model_from_args
 from .hub import NOTICE_NAME
 from .io import atomic_file, check_output
 from .model import VeloxSeg
-from .predict import add_model_arguments, model_from_args, model_metadata, present_metadata
+from .predict import model_metadata, present_metadata
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_KINDS = {"onnx": "an ONNX file", "torchscript": "a TorchScript file"}  # for messages

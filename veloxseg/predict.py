@@ -36,6 +36,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 from tqdm import tqdm
 
+from .cli import add_model_arguments, model_from_args
 from .data.transforms import IMAGE, preprocessing_transforms
 from .io import atomic_file, check_output
 from .metadata import ModelMetadata
@@ -343,26 +344,6 @@ def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dic
             )
         channels[case][channel] = path
     return {case: [found[c] for c in sorted(found)] for case, found in sorted(channels.items())}
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and --pretrained, shared by ``predict`` and ``export``."""
-    parser.add_argument(
-        "--model", required=True, help="registry name (veloxseg_small[.tag]), hf-hub:org/repo or local-dir:/path"
-    )
-    parser.add_argument(
-        "--pretrained", action="store_true", help="load a registry name's pretrained weights (hub models always do)"
-    )
-
-
-def model_from_args(args: argparse.Namespace) -> VeloxSeg:
-    """The model named by --model, with weights for hf-hub:/local-dir: sources and with --pretrained."""
-    from .registry import create_model
-
-    from_hub = args.model.startswith(("hf-hub:", "local-dir:"))
-    if not (from_hub or args.pretrained):
-        print(f"veloxseg: warning: {args.model} has random weights (pass --pretrained to load them)", file=sys.stderr)
-    return create_model(args.model, pretrained=from_hub or args.pretrained).eval()
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
