@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from ..io import atomic_folder
+from ..modalities import channel_file_name, channel_file_pattern
 from ..nifti import READ_ERRORS, nonfinite_problem, nonfinite_voxels
 
 SPLITS_FILE = "splits_final.json"
@@ -271,7 +272,7 @@ def write_nnunet_case(
     (root / f"images{subset}").mkdir(parents=True, exist_ok=True)
     paths = []
     for channel, image in enumerate(images):
-        paths.append(root / f"images{subset}" / f"{case_id}_{channel:04d}{file_ending}")
+        paths.append(root / f"images{subset}" / channel_file_name(case_id, channel, file_ending))
         nib.save(image, paths[-1])
     label_path = None
     if label is not None:
@@ -371,7 +372,7 @@ def _read_nnunet(root: Path, meta: dict[str, Any]) -> DatasetSpec:
 def _scan_nnunet(root: Path, subset: str, num_channels: int, ending: str, label_required: bool) -> list[Case]:
     """Cases found in ``images<subset>``/``labels<subset>``; missing files are left for validation."""
     images_dir, labels_dir = root / f"images{subset}", root / f"labels{subset}"
-    pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
+    pattern = channel_file_pattern(ending)
     case_ids, stray = set(), []
     for path in sorted(images_dir.glob(f"*{ending}")):
         match = pattern.match(path.name)
@@ -389,7 +390,7 @@ def _scan_nnunet(root: Path, subset: str, num_channels: int, ending: str, label_
     return [
         Case(
             case_id,
-            tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(num_channels)),
+            tuple(images_dir / channel_file_name(case_id, c, ending) for c in range(num_channels)),
             labels_dir / f"{case_id}{ending}" if has_labels else None,
         )
         for case_id in sorted(case_ids)
