@@ -52,7 +52,7 @@ from .adapt import AdaptationReport, adapt_state_dict
 from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
 from .model import VeloxSeg as VeloxSegNetwork
 from .provenance import description, inherited
 from .variants import (
@@ -199,8 +199,7 @@ def model_files(model: VeloxSegNetwork, metadata: ModelMetadata | None = None, r
     :func:`veloxseg.variants.describe_3d`; a published tag's ``description`` from its publication facts).
     Arguments as for :func:`save_pretrained`."""
     cfg = model.config
-    if metadata is None:
-        metadata = ModelMetadata.fitting(model.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes)
+    metadata = model_metadata(model) if metadata is None else metadata
     problems = metadata.problems(cfg.in_ch, cfg.n_classes)
     if problems:
         raise ValueError(f"the metadata does not describe this model: {'; '.join(problems)}")

@@ -15,7 +15,7 @@ from .layers import (
     CheckpointedSequential, DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm,
     pixel_shuffle_3d,
 )  # fmt: skip
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
 from .modalities import Present, resolve_present
 
 # The modules only training reads: published weights are saved without them (configs teachers / deep_supervision).
@@ -395,9 +395,8 @@ class VeloxSeg(nn.Module):
     def group_channels(self) -> list[list[str]]:
         """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
         untrained model's are ``group{g}_channel{c}``)."""
-        cfg = self.config
-        channels = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes).channels
-        return [[c.name for c in channels if c.group == group] for group in range(cfg.num_groups)]
+        channels = model_metadata(self).channels
+        return [[c.name for c in channels if c.group == group] for group in range(self.config.num_groups)]
 
     def embed(self, x: torch.Tensor, present: Groups = None) -> tuple[Any, ...]:
         """The convs that read the input: (per-group attention tokens, the conv stream's stem output),

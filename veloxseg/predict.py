@@ -39,7 +39,7 @@ from tqdm import tqdm
 from .cli import add_model_arguments, model_from_args
 from .data.transforms import IMAGE, preprocessing_transforms
 from .io import atomic_file, check_output
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
 from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
 from .nifti import NIFTI_SUFFIXES, READ_ERRORS, nifti_stem, nonfinite_problem, nonfinite_voxels
@@ -67,13 +67,6 @@ class Scan:
     affine: np.ndarray
     header: nib.Nifti1Header | None
     sources: tuple[Path, ...]
-
-
-def model_metadata(model: SegModel) -> ModelMetadata:
-    """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none
-    or it does not fit the model's channels and classes."""
-    cfg = model.config
-    return ModelMetadata.fitting(getattr(model, "pretrained_cfg", {}).get("veloxseg"), cfg.in_ch, cfg.n_classes)
 
 
 def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
