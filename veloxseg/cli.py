@@ -63,6 +63,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_model_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads a model: its parser, with ``--model`` and ``--pretrained`` added."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_model_arguments(parser)
+    return parser
+
+
 def model_from_args(args: argparse.Namespace) -> VeloxSeg:
     """The model named by --model, with weights for hf-hub:/local-dir: sources and with --pretrained."""
     from_hub = args.model.startswith(("hf-hub:", "local-dir:"))

@@ -235,19 +235,13 @@ def push_to_hub(
     repo_id: str,
     *,
     metadata: ModelMetadata | None = None,
-    commit_message: str = "Upload VeloxSeg model",
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
+    **upload_options: Any,
 ) -> CommitInfo:
-    """Save ``model`` (as :func:`save_pretrained` does) and upload it to Hub repo ``repo_id``."""
+    """Save ``model`` (as :func:`save_pretrained` does) and upload it to Hub repo ``repo_id``;
+    ``upload_options``: :func:`push_folder`'s (commit_message, private, token, revision, create_pr)."""
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder, metadata=metadata, repo_id=repo_id)
-        return push_folder(
-            folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
-            create_pr=create_pr,
-        )  # fmt: skip
+        return push_folder(folder, repo_id, **upload_options)
 
 
 def push_folder(

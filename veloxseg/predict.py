@@ -36,7 +36,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 from tqdm import tqdm
 
-from .cli import add_model_arguments, model_from_args
+from .cli import add_model_command, model_from_args
 from .data.transforms import IMAGE, preprocessing_transforms
 from .io import atomic_file, check_output
 from .metadata import ModelMetadata, model_metadata
@@ -340,12 +340,12 @@ def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dic
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = add_model_command(
+        subparsers,
         "predict",
         help="segment NIfTI scans with a VeloxSeg model",
         description="Segment whole NIfTI scans; label maps keep each input's shape, affine and orientation.",
     )
-    add_model_arguments(parser)
     parser.add_argument(
         "-i", "--input", nargs="+", required=True, type=Path,
         help="a NIfTI file (channels in the 4th dimension), per-channel files <case>_0000.nii.gz ... or their "
