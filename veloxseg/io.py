@@ -48,7 +48,8 @@ def temporary_folder(folder: Path) -> Path:
 @contextmanager
 def atomic_folder(folder: Path) -> Iterator[Path]:
     """The empty folder :func:`temporary_folder` to fill (a leftover of an interrupted write is deleted
-    first); renamed to ``folder`` when the block ends without an error, deleted when it raises.
+    first); renamed to ``folder`` when the block ends without an error. When it raises, the temporary
+    folder stays until the next write of ``folder``.
 
     An older ``folder`` is renamed aside (``.old-<name>``) before the new one is renamed in and deleted
     only after: at every moment one of them is complete on disk, and a write killed between the two
@@ -62,11 +63,7 @@ def atomic_folder(folder: Path) -> Iterator[Path]:
         os.rename(old, folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    yield tmp
     if folder.exists():
         os.rename(folder, old)
         try:

@@ -14,7 +14,9 @@ dictionaries that the MONAI transforms in :mod:`veloxseg.data.transforms` load.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +27,7 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
-from ..io import atomic_folder
+from ..io import atomic_folder, temporary_folder
 from ..modalities import channel_file_name, channel_file_pattern
 from ..nifti import READ_ERRORS, nonfinite_problem, nonfinite_voxels
 
@@ -244,8 +246,12 @@ def new_dataset_folder(out: str | Path, name: str, overwrite: bool = False) -> I
                 f"{out} {what}: the {name} dataset is written into a new or empty folder only"
                 + (", or with --overwrite over a folder of that dataset" if out.is_dir() else "")
             )
-    with atomic_folder(out) as tmp:
-        yield tmp
+    try:
+        with atomic_folder(out) as tmp:
+            yield tmp
+    except BaseException:
+        shutil.rmtree(temporary_folder(Path(os.path.abspath(out))), ignore_errors=True)  # nothing half-written stays
+        raise
 
 
 def _dataset_name(folder: Path) -> str | None:
