@@ -21,7 +21,6 @@ and copyright. Usage::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,11 +29,13 @@ import numpy as np
 import torch
 from monai.transforms import RandAdjustContrast, RandAffine, RandBiasField, RandGaussianNoise
 from prepare_brain_templates import MNI152_NOTICE, tissue_labels
+from prepare_common import INSTALL_NILEARN, dataset_parser, run
 
-from veloxseg.data.datasets import write_dataset_json, write_nnunet_case
+from veloxseg.data.datasets import new_dataset_folder, write_dataset_json, write_nnunet_case
 
 CHANNEL_NAMES = ("T1", "T2", "FLAIR")
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2, "lesion": 3}
+DATASET_NAME = "MNI152BrainContrasts"  # dataset.json's name
 # Signal of each tissue (grey matter, white matter, CSF, lesion) in each contrast, before its gain.
 CONTRASTS = {
     "T1": (0.55, 0.85, 0.15, 0.5),
@@ -113,47 +114,42 @@ def case_labels(tissues: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return labels
 
 
-def prepare(out_dir: str | Path, num_train: int = 8, num_test: int = 2, seed: int = 0, resolution: int = 3) -> Path:
-    """Write the task to ``out_dir`` (nnU-Net v2 raw layout) and return its path."""
-    out = Path(out_dir)
-    if (out / "dataset.json").exists():
-        raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
-    maps, affine = load_tissue_maps(resolution)
-    for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
-        for index in range(count):
-            images, tissues = synthesise(maps, np.random.default_rng([seed, int(subset == "Ts"), index]), resolution)
-            write_nnunet_case(
-                out, f"{prefix}_{index:04d}", [nib.Nifti1Image(image, affine) for image in images],
-                nib.Nifti1Image(case_labels(tissues), affine), subset,
-            )  # fmt: skip
-    write_dataset_json(
-        out, CHANNEL_NAMES, LABELS, num_train, name="MNI152BrainContrasts",
-        description="Grey / white matter and synthetic lesions from T1-, T2- and FLAIR-like contrasts synthesised "
-        "from the MNI ICBM 2009a tissue maps",
-        reference="http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009", licence="see NOTICE.txt",
-    )  # fmt: skip
-    import nilearn
+def prepare(
+    out_dir: str | Path, num_train: int = 8, num_test: int = 2, seed: int = 0, resolution: int = 3,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write the task to ``out_dir`` (nnU-Net v2 raw layout) and return its path; ``overwrite``: replace a
+    folder of this task written before (any other non-empty folder is refused)."""
+    with new_dataset_folder(out_dir, DATASET_NAME, overwrite) as out:
+        maps, affine = load_tissue_maps(resolution)
+        import nilearn
 
-    details = {"resolution": resolution, "num_cases": num_train + num_test, "seed": seed}
-    (out / "NOTICE.txt").write_text(NOTICE.format(nilearn_version=nilearn.__version__, **details))
-    return out
+        for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
+            for index in range(count):
+                rng = np.random.default_rng([seed, int(subset == "Ts"), index])
+                images, tissues = synthesise(maps, rng, resolution)
+                write_nnunet_case(
+                    out, f"{prefix}_{index:04d}", [nib.Nifti1Image(image, affine) for image in images],
+                    nib.Nifti1Image(case_labels(tissues), affine), subset,
+                )  # fmt: skip
+        write_dataset_json(
+            out, CHANNEL_NAMES, LABELS, num_train, name=DATASET_NAME,
+            description="Grey / white matter and synthetic lesions from T1-, T2- and FLAIR-like contrasts synthesised "
+            "from the MNI ICBM 2009a tissue maps",
+            reference="http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009", licence="see NOTICE.txt",
+        )  # fmt: skip
+        details = {"resolution": resolution, "num_cases": num_train + num_test, "seed": seed}
+        (out / "NOTICE.txt").write_text(NOTICE.format(nilearn_version=nilearn.__version__, **details))
+    return Path(out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-train", type=int, default=8)
-    parser.add_argument("--num-test", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=3, help="voxel size in mm (default 3: 67 x 79 x 64)")
-    args = parser.parse_args(argv)
-    try:
-        out = prepare(args.out_dir, args.num_train, args.num_test, args.seed, args.resolution)
-    except ImportError:
-        parser.error('the MNI152 tissue maps need nilearn: pip install "veloxseg[demo]" (or pip install nilearn)')
-    print(f"wrote {args.num_train} training and {args.num_test} test cases to {out}")
-    return 0
+    return run(
+        dataset_parser(__doc__), argv,
+        lambda args: prepare(args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.overwrite),
+        f"the MNI152 tissue maps need nilearn: {INSTALL_NILEARN}",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,9 @@ import numpy as np
 import torch
 from monai.transforms import RandAdjustContrast, RandAffine, RandBiasField, RandGaussianNoise
 
-from veloxseg.data.datasets import write_dataset_json, write_nnunet_case
+from prepare_common import INSTALL_NILEARN, dataset_parser, run
+
+from veloxseg.data.datasets import new_dataset_folder, write_dataset_json, write_nnunet_case
 
 CHANNEL_NAMES = ("T1",)
 MRICRON_DIR = Path("/usr/share/mricron/templates")
@@ -219,64 +220,51 @@ def prepare(
     threshold: float = 0.5,
     template: str = "mni152",
     mricron_dir: str | Path = MRICRON_DIR,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path."""
-    out = Path(out_dir)
-    if (out / "dataset.json").exists():
-        raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
-    stack, affine = load_templates(resolution, template, mricron_dir)
+    """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path;
+    ``overwrite``: replace a folder of this task written before (any other non-empty folder is refused)."""
     task = TEMPLATES[template]
-    for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
-        for index in range(count):
-            t1, probabilities = augment(stack, np.random.default_rng([seed, int(subset == "Ts"), index]))
-            label = tissue_labels(probabilities, threshold=threshold)
-            write_nnunet_case(
-                out, f"{prefix}_{index:04d}", [nib.Nifti1Image(t1, affine)], nib.Nifti1Image(label, affine), subset
-            )
-    write_dataset_json(
-        out,
-        CHANNEL_NAMES,
-        task.labels,
-        num_train,
-        name=task.name,
-        description=task.description,
-        reference=task.reference,
-        licence="see NOTICE.txt",
-    )
-    details = {"resolution": resolution, "num_cases": num_train + num_test, "seed": seed, "regions": region_notice(task)}
-    if not task.aal_regions:  # the MNI152 notice names the nilearn release its files came from
-        import nilearn
+    with new_dataset_folder(out_dir, task.name, overwrite) as out:
+        stack, affine = load_templates(resolution, template, mricron_dir)
+        details = {
+            "resolution": resolution, "num_cases": num_train + num_test, "seed": seed, "regions": region_notice(task)
+        }  # fmt: skip
+        if not task.aal_regions:  # the MNI152 notice names the nilearn release its files came from
+            import nilearn
 
-        details["nilearn_version"] = nilearn.__version__
-    (out / "NOTICE.txt").write_text(task.notice.format(**details))
-    return out
+            details["nilearn_version"] = nilearn.__version__
+        for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
+            for index in range(count):
+                t1, probabilities = augment(stack, np.random.default_rng([seed, int(subset == "Ts"), index]))
+                label = tissue_labels(probabilities, threshold=threshold)
+                write_nnunet_case(
+                    out, f"{prefix}_{index:04d}", [nib.Nifti1Image(t1, affine)], nib.Nifti1Image(label, affine), subset
+                )
+        write_dataset_json(
+            out, CHANNEL_NAMES, task.labels, num_train, name=task.name, description=task.description,
+            reference=task.reference, licence="see NOTICE.txt",
+        )  # fmt: skip
+        (out / "NOTICE.txt").write_text(task.notice.format(**details))
+    return Path(out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--num-train", type=int, default=8)
-    parser.add_argument("--num-test", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=3, help="voxel size in mm (default 3: 67 x 79 x 64)")
+    parser = dataset_parser(__doc__)
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum tissue probability (default 0.5)")
     parser.add_argument("--template", choices=tuple(TEMPLATES), default="mni152", help="(default mni152)")
     parser.add_argument(
         "--mricron-dir", type=Path, default=MRICRON_DIR, help=f"colin27's files (default {MRICRON_DIR})"
     )
-    args = parser.parse_args(argv)
-    try:
-        out = prepare(
+    return run(
+        parser, argv,
+        lambda args: prepare(
             args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.threshold, args.template,
-            args.mricron_dir,
-        )  # fmt: skip
-    except ImportError:
-        parser.error('the mni152 template needs nilearn: pip install "veloxseg[demo]" (or pip install nilearn)')
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    print(f"wrote {args.num_train} training and {args.num_test} test cases to {out}")
-    return 0
+            args.mricron_dir, args.overwrite,
+        ),
+        f"the mni152 template needs nilearn: {INSTALL_NILEARN}",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ license. Usage::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,9 +30,12 @@ import nibabel as nib
 import numpy as np
 import torch
 from prepare_brain_templates import MNI152_NOTICE, MRICRON_DIR, augment
+from prepare_common import INSTALL_NILEARN, dataset_parser, run
 
-from veloxseg.data.datasets import write_dataset_json, write_nnunet_case
+from veloxseg.data.datasets import new_dataset_folder, write_dataset_json, write_nnunet_case
 from veloxseg.data.demo import GENERATOR_VERSION, generate_case
+
+DATASET_NAME = "VeloxSegSSLCorpus"  # dataset.json's name
 
 SYNTHETIC_SHAPES = ((96, 96, 64), (128, 96, 80), (80, 80, 96), (112, 112, 48))
 INIA19_NOTICE = """\
@@ -98,43 +100,40 @@ def inia19_stacks(mricron_dir: Path) -> Iterator[tuple[str, np.ndarray, np.ndarr
 
 
 def prepare(
-    out_dir: str | Path, copies: int = 3, synthetic: int = 12, seed: int = 0, mricron_dir: Path = MRICRON_DIR
-) -> Path:
-    """Write the corpus to ``out_dir`` (nnU-Net v2 raw layout, training cases only) and return its path."""
-    import nilearn
+    out_dir: str | Path, copies: int = 3, synthetic: int = 12, seed: int = 0, mricron_dir: Path = MRICRON_DIR,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write the corpus to ``out_dir`` (nnU-Net v2 raw layout, training cases only) and return its path;
+    ``overwrite``: replace a corpus written before (any other non-empty folder is refused)."""
+    with new_dataset_folder(out_dir, DATASET_NAME, overwrite) as out:
+        import nilearn
 
-    out = Path(out_dir)
-    if (out / "dataset.json").exists():
-        raise FileExistsError(f"{out} already holds a dataset.json; choose an empty folder")
-    rng = np.random.default_rng(seed)
-    sources = [synthetic_scans(synthetic, seed)]
-    notices = [SYNTHETIC_NOTICE.format(version=GENERATOR_VERSION, seeds=1000 + seed)]
-    sources += [template_scans(name, stack, affine, copies, rng) for name, stack, affine in mni152_stacks()]
-    notices.append(MNI152_NOTICE.format(
-        nilearn_version=nilearn.__version__, resolution="1, 2 and 3", num_cases=3 * copies, seed=seed
-    ))  # fmt: skip
-    inia19 = [template_scans(name, stack, affine, copies, rng) for name, stack, affine in inia19_stacks(mricron_dir)]
-    if inia19:
-        sources += inia19
-        notices.append(INIA19_NOTICE.format(version=_debian_version("mricron-data")))
-    count = 0
-    for scans in sources:
-        for name, image, affine in scans:
-            mask = nib.Nifti1Image(object_mask(image), affine)
-            write_nnunet_case(out, name, [nib.Nifti1Image(image.astype(np.float32), affine)], mask)
-            count += 1
-    write_dataset_json(
-        out,
-        ["image"],
-        {"background": 0, "object": 1},
-        count,
-        name="VeloxSegSSLCorpus",
-        description="Unlabelled scans for self-supervised pretraining (labels are rough object masks for sampling)",
-        licence="see NOTICE.txt",
-    )
-    header = "Sources of this corpus, each with its license. The labels are rough intensity masks.\n\n"
-    (out / "NOTICE.txt").write_text(header + "\n---\n\n".join(notices))
-    return out
+        rng = np.random.default_rng(seed)
+        sources = [synthetic_scans(synthetic, seed)]
+        notices = [SYNTHETIC_NOTICE.format(version=GENERATOR_VERSION, seeds=1000 + seed)]
+        sources += [template_scans(name, stack, affine, copies, rng) for name, stack, affine in mni152_stacks()]
+        notices.append(MNI152_NOTICE.format(
+            nilearn_version=nilearn.__version__, resolution="1, 2 and 3", num_cases=3 * copies, seed=seed
+        ))  # fmt: skip
+        stacks = inia19_stacks(mricron_dir)
+        inia19 = [template_scans(name, stack, affine, copies, rng) for name, stack, affine in stacks]
+        if inia19:
+            sources += inia19
+            notices.append(INIA19_NOTICE.format(version=_debian_version("mricron-data")))
+        count = 0
+        for scans in sources:
+            for name, image, affine in scans:
+                mask = nib.Nifti1Image(object_mask(image), affine)
+                write_nnunet_case(out, name, [nib.Nifti1Image(image.astype(np.float32), affine)], mask)
+                count += 1
+        write_dataset_json(
+            out, ["image"], {"background": 0, "object": 1}, count, name=DATASET_NAME,
+            description="Unlabelled scans for self-supervised pretraining (labels are rough object masks for sampling)",
+            licence="see NOTICE.txt",
+        )  # fmt: skip
+        header = "Sources of this corpus, each with its license. The labels are rough intensity masks.\n\n"
+        (out / "NOTICE.txt").write_text(header + "\n---\n\n".join(notices))
+    return Path(out_dir)
 
 
 def _debian_version(package: str) -> str:
@@ -151,19 +150,15 @@ def _debian_version(package: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
+    parser = dataset_parser(__doc__, counts=False)
     parser.add_argument("--copies", type=int, default=3, help="deformed copies per template and resolution")
     parser.add_argument("--synthetic", type=int, default=12, help="synthetic PET/CT cases (2 scans each)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mricron-dir", type=Path, default=MRICRON_DIR, help=f"(default {MRICRON_DIR})")
-    args = parser.parse_args(argv)
-    try:
-        out = prepare(args.out_dir, args.copies, args.synthetic, args.seed, args.mricron_dir)
-    except ImportError:
-        parser.error('nilearn is needed: pip install "veloxseg[demo]" (or pip install nilearn)')
-    print(f"wrote {len(list((out / 'imagesTr').iterdir()))} scans to {out}")
-    return 0
+    return run(
+        parser, argv,
+        lambda args: prepare(args.out_dir, args.copies, args.synthetic, args.seed, args.mricron_dir, args.overwrite),
+        f"nilearn is needed: {INSTALL_NILEARN}",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

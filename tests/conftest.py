@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 

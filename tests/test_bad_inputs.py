@@ -21,6 +21,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 import veloxseg
+import veloxseg.data.demo
 import veloxseg.training.data
 from veloxseg.cli import main
 from veloxseg.config import VeloxSegConfig
@@ -519,7 +520,7 @@ def test_nonfinite_step_leaves_the_weights_and_stops_after_the_limit(model):
     network, optimizer, scheduler = accelerator.prepare(network, optimizer, scheduler)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     image = torch.randn(1, 2, 64, 64, 64)
-    image[0, 0, 3, 3, 3] = float("nan")
+    image[0, 0, 3, 3, 3] = 3e38  # finite (a NaN is refused by the forward), but overflows inside the network
     batch = {"image": image, "label": torch.zeros(1, 1, 64, 64, 64)}
     terms = train_step(network, batch, VeloxSegLoss(1.0, 0.0, 0.0), optimizer, scheduler, accelerator)
     assert not torch.isfinite(terms["grad_norm"])
@@ -626,3 +627,86 @@ def test_hf_dataset_offline_is_one_line(monkeypatch, tmp_path):
     )  # fmt: skip
     refused(code, "hf_dataset someone/no-such-dataset (split train) cannot be loaded")
     assert not (tmp_path / "out").exists()
+
+
+# --- issue 35 leftovers -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_voxel_is_named_not_turned_into_nan_logits(model, value):
+    x = torch.randn(2, 2, 64, 64, 64)
+    x[1, 1, 3, 4, 5] = value
+    with pytest.raises(ValueError, match=r"input holds 1 non-finite voxels \(NaN/inf\) in channel\(s\) CT \(1\)"):
+        model(x)
+    with pytest.raises(ValueError, match="non-finite voxels"):
+        model.forward_features(x)
+    x[1, 1] = 0  # the same voxel in a group the sample lacks is never read
+    x[0, 1, 0, 0, 0] = value
+    assert torch.isfinite(model(x, present=torch.tensor([[True, False], [True, True]]))).all()
+    assert torch.isfinite(model(x, present=["PET"])).all()
+
+
+def test_nonfinite_check_stays_out_of_traced_graphs(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(model, "check_finite", lambda x, groups: calls.append(x.shape))
+    x = torch.randn(1, 2, 64, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x, check_trace=False)
+    assert calls == []  # a data-dependent check has no place in a graph (ONNX, TorchScript, torch.export)
+    model(x)
+    assert calls == [x.shape]
+    x[0, 0, 1, 2, 3] = float("nan")
+    assert torch.isnan(traced(x)).all()
+
+
+def test_demo_data_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    before = tree_state(tmp_path)
+    generate_case = veloxseg.data.demo.generate_case
+
+    def crash_on_the_second_case(seed, index, *args, **kwargs):
+        if index == 1:
+            raise MemoryError("killed")
+        return generate_case(seed, index, *args, **kwargs)
+
+    monkeypatch.setattr(veloxseg.data.demo, "generate_case", crash_on_the_second_case)
+    with pytest.raises(MemoryError):
+        make_demo_dataset(tmp_path / "demo", num_train=2, num_test=0, shape=(24, 24, 24))
+    assert tree_state(tmp_path) == before  # no half-written dataset, no temporary folder
+
+
+@pytest.mark.parametrize("script", ["prepare_brain_templates", "prepare_brain_contrasts", "prepare_ssl_corpus"])
+def test_prepare_scripts_never_replace_what_they_did_not_write(tmp_path, capsys, script):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    try:
+        main_of_script = runpy.run_path(str(Path(__file__).parents[1] / "examples" / f"{script}.py"))["main"]
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dataset.json").write_text('{"name": "my own dataset"}')
+    (tmp_path / "a_file").write_text("not a folder")
+    before = tree_state(tmp_path)
+    for out, message in (("mine", "mine is not empty"), ("a_file", "a_file is a file")):
+        for flags in ([], ["--overwrite"]):
+            with pytest.raises(SystemExit) as exit_info:
+                main_of_script([str(tmp_path / out), *flags])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert exit_info.value.code == 2 and message in err[-1] and "Traceback" not in "".join(err), err
+            assert tree_state(tmp_path) == before
+
+
+def test_timm_checkpoint_path_takes_a_tag_file_or_says_in_one_line_why_not():
+    import timm
+
+    tag = Path(__file__).parents[1] / "hub" / "veloxseg_tiny.petct_lesions"
+    weights, model_args = str(tag / "model.safetensors"), json.loads((tag / "config.json").read_text())["model_args"]
+    with pytest.raises(ValueError) as refused_load:  # the variant's default ROI: other attention tables
+        timm.create_model("veloxseg_tiny", checkpoint_path=weights)
+    assert "\n" not in str(refused_load.value) and "of another shape (e.g. attention." in str(refused_load.value)
+    with pytest.warns(UserWarning, match="training-only tensors .* keep their initialisation"):
+        training = timm.create_model("veloxseg_tiny", checkpoint_path=weights, **{**model_args, "teachers": True})
+    exact = timm.create_model("veloxseg_tiny", checkpoint_path=weights, **model_args)
+    published = veloxseg.create_model("veloxseg_tiny.petct_lesions", pretrained=True).state_dict()
+    assert exact.state_dict().keys() == published.keys()
+    assert all(torch.equal(published[k], v) for k, v in [*exact.state_dict().items()])
+    assert all(torch.equal(published[k], v) for k, v in training.state_dict().items() if k in published)

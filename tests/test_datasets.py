@@ -136,7 +136,7 @@ def test_validation_lists_every_bad_case_at_once(demo: Path) -> None:
         "case_0001": "shape (32, 32, 24) != labelsTr/case_0001.nii.gz shape (30, 32, 24)",
         "case_0002": "values [3] not in dataset.json labels",
         "case_0003": "unreadable data in imagesTr/case_0003_0000.nii.gz",
-        "case_0004": "imagesTr/case_0004_0001.nii.gz has 1 NaN/inf voxel(s)",
+        "case_0004": "imagesTr/case_0004_0001.nii.gz holds 1 non-finite voxels (NaN/inf",
         "case_0005": "affine differs from labelsTr/case_0005.nii.gz",
     }
     for case_id, words in expected.items():

@@ -1,44 +1,70 @@
-"""The core modules import each other in one direction only: no cycle, and no veloxseg import
-hidden inside a function to break one."""
+"""The modules of veloxseg import each other in one direction only: no cycle, counting every import
+(inside functions and under ``if TYPE_CHECKING:`` too), and the network depends on its config and layers."""
 
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "veloxseg"
-CORE = ("variants", "model", "adapt", "card", "hub", "registry")
+MODULES = {
+    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
+# export.py imports bundle.py, which imports export.py's overwrite check inside a function: to be moved.
+KNOWN_CYCLES = [{"veloxseg.bundle", "veloxseg.export"}]
 
 
-def imports(module: str) -> tuple[set[str], set[str]]:
-    """(veloxseg modules imported at module level, those imported inside functions) by ``module``;
-    imports under ``if TYPE_CHECKING:`` run for type checkers only and are left out."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    top, nested = set(), set()
+def imports(module: str) -> set[str]:
+    """The veloxseg modules ``module`` imports anywhere in its file (a package's ``__init__`` counts as the
+    package, ``from . import name`` as the submodule ``name`` when there is one)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("veloxseg")):
+            base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1]] if node.level else [])
+            base = ".".join(filter(None, [base, node.module]))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in MODULES:  # a name imported from a module: the module
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
 
-    def visit(node: ast.AST, inside_function: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
-                continue
-            if isinstance(child, ast.ImportFrom) and child.level == 1:
-                names = [child.module] if child.module else [alias.name for alias in child.names]
-                (nested if inside_function else top).update(n.split(".")[0] for n in names)
-            visit(child, inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
-    visit(tree, False)
-    return top, nested
-
-
-@pytest.mark.parametrize("module", CORE)
-def test_no_veloxseg_import_inside_functions(module):
-    assert imports(module)[1] == set()
+def cycles() -> list[set[str]]:
+    """The groups of modules that import each other (strongly connected components of more than one)."""
+    graph = {m: imports(m) for m in MODULES}
+    reach = {m: set() for m in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in reach[start]:
+                reach[start].add(module)
+                todo += graph[module]
+    groups = {frozenset({m} | {n for n in reach[m] if m in reach[n]}) for m in graph if m in reach[m]}
+    return [set(group) for group in groups]
 
 
-def test_core_modules_have_no_import_cycle():
-    graph = {m: imports(m)[0] & set(CORE) for m in CORE}
-    assert imports("variants")[0] <= {"config", "metadata"}  # the leaf: the variant table and configs
-    done: list[str] = []
-    while len(done) < len(graph):  # peel off modules whose imports are all done; a cycle never peels
-        ready = [m for m, deps in graph.items() if m not in done and deps <= set(done)]
-        assert ready, f"import cycle among {sorted(set(graph) - set(done))}"
-        done += ready
+def test_the_graph_sees_every_kind_of_import():
+    assert {"veloxseg.config", "veloxseg.layers", "veloxseg.modalities"} <= imports("veloxseg.model")
+    assert "veloxseg.predict" in imports("veloxseg")  # imported inside __getattr__
+    assert "veloxseg.model" in imports("veloxseg.hub")
+    assert len(MODULES) > 40  # subpackages included
+
+
+def test_no_module_imports_itself_back():
+    found = cycles()
+    assert [group for group in found if group not in KNOWN_CYCLES] == [], found
+
+
+def test_the_network_depends_on_its_config_and_layers_only():
+    allowed = {"veloxseg.config", "veloxseg.layers", "veloxseg.metadata", "veloxseg.modalities"}
+    assert imports("veloxseg.model") <= allowed
+    for module in ("veloxseg.metadata", "veloxseg.modalities"):  # leaves beside the config
+        assert imports(module) <= {"veloxseg.config"}

@@ -157,7 +157,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[Path], str]]:
         "affines differ": ([good, _write(folder / "c.nii.gz", volume, shifted)], "affine differs"),
         "2-D image": ([_write(folder / "flat.nii.gz", volume[:, :, 0])], "not a 3-D volume"),
         "one slice": ([_write(folder / "slice.nii.gz", volume[:, :, :1])], "not a 3-D volume"),
-        "NaN voxel": ([good, _write(folder / "nan.nii.gz", nan)], "1 NaN or infinite voxel(s)"),
+        "NaN voxel": ([good, _write(folder / "nan.nii.gz", nan)], "holds 1 non-finite voxels (NaN/inf"),
         "unreadable file": ([good, unreadable], "cannot read"),
         "truncated file": ([good, truncated], "cannot read the voxels"),
         "missing file": ([good, folder / "absent.nii.gz"], "not found"),
@@ -199,7 +199,7 @@ def test_folder_with_one_bad_case_writes_nothing(model_dir, case_files, tmp_path
     out_dir = tmp_path / "out"
     command = ["predict", "--model", f"local-dir:{model_dir}", "-i", str(case_files[0].parent), "-o", str(out_dir)]
     assert main(command) == 2
-    assert "1 NaN or infinite voxel(s)" in capsys.readouterr().err
+    assert "holds 1 non-finite voxels (NaN/inf" in capsys.readouterr().err
     assert not out_dir.exists() or not any(out_dir.iterdir())
 
 

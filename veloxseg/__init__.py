@@ -9,12 +9,11 @@ from typing import Any
 from .adapt import AdaptationReport, adapt_state_dict
 from .config import VeloxSegConfig
 from .convert import load_reference
-from .hub import push_to_hub, save_pretrained
-from .model import VeloxSeg, VeloxSegOutput, gram_matrix
+from .hub import VeloxSeg, push_to_hub, save_pretrained
+from .model import VeloxSegOutput, gram_matrix
 from .optimize import OptimizedVeloxSeg, optimize
 from .registry import create_model, list_models
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "AdaptationReport",

@@ -24,16 +24,13 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VeloxSegConfig
-
-if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
-    from .model import VeloxSeg
+from .model import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metadata import ModelMetadata
+from .model import VeloxSeg
 from .provenance import Publication, hub_base_model, split_of
-
-if TYPE_CHECKING:  # the model imports the Hub I/O, which imports this module
-    from .model import VeloxSeg
+from .variants import PAPER_TITLE
 
 PIPELINE_TAG = "image-segmentation"
 TAGS = ["veloxseg", "medical-imaging", "image-segmentation", "3d", "pytorch", "safetensors"]
 
-CITATION = """\
-@inproceedings{veloxseg2026,
-  title     = {VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2026}
-}"""
+CITATION = f"""\
+@inproceedings{{veloxseg2026,
+  title     = {{{PAPER_TITLE}}},
+  booktitle = {{International Conference on Learning Representations (ICLR)}},
+  year      = {{2026}}
+}}"""
 
 
 def model_card(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None = None) -> ModelCard:

@@ -10,7 +10,9 @@ import sys
 import warnings
 from typing import NamedTuple
 
-from . import __version__
+from .version import __version__
+from .hub import VeloxSeg
+from .registry import create_model
 
 
 class Subcommand(NamedTuple):
@@ -49,6 +51,33 @@ def add_unavailable_parser(subparsers: argparse._SubParsersAction, command: Subc
 
     parser = subparsers.add_parser(command.name, help=f'(needs pip install "veloxseg[{command.extra}]")', add_help=False)
     parser.set_defaults(func=fail, takes_any_flags=True)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --pretrained, shared by ``predict`` and ``export``."""
+    parser.add_argument(
+        "--model", required=True, help="registry name (veloxseg_small[.tag]), hf-hub:org/repo or local-dir:/path"
+    )
+    parser.add_argument(
+        "--pretrained", action="store_true", help="load a registry name's pretrained weights (hub models always do)"
+    )
+
+
+def add_model_command(
+    subparsers: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand that reads a model: its parser, with ``--model`` and ``--pretrained`` added."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_model_arguments(parser)
+    return parser
+
+
+def model_from_args(args: argparse.Namespace) -> VeloxSeg:
+    """The model named by --model, with weights for hf-hub:/local-dir: sources and with --pretrained."""
+    from_hub = args.model.startswith(("hf-hub:", "local-dir:"))
+    if not (from_hub or args.pretrained):
+        print(f"veloxseg: warning: {args.model} has random weights (pass --pretrained to load them)", file=sys.stderr)
+    return create_model(args.model, pretrained=from_hub or args.pretrained).eval()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import torch
 
 from .adapt import state_dict_problems
 from .config import VeloxSegConfig
-from .model import VeloxSeg
+from .hub import VeloxSeg
 
 _logger = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ REFERENCE_CONFIG_NAMES = {
 
 # (authors' key pattern, our key) in the order tried; q/k/v are handled separately.
 _ATTN = r"encoder\.encoder_attn\.layers\.(\d+)"
-_LADDER = r"(?:layer_up(\d)\.up|layer(\d)\.(\d+)\.(.+))"
 _RULES = [
     (r"encoder\.encoder_attn\.patch_embeds\.(\d+)\.proj\.", r"attention.patch_embeds.\1."),
     (_ATTN + r"\.blocks\.(\d+)\.attn\.input_norms\.(\d+)\.", r"attention.levels.\1.\2.attn.norms.\3."),

@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from .bundle import export_bundle, is_bundle
+from .cli import add_model_command, model_from_args
 from .hub import NOTICE_NAME
 from .io import atomic_file, check_output
 from .model import VeloxSeg
 from .optimize import OptimizedVeloxSeg
-from .predict import add_model_arguments, model_from_args, model_metadata, present_metadata
+from .predict import model_metadata, present_metadata
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_KINDS = {"onnx": "an ONNX file", "torchscript": "a TorchScript file"}  # for messages
@@ -178,12 +179,12 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, inf
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = add_model_command(
+        subparsers,
         "export",
         help="export a VeloxSeg model to ONNX, TorchScript or a MONAI bundle",
         description="Export the eval-mode model (free batch axis, the model's ROI) and check it against PyTorch.",
     )
-    add_model_arguments(parser)
     parser.add_argument("--format", choices=(*FORMATS, "monai-bundle"), default="onnx", help="default: onnx")
     parser.add_argument(
         "-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt), or the monai-bundle folder"

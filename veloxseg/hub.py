@@ -39,7 +39,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -52,7 +52,8 @@ from .adapt import AdaptationReport, adapt_state_dict
 from .card import model_card
 from .config import VeloxSegConfig, json_ready
 from .io import atomic_file
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
+from .model import VeloxSeg as VeloxSegNetwork
 from .provenance import description, inherited
 from .variants import (
     HUB_ORG,
@@ -65,9 +66,6 @@ from .variants import (
     variant_of,
 )
 
-if TYPE_CHECKING:  # the model imports this module for its save_pretrained / push_to_hub
-    from .model import VeloxSeg
-
 _logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -78,6 +76,31 @@ REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # pretrained_cfg entries that say where weights are, not what they are: left out of config.json.
 _LOCATION_KEYS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "sha256"}
 INSTALL_WEIGHTS = 'pip install "veloxseg[weights]" (from a checkout: pip install ./hub)'
+
+
+class HubMixin:
+    """huggingface_hub's ``ModelHubMixin`` calls as methods: ``from_pretrained``, ``save_pretrained`` and
+    ``push_to_hub`` (this module's functions of those names)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> VeloxSeg:
+        """A trained model from a ``save_pretrained`` folder, a Hub repo id ``org/name`` or a published tag
+        (``revision=``, ``cache_dir=``; other keyword arguments change config fields, the weights adapted).
+        See :func:`from_pretrained`."""
+        return from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """Write a Hub-ready folder (config.json, model.safetensors, README.md). See :func:`save_pretrained`."""
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> CommitInfo:
+        """Upload this model to the Hugging Face Hub. See :func:`push_to_hub`."""
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+class VeloxSeg(HubMixin, VeloxSegNetwork):
+    """The VeloxSeg network (:class:`veloxseg.model.VeloxSeg`) with the Hub I/O methods: ``veloxseg.VeloxSeg``,
+    what ``create_model`` builds."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +170,7 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_pretrained(
-    model: VeloxSeg, save_directory: str | Path, *, metadata: ModelMetadata | None = None, repo_id: str | None = None
+    model: VeloxSegNetwork, save_directory: str | Path, *, metadata: ModelMetadata | None = None, repo_id: str | None = None
 ) -> Path:
     """Write config.json, model.safetensors, README.md and, when the metadata has a notice, NOTICE into
     ``save_directory`` (created if needed).
@@ -170,14 +193,13 @@ def save_pretrained(
     return folder
 
 
-def model_files(model: VeloxSeg, metadata: ModelMetadata | None = None, repo_id: str | None = None) -> dict[str, str]:
+def model_files(model: VeloxSegNetwork, metadata: ModelMetadata | None = None, repo_id: str | None = None) -> dict[str, str]:
     """The text files of ``model``'s folder, config.json last: README.md (the card), NOTICE when the
     metadata has a notice, config.json (its ``pretrained_cfg`` described from ``metadata``, see
     :func:`veloxseg.variants.describe_3d`; a published tag's ``description`` from its publication facts).
     Arguments as for :func:`save_pretrained`."""
     cfg = model.config
-    if metadata is None:
-        metadata = ModelMetadata.fitting(model.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes)
+    metadata = model_metadata(model) if metadata is None else metadata
     problems = metadata.problems(cfg.in_ch, cfg.n_classes)
     if problems:
         raise ValueError(f"the metadata does not describe this model: {'; '.join(problems)}")
@@ -209,23 +231,17 @@ def model_files(model: VeloxSeg, metadata: ModelMetadata | None = None, repo_id:
 
 
 def push_to_hub(
-    model: VeloxSeg,
+    model: VeloxSegNetwork,
     repo_id: str,
     *,
     metadata: ModelMetadata | None = None,
-    commit_message: str = "Upload VeloxSeg model",
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
+    **upload_options: Any,
 ) -> CommitInfo:
-    """Save ``model`` (as :func:`save_pretrained` does) and upload it to Hub repo ``repo_id``."""
+    """Save ``model`` (as :func:`save_pretrained` does) and upload it to Hub repo ``repo_id``;
+    ``upload_options``: :func:`push_folder`'s (commit_message, private, token, revision, create_pr)."""
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained(model, folder, metadata=metadata, repo_id=repo_id)
-        return push_folder(
-            folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision,
-            create_pr=create_pr,
-        )  # fmt: skip
+        return push_folder(folder, repo_id, **upload_options)
 
 
 def push_folder(
@@ -253,7 +269,7 @@ def push_folder(
 
 
 def load_pretrained(
-    model: VeloxSeg, cache_dir: str | Path | None = None, source: HubConfig | None = None
+    model: VeloxSegNetwork, cache_dir: str | Path | None = None, source: HubConfig | None = None
 ) -> AdaptationReport:
     """Load the weights ``model.pretrained_cfg`` names into ``model``, adapted to its config.
 

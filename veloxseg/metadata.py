@@ -132,3 +132,10 @@ class ModelMetadata:
         if metadata is None or metadata.problems(in_ch, n_classes):
             return cls.default(in_ch, n_classes)
         return metadata
+
+
+def model_metadata(model: Any) -> ModelMetadata:
+    """A model's data metadata (``model.pretrained_cfg["veloxseg"]``) when it fits its ``config``'s channels
+    (``in_ch``) and classes (``n_classes``), else generic metadata for them (:meth:`ModelMetadata.fitting`)."""
+    cfg = model.config
+    return ModelMetadata.fitting(getattr(model, "pretrained_cfg", {}).get("veloxseg"), cfg.in_ch, cfg.n_classes)

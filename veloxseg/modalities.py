@@ -21,7 +21,21 @@ from collections.abc import Sequence
 import torch
 
 Present = Sequence[str | int] | str | int | torch.Tensor | None
-CHANNEL_NUMBER = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")  # nnU-Net: <case>_0000.nii.gz
+
+
+def channel_file_pattern(file_ending: str | None = None) -> re.Pattern[str]:
+    """nnU-Net's name of a channel file, ``<case>_XXXX<file_ending>`` (groups ``case`` and ``channel``);
+    ``file_ending`` None: .nii or .nii.gz."""
+    ending = r"\.nii(\.gz)?" if file_ending is None else re.escape(file_ending)
+    return re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){ending}$")
+
+
+def channel_file_name(case_id: str, channel: int, file_ending: str = ".nii.gz") -> str:
+    """nnU-Net's name of channel ``channel``'s file of a case: ``<case>_0000.nii.gz`` for the first."""
+    return f"{case_id}_{channel:04d}{file_ending}"
+
+
+CHANNEL_NUMBER = channel_file_pattern()  # <case>_0000.nii.gz
 
 
 def resolve_present(

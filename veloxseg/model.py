@@ -1,6 +1,7 @@
 """The VeloxSeg network: attention stream + JLC conv stream, student decoder, reconstruction teachers."""
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,15 +10,16 @@ import torch.nn.functional as F
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from . import hub
 from .config import NUM_LEVELS, VeloxSegConfig
 from .layers import (
     CheckpointedSequential, DetailPath, JLCBlock, OneDNNConv3d, PatchConv3d, PatchMerging3d, PWABlock, instance_norm,
     pixel_shuffle_3d,
 )  # fmt: skip
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
 from .modalities import Present, resolve_present
 
+# The modules only training reads: published weights are saved without them (configs teachers / deep_supervision).
+TRAINING_ONLY = ("teachers.", "decoder.aux_heads.")
 # what the network reads of ``present`` (veloxseg.modalities.resolve_present): None, shared groups, per-sample mask
 Groups = tuple[int, ...] | torch.Tensor | None
 
@@ -309,6 +311,9 @@ class VeloxSeg(nn.Module):
     In training mode returns a :class:`VeloxSegOutput` with deep-supervision logits, the teachers'
     reconstruction and the Gram matrices for self-supervised distillation (SDKT). Build with
     ``VeloxSeg(config)`` or ``VeloxSeg(**config_fields)`` (both: the fields override the config).
+
+    The network alone: ``veloxseg.VeloxSeg`` (what ``create_model`` builds) adds the Hub I/O methods
+    ``from_pretrained``, ``save_pretrained`` and ``push_to_hub`` (:class:`veloxseg.hub.HubMixin`).
     """
 
     def __init__(self, config: VeloxSegConfig | None = None, **overrides: Any) -> None:
@@ -361,7 +366,26 @@ class VeloxSeg(nn.Module):
                 f"roi_size), got {list(x.shape[2:])}; use sliding-window inference for larger volumes or "
                 f"create the model with roi_size=..."
             )
+        if not _traced():
+            self.check_finite(x, groups)
         return groups
+
+    def check_finite(self, x: torch.Tensor, groups: Groups = None) -> None:
+        """Raise ValueError naming the channels when ``x`` (B, C, D, H, W) holds a NaN or an infinity in a
+        channel of a group it has (``groups`` as ``check_input`` returns it; a missing group's channels are
+        never read): one NaN voxel would make every logit NaN. Costs one ``isfinite`` pass when all is finite."""
+        if bool(torch.isfinite(x).all()):
+            return
+        if groups is not None:  # (B, sum(in_ch), D, H, W), a missing group's channels 0
+            x = with_missing_channels_zeroed(x, groups, self.config.in_ch)
+        counts = (~torch.isfinite(x)).transpose(0, 1).flatten(1).sum(1).tolist()  # per channel
+        names = [name for group in self.group_channels() for name in group]
+        named = [f"{names[c]} ({n})" for c, n in enumerate(counts) if n]
+        if named:
+            raise ValueError(
+                f"input holds {sum(counts)} non-finite voxels (NaN/inf) in channel(s) {', '.join(named)}: a single "
+                f"one makes every logit NaN; fix or mask them first (e.g. torch.nan_to_num)"
+            )
 
     def present_groups(self, present: Present) -> tuple[int, ...] | None:
         """The groups ``present`` names for every sample alike (channel names, group indices or a (M,) bool
@@ -371,9 +395,8 @@ class VeloxSeg(nn.Module):
     def group_channels(self) -> list[list[str]]:
         """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
         untrained model's are ``group{g}_channel{c}``)."""
-        cfg = self.config
-        channels = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, cfg.n_classes).channels
-        return [[c.name for c in channels if c.group == group] for group in range(cfg.num_groups)]
+        channels = model_metadata(self).channels
+        return [[c.name for c in channels if c.group == group] for group in range(self.config.num_groups)]
 
     def embed(self, x: torch.Tensor, present: Groups = None) -> tuple[Any, ...]:
         """The convs that read the input: (per-group attention tokens, the conv stream's stem output),
@@ -559,26 +582,60 @@ class VeloxSeg(nn.Module):
             blocks=r"^(?:attention\.(?:levels|merges)|encoder\.(?:downs|mixers|stages))\.(\d+)",
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> "VeloxSeg":
-        """A trained model from a ``save_pretrained`` folder, a Hub repo id ``org/name`` or a published tag
-        (huggingface_hub's ``ModelHubMixin`` call: ``revision=``, ``cache_dir=``; other keyword arguments
-        change config fields, the weights adapted). See veloxseg.hub.from_pretrained."""
-        return hub.from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> Any:
-        """Write a Hub-ready folder (config.json, model.safetensors, README.md). See veloxseg.hub."""
-        return hub.save_pretrained(self, save_directory, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload this model to the Hugging Face Hub. See veloxseg.hub.push_to_hub."""
-        return hub.push_to_hub(self, repo_id, **kwargs)
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """torch's load (timm's ``checkpoint_path=`` loads through it), but with ``strict`` the training-only
+        modules (:data:`TRAINING_ONLY`: teachers, deep-supervision heads) may be absent on either side, as in
+        the published tags: absent from the weights, they keep their initialisation (a warning says so);
+        absent from the model, their weights are left out. Any other mismatch is one ValueError line that
+        counts the missing, unexpected and reshaped tensors (weights of another config)."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        problems = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (
+                ("missing", [k for k in missing if not k.startswith(TRAINING_ONLY)]),
+                ("unexpected", [k for k in unexpected if not k.startswith(TRAINING_ONLY)]),
+            )
+            if keys
+        ]
+        if reshaped:
+            k = reshaped[0]
+            problems.append(
+                f"{len(reshaped)} of another shape (e.g. {k}: {tuple(state_dict[k].shape)} in the weights, "
+                f"{tuple(own[k].shape)} here)"
+            )
+        if problems:
+            raise ValueError(
+                f"the weights do not fit this VeloxSeg ({'; '.join(problems)}): they come from a model of another "
+                f"config; build it with theirs, or load their folder with VeloxSeg.from_pretrained(folder) (or "
+                f"create_model('local-dir:folder')), which reads its config.json and adapts them"
+            )
+        if missing:
+            warnings.warn(
+                f"{len(missing)} training-only tensors (teachers, deep-supervision heads) are not in the weights and "
+                f"keep their initialisation; for inference build the model with teachers=False, deep_supervision=False",
+                stacklevel=2,
+            )
+        return super().load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False, assign=assign)
 
     def inference_parameters(self) -> int:
         """Parameters used by an eval-mode forward (no teachers, no deep-supervision heads)."""
         training_only = [self.teachers, self.decoder.aux_heads]
         skip = {id(p) for m in training_only if m is not None for p in m.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def _traced() -> bool:
+    """Whether the forward runs under TorchScript, tracing, torch.compile / torch.export or ONNX export:
+    data-dependent checks are left out of the graph."""
+    return (
+        torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    )  # fmt: skip
 
 
 def has_group(present: Groups, group: int) -> bool:

@@ -22,7 +22,6 @@ import re
 import sys
 import types
 import warnings
-import zlib
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -37,19 +36,19 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose
 from tqdm import tqdm
 
+from .cli import add_model_command, model_from_args
 from .data.transforms import IMAGE, preprocessing_transforms
 from .io import atomic_file, check_output
-from .metadata import ModelMetadata
+from .metadata import ModelMetadata, model_metadata
 from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
+from .nifti import NIFTI_SUFFIXES, READ_ERRORS, nifti_stem, nonfinite_problem, nonfinite_voxels
 from .optimize import OptimizedVeloxSeg, optimize
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
 CaseInput = ImageInput | Sequence[ImageInput] | dict[str | int, ImageInput]
 SegModel = VeloxSeg | OptimizedVeloxSeg
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 AFFINE_TOL = 1e-3  # mm: channel files whose affines differ by more are not on one grid
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 LABEL_LIKE_VALUES = 8  # a channel of at most this many distinct integer values looks like a label map
 LABEL_CHECK_VOXELS = 1_000_000  # voxels sampled per channel for that check
 
@@ -68,13 +67,6 @@ class Scan:
     affine: np.ndarray
     header: nib.Nifti1Header | None
     sources: tuple[Path, ...]
-
-
-def model_metadata(model: SegModel) -> ModelMetadata:
-    """The model's data metadata (``pretrained_cfg["veloxseg"]``), or generic defaults when it has none
-    or it does not fit the model's channels and classes."""
-    cfg = model.config
-    return ModelMetadata.fitting(getattr(model, "pretrained_cfg", {}).get("veloxseg"), cfg.in_ch, cfg.n_classes)
 
 
 def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
@@ -108,9 +100,9 @@ def load_scan(images: ImageInput | Sequence[ImageInput]) -> Scan:
                 f"channel files must be co-registered on one voxel grid"
             )
         data = _read_data(img, name)
-        bad = data.size - np.count_nonzero(np.isfinite(data))
+        bad = nonfinite_voxels(data)
         if bad:
-            raise ValueError(f"{name}: {bad} NaN or infinite voxel(s); fix or mask them before segmenting")
+            raise ValueError(f"{nonfinite_problem(name, bad)}; fix or mask them before segmenting")
         volumes.append(data.reshape(*data.shape[:3], -1))
         if not isinstance(item, nib.spatialimages.SpatialImage):
             sources.append(Path(item))
@@ -338,7 +330,7 @@ def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dic
     channels in order; a case may lack some (which, :func:`case_channels` checks against the model)."""
     channels: dict[str, dict[int, Path]] = {}
     for path in files:
-        case, channel = channel_of_file(path.name, channel_names) or (_stem(path), 0)
+        case, channel = channel_of_file(path.name, channel_names) or (nifti_stem(path), 0)
         if channel in channels.setdefault(case, {}):
             raise ValueError(
                 f"case {case!r}: {path.name} and {channels[case][channel].name} both give channel {channel}"
@@ -347,33 +339,13 @@ def group_cases(files: Sequence[Path], channel_names: Sequence[str] = ()) -> dic
     return {case: [found[c] for c in sorted(found)] for case, found in sorted(channels.items())}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and --pretrained, shared by ``predict`` and ``export``."""
-    parser.add_argument(
-        "--model", required=True, help="registry name (veloxseg_small[.tag]), hf-hub:org/repo or local-dir:/path"
-    )
-    parser.add_argument(
-        "--pretrained", action="store_true", help="load a registry name's pretrained weights (hub models always do)"
-    )
-
-
-def model_from_args(args: argparse.Namespace) -> VeloxSeg:
-    """The model named by --model, with weights for hf-hub:/local-dir: sources and with --pretrained."""
-    from .registry import create_model
-
-    from_hub = args.model.startswith(("hf-hub:", "local-dir:"))
-    if not (from_hub or args.pretrained):
-        print(f"veloxseg: warning: {args.model} has random weights (pass --pretrained to load them)", file=sys.stderr)
-    return create_model(args.model, pretrained=from_hub or args.pretrained).eval()
-
-
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
+    parser = add_model_command(
+        subparsers,
         "predict",
         help="segment NIfTI scans with a VeloxSeg model",
         description="Segment whole NIfTI scans; label maps keep each input's shape, affine and orientation.",
     )
-    add_model_arguments(parser)
     parser.add_argument(
         "-i", "--input", nargs="+", required=True, type=Path,
         help="a NIfTI file (channels in the 4th dimension), per-channel files <case>_0000.nii.gz ... or their "
@@ -489,12 +461,8 @@ def _cases_from_args(
         if other:
             raise ValueError(f"input file(s) {', '.join(other)}: not NIfTI (.nii or .nii.gz)")
         found = channel_of_file(inputs[0].name, channel_names)
-        cases = {found[0] if found else _stem(inputs[0]): list(inputs)}
+        cases = {found[0] if found else nifti_stem(inputs[0]): list(inputs)}
     return cases, None if names_a_file else output
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(next(s for s in NIFTI_SUFFIXES if path.name.endswith(s)))]
 
 
 def _check_input_type(item: object, index: int) -> None:

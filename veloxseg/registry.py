@@ -14,9 +14,8 @@ from timm.models import build_model_with_cfg, register_model, resolve_pretrained
 from torch import nn
 
 from .config import NUM_LEVELS
-from .hub import create_from_hub, load_pretrained, published_config
-from .metadata import ModelMetadata
-from .model import VeloxSeg
+from .hub import VeloxSeg, create_from_hub, load_pretrained, published_config
+from .metadata import model_metadata
 from .variants import VARIANTS, default_cfgs, describe_3d, translate_timm_args, variant_cfg
 
 # timm's register_model reads the pretrained configs from ``default_cfgs`` of the entrypoints' module.
@@ -54,8 +53,7 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
         **{**settings, **translate_timm_args(kwargs)},
     )
     network = model.model if features_only else model
-    cfg, metadata = network.config, network.pretrained_cfg.get("veloxseg")
-    metadata = ModelMetadata.fitting(metadata, cfg.in_ch, cfg.n_classes).to_dict()
+    cfg, metadata = network.config, model_metadata(network).to_dict()
     network.pretrained_cfg.update(veloxseg=metadata, **describe_3d(cfg, metadata))
     if pretrained:
         load_pretrained(network, cache_dir=cache_dir, source=published)

@@ -14,6 +14,8 @@ from timm.models import PretrainedCfg, generate_default_cfgs
 from .config import VeloxSegConfig
 from .metadata import ModelMetadata
 
+PAPER_TITLE = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation"
+
 # Width settings per variant; everything else is the paper's configuration (VeloxSegConfig defaults).
 VARIANTS: dict[str, dict[str, Any]] = {
     "veloxseg_tiny": dict(
@@ -67,7 +69,7 @@ def variant_cfg(**kwargs: Any) -> VeloxSegPretrainedCfg:
             "license": "apache-2.0",
             "first_conv": "attention.patch_embeds.0",
             "classifier": "decoder.head",
-            "paper_name": "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation",
+            "paper_name": PAPER_TITLE,
             **kwargs,
             # whatever a config.json says (timm's save_for_hf writes 2-D defaults): no 2-D image preprocessing,
             # and the network takes its ROI only (whole scans go through sliding windows)

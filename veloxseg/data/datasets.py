@@ -14,9 +14,12 @@ dictionaries that the MONAI transforms in :mod:`veloxseg.data.transforms` load.
 from __future__ import annotations
 
 import json
+import os
 import re
-import zlib
+import shutil
 from collections.abc import Mapping, Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,8 +27,11 @@ from typing import Any, Literal
 import nibabel as nib
 import numpy as np
 
+from ..io import atomic_folder, temporary_folder
+from ..modalities import channel_file_name, channel_file_pattern
+from ..nifti import READ_ERRORS, nonfinite_problem, nonfinite_voxels
+
 SPLITS_FILE = "splits_final.json"
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -226,6 +232,37 @@ def write_dataset_json(
     return path
 
 
+@contextmanager
+def new_dataset_folder(out: str | Path, name: str, overwrite: bool = False) -> Iterator[Path]:
+    """The folder to fill with dataset ``name`` (its dataset.json's ``name``), renamed to ``out`` when the
+    block ends without an error (:func:`veloxseg.io.atomic_folder`): a crash leaves no half-written
+    dataset. ``out`` must be new or empty, or with ``overwrite`` hold a dataset of that ``name`` (one the
+    same command wrote); anything else is refused (FileExistsError, one line) before anything is written."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not (overwrite and _dataset_name(out) == name):
+            what = "is a file" if not out.is_dir() else "is not empty"
+            raise FileExistsError(
+                f"{out} {what}: the {name} dataset is written into a new or empty folder only"
+                + (", or with --overwrite over a folder of that dataset" if out.is_dir() else "")
+            )
+    try:
+        with atomic_folder(out) as tmp:
+            yield tmp
+    except BaseException:
+        shutil.rmtree(temporary_folder(Path(os.path.abspath(out))), ignore_errors=True)  # nothing half-written stays
+        raise
+
+
+def _dataset_name(folder: Path) -> str | None:
+    """The ``name`` in ``folder``'s dataset.json; None when it has none or no readable one."""
+    try:
+        meta = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta.get("name") if isinstance(meta, dict) else None
+
+
 def write_nnunet_case(
     root: str | Path,
     case_id: str,
@@ -241,7 +278,7 @@ def write_nnunet_case(
     (root / f"images{subset}").mkdir(parents=True, exist_ok=True)
     paths = []
     for channel, image in enumerate(images):
-        paths.append(root / f"images{subset}" / f"{case_id}_{channel:04d}{file_ending}")
+        paths.append(root / f"images{subset}" / channel_file_name(case_id, channel, file_ending))
         nib.save(image, paths[-1])
     label_path = None
     if label is not None:
@@ -288,7 +325,7 @@ def from_hf_dataset(
             row = ds[index]
             case_id = str(row[case_id_column]) if case_id_column else case_id
             write_nnunet_case(out_dir, case_id, [row[c] for c in image_columns], row[label_column])
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             problems.append(f"row {index} ({case_id}): {type(err).__name__}: {err}")
     if problems:
         raise DatasetError(out_dir, problems)
@@ -341,7 +378,7 @@ def _read_nnunet(root: Path, meta: dict[str, Any]) -> DatasetSpec:
 def _scan_nnunet(root: Path, subset: str, num_channels: int, ending: str, label_required: bool) -> list[Case]:
     """Cases found in ``images<subset>``/``labels<subset>``; missing files are left for validation."""
     images_dir, labels_dir = root / f"images{subset}", root / f"labels{subset}"
-    pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
+    pattern = channel_file_pattern(ending)
     case_ids, stray = set(), []
     for path in sorted(images_dir.glob(f"*{ending}")):
         match = pattern.match(path.name)
@@ -359,7 +396,7 @@ def _scan_nnunet(root: Path, subset: str, num_channels: int, ending: str, label_
     return [
         Case(
             case_id,
-            tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(num_channels)),
+            tuple(images_dir / channel_file_name(case_id, c, ending) for c in range(num_channels)),
             labels_dir / f"{case_id}{ending}" if has_labels else None,
         )
         for case_id in sorted(case_ids)
@@ -400,7 +437,7 @@ def _case_problems(
             return None
         try:
             return nib.load(path)
-        except _READ_ERRORS as err:
+        except READ_ERRORS as err:
             problems.append(f"unreadable {what} file {rel(path)}: {type(err).__name__}: {err}")
             return None
 
@@ -435,10 +472,9 @@ def _case_problems(
     if check_values:
         for path, img in zip(case.images, images):
             data = _read_data(img, rel(path), problems)
-            with np.errstate(over="ignore"):  # training reads float32: a larger value is an infinity there
-                num_bad = 0 if data is None else data.size - np.count_nonzero(np.isfinite(data.astype(np.float32)))
+            num_bad = 0 if data is None else nonfinite_voxels(data)
             if num_bad:
-                problems.append(f"{rel(path)} has {num_bad} NaN/inf voxel(s) (or beyond float32's range, 3.4e38)")
+                problems.append(nonfinite_problem(rel(path), num_bad))
         if label is not None:
             data = _read_data(label, rel(case.label), problems)
             if data is not None:
@@ -456,6 +492,6 @@ def _read_data(img: nib.Nifti1Image, name: str, problems: list[str]) -> np.ndarr
     """The voxel array, or ``None`` after noting why it could not be read (e.g. a truncated file)."""
     try:
         return np.asanyarray(img.dataobj)
-    except _READ_ERRORS as err:
+    except READ_ERRORS as err:
         problems.append(f"unreadable data in {name}: {type(err).__name__}: {err}")
         return None

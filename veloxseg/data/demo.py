@@ -34,9 +34,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from veloxseg.data.datasets import SPLITS_FILE, kfold_splits, write_dataset_json, write_nnunet_case
+from veloxseg.data.datasets import (
+    SPLITS_FILE, kfold_splits, new_dataset_folder, write_dataset_json, write_nnunet_case,
+)  # fmt: skip
 
 GENERATOR_VERSION = "1.0.0"
+DATASET_NAME = "VeloxSegSyntheticPETCT"  # dataset.json's name
 CHANNEL_NAMES = ("CT", "PET")
 LABELS = {"background": 0, "lesion": 1}
 DEFAULT_SHAPE = (96, 96, 64)
@@ -116,30 +119,27 @@ def make_demo_dataset(
     """
     if num_train < 2 or num_test < 0:
         raise ValueError(f"need num_train >= 2 and num_test >= 0, got {num_train} and {num_test}")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "is a file" if not out.is_dir() else "is not empty"
-        raise FileExistsError(f"{out} {what}: the demo dataset is written into a new or empty folder only")
-    for subset, count, prefix in (("Tr", num_train, "case"), ("Ts", num_test, "test")):
-        for index in range(count):
-            images, label = generate_case(seed, index, shape, spacing, test=subset == "Ts").to_nifti()
-            write_nnunet_case(out, f"{prefix}_{index:04d}", images, label, subset)
-    write_dataset_json(
-        out,
-        CHANNEL_NAMES,
-        LABELS,
-        num_train,
-        name="VeloxSegSyntheticPETCT",
-        description="Synthetic PET/CT-like lesion segmentation (no patient data)",
-        reference="veloxseg.data.demo",
-        release=GENERATOR_VERSION,
-        seed=seed,
-    )
-    train_ids = [f"case_{i:04d}" for i in range(num_train)]
-    splits = kfold_splits(train_ids, num_folds=min(5, num_train), seed=seed)
-    (out / SPLITS_FILE).write_text(json.dumps(splits, indent=2) + "\n")
-    (out / "README.md").write_text(_card(num_train, num_test, seed, shape, spacing))
-    return out
+    with new_dataset_folder(out_dir, DATASET_NAME) as out:
+        for subset, count, prefix in (("Tr", num_train, "case"), ("Ts", num_test, "test")):
+            for index in range(count):
+                images, label = generate_case(seed, index, shape, spacing, test=subset == "Ts").to_nifti()
+                write_nnunet_case(out, f"{prefix}_{index:04d}", images, label, subset)
+        write_dataset_json(
+            out,
+            CHANNEL_NAMES,
+            LABELS,
+            num_train,
+            name=DATASET_NAME,
+            description="Synthetic PET/CT-like lesion segmentation (no patient data)",
+            reference="veloxseg.data.demo",
+            release=GENERATOR_VERSION,
+            seed=seed,
+        )
+        train_ids = [f"case_{i:04d}" for i in range(num_train)]
+        splits = kfold_splits(train_ids, num_folds=min(5, num_train), seed=seed)
+        (out / SPLITS_FILE).write_text(json.dumps(splits, indent=2) + "\n")
+        (out / "README.md").write_text(_card(num_train, num_test, seed, shape, spacing))
+    return Path(out_dir)
 
 
 def add_demo_data_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

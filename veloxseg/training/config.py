@@ -19,7 +19,6 @@ from ..metadata import check_spacing
 from .recipe import RECIPES
 
 STAGES = ("pretrain", "segment", "finetune")
-# (seg, rc, sdkt) loss weights of each stage; the paper's for segmentation.
 # The demo run's defaults: a 64^3 ROI, so that a few hundred steps on a CPU learn something.
 DEMO_ROI, DEMO_MAX_STEPS = (64, 64, 64), 300
 
