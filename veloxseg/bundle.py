@@ -40,14 +40,16 @@ import torch
 
 from . import __version__
 from .data.transforms import FOREGROUND_PERCENTILE, FOREGROUND_SHARE, PERCENTILE_SAMPLE
+from .export import export, model_sources
 from .hub import save_pretrained
-from .io import atomic_folder
+from .io import atomic_folder, check_output
 from .metadata import ChannelInfo, ModelMetadata
 from .model import VeloxSeg
 from .predict import model_metadata, present_metadata
+from .variants import PAPER_TITLE
 
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-PAPER = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation (ICLR 2026)"
+PAPER = f"{PAPER_TITLE} (ICLR 2026)"
 # What running the bundle needs beyond MONAI and torch (metadata.json's required_packages_version): the
 # NIfTI reader, the evaluator's engine and python -m monai.bundle's command line.
 REQUIRED_PACKAGES = ("nibabel", "pytorch-ignite", "fire")
@@ -273,6 +275,12 @@ def is_bundle(folder: Path) -> bool:
     )
 
 
+def check_bundle_output(folder: Path, overwrite: bool, sources: list[Path]) -> None:
+    """The overwrite rule (:func:`veloxseg.io.check_output`) for a bundle: an existing ``folder`` is
+    replaced only by a bundle, never one of the ``sources`` (the model's own folder)."""
+    check_output(folder, overwrite, kind="a MONAI bundle written by veloxseg export", is_kind=is_bundle, inputs=sources)
+
+
 def export_bundle(
     model: VeloxSeg, folder: str | os.PathLike, *, overwrite: bool = False, present: list[str] | None = None
 ) -> Path:
@@ -282,10 +290,8 @@ def export_bundle(
     that order. Raises FileExistsError for an existing ``folder`` without ``overwrite``, ValueError when
     ``folder`` is not a bundle (only a bundle replaces a bundle) or is the model's own folder, or when
     the TorchScript network differs from PyTorch (:func:`veloxseg.export.export`). Returns the folder."""
-    from .export import check_export_output, export, model_sources  # export imports this module
-
     folder = Path(folder)
-    check_export_output(folder, "monai-bundle", overwrite, model_sources(model))
+    check_bundle_output(folder, overwrite, model_sources(model))
     meta = present_metadata(model_metadata(model), model.present_groups(present))
     with atomic_folder(folder) as tmp:
         save_pretrained(model, tmp / "models")

@@ -28,7 +28,7 @@ SUBCOMMANDS = [
     Subcommand("demo-data", "veloxseg.data.demo", "add_demo_data_parser", "predict"),
     Subcommand("predict", "veloxseg.predict", "add_predict_parser", "predict"),
     Subcommand("train", "veloxseg.train", "add_train_parser", "train"),
-    Subcommand("export", "veloxseg.export", "add_export_parser", "export"),
+    Subcommand("export", "veloxseg.export_command", "add_export_parser", "export"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""``veloxseg export``: a VeloxSeg model as ONNX or TorchScript, checked against PyTorch.
+"""A VeloxSeg model as ONNX or TorchScript, checked against PyTorch (the ``veloxseg export`` command:
+:mod:`veloxseg.export_command`).
 
 The exported graph is the eval-mode forward, (B, sum(in_ch), *roi_size) -> logits
 (B, n_classes, *roi_size), with a free batch axis so sliding-window batches run through it. The
@@ -13,10 +14,9 @@ With ``present`` (``--present CT``) the export is the network of those modality 
 channels in, the other groups' streams left out): (B, channels of those groups, *roi_size) -> logits,
 for a deployment that never has the others; its metadata lists those channels only.
 
-``--format monai-bundle`` writes a folder instead: the model as a MONAI bundle (:mod:`veloxseg.bundle`).
+A MONAI bundle (``--format monai-bundle``) is built on this module's TorchScript export: :mod:`veloxseg.bundle`.
 """
 
-import argparse
 import copy
 import json
 import os
@@ -28,8 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bundle import export_bundle, is_bundle
-from .cli import add_model_command, model_from_args
 from .hub import NOTICE_NAME
 from .io import atomic_file, check_output
 from .model import VeloxSeg
@@ -112,12 +110,10 @@ def plain_torch_copy(model: VeloxSeg | OptimizedVeloxSeg) -> VeloxSeg:
 
 
 def check_export_output(path: Path, format: str, overwrite: bool, sources: list[Path]) -> None:
-    """The overwrite rule (:func:`veloxseg.io.check_output`) for an export: an existing ``path`` is
-    replaced only by the same format's export, never one of the ``sources`` (the model's own folder)."""
-    if format == "monai-bundle":
-        kind, is_kind = "a MONAI bundle written by veloxseg export", is_bundle
-    else:
-        kind, is_kind = f"{EXPORT_KINDS[format]} written by veloxseg export", EXPORT_RECOGNISERS[format]
+    """The overwrite rule (:func:`veloxseg.io.check_output`) for an ONNX or TorchScript export: an existing
+    ``path`` is replaced only by the same format's export, never one of the ``sources`` (the model's own
+    folder). Bundles have theirs in :func:`veloxseg.bundle.check_bundle_output`."""
+    kind, is_kind = f"{EXPORT_KINDS[format]} written by veloxseg export", EXPORT_RECOGNISERS[format]
     check_output(path, overwrite, kind=kind, is_kind=is_kind, inputs=sources)
 
 
@@ -176,39 +172,3 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, inf
         traced = torch.jit.trace(model, example, check_trace=False)
     notice = {NOTICE_NAME: info[NOTICE_NAME]} if NOTICE_NAME in info else {}
     torch.jit.save(traced, path, _extra_files={"veloxseg.json": json.dumps(info), **notice})
-
-
-def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = add_model_command(
-        subparsers,
-        "export",
-        help="export a VeloxSeg model to ONNX, TorchScript or a MONAI bundle",
-        description="Export the eval-mode model (free batch axis, the model's ROI) and check it against PyTorch.",
-    )
-    parser.add_argument("--format", choices=(*FORMATS, "monai-bundle"), default="onnx", help="default: onnx")
-    parser.add_argument(
-        "-o", "--output", required=True, type=Path, help="file to write (.onnx or .pt), or the monai-bundle folder"
-    )
-    parser.add_argument(
-        "--present", nargs="+", metavar="CHANNEL",
-        help="export the network of these channels' modality groups alone (names from the model's metadata, "
-        "e.g. --present CT): its input holds their channels only; default all",
-    )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.set_defaults(func=run_export)
-    return parser
-
-
-def run_export(args: argparse.Namespace) -> int:
-    source = [Path(args.model.removeprefix("local-dir:")).expanduser()] if args.model.startswith("local-dir:") else []
-    check_export_output(args.output, args.format, args.overwrite, source)  # before building or downloading the model
-    if args.format == "monai-bundle":
-        export_bundle(model_from_args(args), args.output, overwrite=args.overwrite, present=args.present)
-        print(f"wrote the MONAI bundle {args.output}; how to run it: {args.output / 'docs' / 'README.md'}")
-        return 0
-    diff = export(model_from_args(args), args.output, args.format, overwrite=args.overwrite, present=args.present)
-    print(
-        f"wrote {args.output} ({args.format}); max abs difference from PyTorch on random input: {diff:.2e} "
-        f"(tolerance {TOLERANCE:g})"
-    )
-    return 0
