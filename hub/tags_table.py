@@ -8,9 +8,9 @@ A tag's facts are in its config.json (``pretrained_cfg["veloxseg"]``: data, metr
 and case counts, license, notice, base model, and ``publication``: budget, CPU hours, machine,
 command; hub/make_tag.py records them). Made from them: each tag's README.md (the card), NOTICE and
 config.json ``description`` and 3-D fields (``veloxseg.hub.model_files``), the config.json SHA-256 in
-``veloxseg.variants.PUBLISHED``, ``benchmarks/results/tags.md`` and the tags tables of MODEL_CARD.md
-and README.md (between their ``TABLE_START`` / ``TABLE_END`` markers). Tags in the order of ``PUBLISHED``, so each
-variant's default tag comes first.
+``veloxseg.variants.PUBLISHED``, ``benchmarks/results/tags.md``, and the tags tables of MODEL_CARD.md
+and (a short form) README.md, between their ``TABLE_START`` / ``TABLE_END`` markers. Tags in the order
+of ``PUBLISHED``, so each variant's default tag comes first.
 """
 
 import argparse
@@ -47,11 +47,16 @@ def metadata_of(name: str, hub_dir: Path = HUB_DIR) -> ModelMetadata:
     return ModelMetadata.from_dict(config["pretrained_cfg"]["veloxseg"])
 
 
+def is_default(name: str) -> bool:
+    """Whether tag ``name`` is its variant's default (its first in ``PUBLISHED``)."""
+    return next(t for t in PUBLISHED if t.split(".")[0] == name.split(".")[0]) == name
+
+
 def row(name: str, hub_dir: Path = HUB_DIR) -> str:
     """One tag's table row."""
     metadata = metadata_of(name, hub_dir)
     made = Publication(**metadata.publication)
-    default = " (default)" if next(t for t in PUBLISHED if t.split(".")[0] == name.split(".")[0]) == name else ""
+    default = " (default)" if is_default(name) else ""
     hours = f"{made.cpu_hours:.2f}" if made.cpu_hours is not None else "not recorded"
     data = metadata.training_data.split(" (")[0]
     return (
@@ -70,6 +75,16 @@ def table(hub_dir: Path = HUB_DIR) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(hub_dir: Path = HUB_DIR) -> str:
+    """The README's short form of :func:`table`: each tag, its training data and held-out numbers."""
+    lines = ["| tag | trained on | held-out |", "| --- | --- | --- |"]
+    for name in PUBLISHED:
+        metadata = metadata_of(name, hub_dir)
+        default = " (default)" if is_default(name) else ""
+        lines.append(f"| `{name}`{default} | {metadata.training_data.split(' (')[0]} | {held_out(metadata.metrics)} |")
+    return "\n".join(lines) + "\n"
+
+
 def tag_files(name: str, hub_dir: Path = HUB_DIR) -> dict[str, str]:
     """Tag ``name``'s text files as its metadata makes them (README.md, NOTICE, config.json)."""
     model = veloxseg.create_model(f"local-dir:{hub_dir / name}", pretrained=False)  # the network; weights unchanged
@@ -81,7 +96,7 @@ def expected_files(hub_dir: Path = HUB_DIR) -> dict[Path, str]:
     files = {hub_dir / name / filename: text for name in PUBLISHED for filename, text in tag_files(name, hub_dir).items()}
     text = table(hub_dir)
     files[TAGS_MD] = TAGS_MD_HEAD + text
-    for page in (MODEL_CARD, README):
+    for page, text in ((MODEL_CARD, text), (README, readme_table(hub_dir))):
         head, _, rest = page.read_text(encoding="utf-8").partition(TABLE_START)
         files[page] = head + TABLE_START + text + TABLE_END + rest.partition(TABLE_END)[2]
     return files
