@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from monai.data import DataLoader
 from tqdm import tqdm
 
 from ..data.datasets import Case, DatasetSpec, split_cases
@@ -82,7 +81,7 @@ class _Run:
     val_cases: list[Case]
     metadata: ModelMetadata
     train_set: PerSampleSeeds
-    train_loader: DataLoader
+    train_loader: torch.utils.data.DataLoader  # as prepared by Accelerate
     model: torch.nn.Module  # as prepared by Accelerate (wrapped when distributed)
     unwrapped: VeloxSeg  # the model itself: validated and saved
     loss_fn: VeloxSegLoss
@@ -129,8 +128,8 @@ def _build_run(
     train_set = build_train_set(train_cases, metadata, config, model.config.roi_size)
     train_loader = build_train_loader(train_set, config)
     if accelerator.is_main_process:
-        run = {**dataclasses.asdict(config), **hardware, "base_model": metadata.base_model}
-        (output_dir / TRAIN_CONFIG).write_text(json.dumps(run, indent=2) + "\n")
+        settings = {**dataclasses.asdict(config), **hardware, "base_model": metadata.base_model}
+        (output_dir / TRAIN_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
     loss_fn = VeloxSegLoss(config.seg_weight, config.rc_weight, config.sdkt_weight, config.one_way_sdkt)
     optimizer = build_optimizer(model, config)
