@@ -112,16 +112,6 @@ def inference_config(metadata: ModelMetadata, roi_size: tuple[int, int, int]) ->
     """configs/inference.json: MONAI's infer workflow for a network whose input holds ``metadata``'s
     channels (those of an exported subset only). Expressions are MONAI config syntax: "$..." is
     Python, "@id" another entry of the config."""
-    keys = [f"image_{c}" for c in range(len(metadata.channels))]
-    label_dtype = "$np.uint8" if len(metadata.labels) <= 256 else "$np.int16"  # veloxseg predict's
-    spatial = [
-        {"_target_": "Orientationd", "keys": "image", "axcodes": metadata.orientation, "labels": None},
-        *(
-            [{"_target_": "Spacingd", "keys": "image", "pixdim": list(metadata.spacing), "mode": "bilinear",
-              "dtype": "$np.float32"}] if metadata.spacing is not None else []
-        ),
-    ]  # fmt: skip
-    normalisation = [t for key, info in zip(keys, metadata.channels) for t in channel_normalisation_config(key, info)]
     return {
         "imports": ["$import glob", "$import os", "$import re", "$import numpy as np", "$import torch"],
         "bundle_root": ".",
@@ -137,47 +127,69 @@ def inference_config(metadata: ModelMetadata, roi_size: tuple[int, int, int]) ->
             "$[{'image': [f for f in @datalist if @case_of(f) == c]} for c in sorted(set(map(@case_of, @datalist)))]"
         ),
         "foreground_zscore": FOREGROUND_ZSCORE,
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True,
-                 "ensure_channel_first": True},
-                *spatial,
-                {"_target_": "SplitDimd", "keys": "image", "output_postfixes": [str(c) for c in range(len(keys))],
-                 "dim": 0, "keepdim": True},
-                *normalisation,
-                {"_target_": "ConcatItemsd", "keys": keys, "name": "image", "dim": 0},
-                {"_target_": "DeleteItemsd", "keys": keys},
-                {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
-            ],
-        },  # fmt: skip
+        "preprocessing": _preprocessing_config(metadata),
         "dataset": {"_target_": "Dataset", "data": "@cases", "transform": "@preprocessing"},
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0},
+                       "num_workers": 0},  # fmt: skip
         "inferer": {
             "_target_": "SlidingWindowInferer", "roi_size": list(roi_size), "sw_batch_size": 1, "overlap": 0.5,
             "mode": "gaussian", "sw_device": "@device", "device": "cpu",
-        },
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-                 "nearest_interp": False, "to_tensor": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-                {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
-                 "output_ext": ".nii.gz", "output_dtype": label_dtype, "resample": False, "separate_folder": False,
-                 "print_log": False, "output_name_formatter": (
-                     "$lambda meta, saver: {'subject': @case_of(str(meta['filename_or_obj'])), 'idx': None}"
-                 )},
-            ],
         },  # fmt: skip
+        "postprocessing": _postprocessing_config(metadata),
         "evaluator": {
             "_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
             "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-        },
+        },  # fmt: skip
         "run": ["$@evaluator.run()"],
     }
+
+
+def _preprocessing_config(metadata: ModelMetadata) -> dict[str, Any]:
+    """The infer workflow's preprocessing: load, reorient and resample as in training, split the channels
+    to normalise each as its metadata says, then put them back together."""
+    keys = [f"image_{c}" for c in range(len(metadata.channels))]
+    spatial = [
+        {"_target_": "Orientationd", "keys": "image", "axcodes": metadata.orientation, "labels": None},
+        *(
+            [{"_target_": "Spacingd", "keys": "image", "pixdim": list(metadata.spacing), "mode": "bilinear",
+              "dtype": "$np.float32"}] if metadata.spacing is not None else []
+        ),
+    ]  # fmt: skip
+    normalisation = [t for key, info in zip(keys, metadata.channels) for t in channel_normalisation_config(key, info)]
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "LoadImaged", "keys": "image", "reader": "NibabelReader", "image_only": True,
+             "ensure_channel_first": True},
+            *spatial,
+            {"_target_": "SplitDimd", "keys": "image", "output_postfixes": [str(c) for c in range(len(keys))],
+             "dim": 0, "keepdim": True},
+            *normalisation,
+            {"_target_": "ConcatItemsd", "keys": keys, "name": "image", "dim": 0},
+            {"_target_": "DeleteItemsd", "keys": keys},
+            {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+        ],
+    }  # fmt: skip
+
+
+def _postprocessing_config(metadata: ModelMetadata) -> dict[str, Any]:
+    """The infer workflow's postprocessing: softmax, back to the scan's own grid, argmax, and one label file
+    per case named after it, of ``veloxseg predict``'s integer type."""
+    label_dtype = "$np.uint8" if len(metadata.labels) <= 256 else "$np.int16"  # veloxseg predict's
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "",
+             "output_ext": ".nii.gz", "output_dtype": label_dtype, "resample": False, "separate_folder": False,
+             "print_log": False, "output_name_formatter": (
+                 "$lambda meta, saver: {'subject': @case_of(str(meta['filename_or_obj'])), 'idx': None}"
+             )},
+        ],
+    }  # fmt: skip
 
 
 def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[str, Any]:

@@ -61,70 +61,27 @@ def eval_results(metadata: ModelMetadata) -> list[EvalResult]:
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table of ``rows`` under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows])
 
 
-def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None) -> str:
-    cfg = model.config
-    name = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
-    roi = ", ".join(map(str, cfg.roi_size))
-    model_rows = [
-        ["architecture", architecture],
-        ["parameters (inference path)", f"{model.inference_parameters():,}"],
-        ["parameters (with training-only teachers and heads)", f"{sum(p.numel() for p in model.parameters()):,}"],
-        ["ROI size (D, H, W voxels)", roi],
-        ["modality groups (channels per group)", list(cfg.in_ch)],
-        ["classes", cfg.n_classes],
-    ]
-    targets = ", ".join(k for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1]) if v != 0) or "-"
-    channels = ", ".join(c.name for c in metadata.channels)
-    spacing = " x ".join(f"{s:g}" for s in metadata.spacing) + " mm" if metadata.spacing else "native (no resampling)"
-    channel_rows = [
-        [i, c.name, c.group, c.normalisation, *("-" if v is None else v for v in (c.clip, c.mean, c.std))]
-        for i, c in enumerate(metadata.channels)
-    ]
-    label_rows = [[v, k] for k, v in sorted(metadata.labels.items(), key=lambda kv: kv[1])]
-    if metadata.metrics:
-        rows = []
-        for metric, value in sorted(metadata.metrics.items()):
-            split, _ = split_of(metric)
-            rows.append([metric, f"{value:.4g}", split, metadata.evaluation_cases.get(split, "not recorded")])
-        evaluation = _table(["metric", "value", "split", "cases"], rows) + (
-            "\n\nValidation metrics come from the cases that chose the checkpoint: they are not an independent "
-            "test; only the test split is." if any(split_of(n)[0] == "validation" for n in metadata.metrics) else ""
-        )
-    else:
-        evaluation = "No evaluation metrics were recorded for these weights."
-    command = f"```bash\n{metadata.training_command}\n```" if metadata.training_command else "Not recorded."
-    datasets = ", ".join(metadata.datasets) or "-"
-    subsets = (
-        f"\n\nModality dropout: {metadata.modality_dropout:g} of the training patches lost a random subset of their "
-        f"modality groups, so the model segments from any non-empty subset of {channels}: "
-        f"`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files."
-        if metadata.modality_dropout
-        else ""
-    )
-    base = f"Fine-tuned from `{metadata.base_model}`." if metadata.base_model else "Trained from scratch."
-    notice = (
-        f"\n\nThe data or base weights ask that their notice be kept with every copy: `NOTICE` beside these weights."
-        if metadata.notice else ""
-    )
-    return f"""# {repo_id or architecture}
+BODY_TEMPLATE = """\
+# {title}
 
 VeloxSeg ({architecture}) for 3-D segmentation of {targets} from {channels}. VeloxSeg (ICLR 2026) pairs a
 Johnson-Lindenstrauss-guided convolution stream with a paired-window attention stream per modality
 group; reconstruction teachers (SDKT) are used in training only.
-{_tag_section(metadata, repo_id)}
+{tag_section}
 ## Usage
 
 ```python
 import torch
 import veloxseg
 
-model = veloxseg.create_model("{name}", pretrained=True).eval()
-x = torch.randn(1, {sum(cfg.in_ch)}, {roi})  # a scan preprocessed as below, cropped to the ROI size
-logits = model(x)  # (1, {cfg.n_classes}, {roi})
+model = veloxseg.create_model("{model_name}", pretrained=True).eval()
+x = torch.randn(1, {total_channels}, {roi})  # a scan preprocessed as below, cropped to the ROI size
+logits = model(x)  # (1, {n_classes}, {roi})
 ```
 
 Whole scans go through sliding windows of the ROI size: `veloxseg predict --help`. To fine-tune on
@@ -133,21 +90,21 @@ compatible weights are kept and the rest adapted or re-initialised (see `veloxse
 
 ## Model
 
-{_table(["", ""], model_rows)}
+{model_table}
 
 ## Preprocessing
 
-Orientation {metadata.orientation}, voxel spacing {spacing}. Channels, in input order:
+Orientation {orientation}, voxel spacing {spacing}. Channels, in input order:
 
-{_table(["channel", "name", "group", "normalisation", "clip", "mean", "std"], channel_rows)}
+{channel_table}
 
 ## Labels
 
-{_table(["value", "name"], label_rows)}
+{label_table}
 
 ## Training
 
-Data: {metadata.training_data or "not recorded."}
+Data: {training_data}
 
 Base model: {base}
 
@@ -170,13 +127,126 @@ Command:
 ## Citation
 
 ```bibtex
-{CITATION}
+{citation}
 ```
 
 ## License
 
-{metadata.license}{notice}
+{license}{notice}
 """
+"""The card's text below the front matter; ``_body`` fills its named fields, one helper per section."""
+
+
+def _body(model: VeloxSeg, metadata: ModelMetadata, architecture: str, repo_id: str | None) -> str:
+    """The card's Markdown sections, ``BODY_TEMPLATE`` filled from the model and its metadata."""
+    return BODY_TEMPLATE.format(
+        title=repo_id or architecture,
+        architecture=architecture,
+        targets=", ".join(name for name, value in _labels_in_order(metadata) if value != 0) or "-",
+        channels=_channel_names(metadata),
+        tag_section=_tag_section(metadata, repo_id),
+        **_usage_fields(model, repo_id),
+        model_table=_model_table(model, architecture),
+        **_preprocessing_fields(metadata),
+        **_training_fields(metadata),
+        evaluation=_evaluation(metadata),
+        citation=CITATION,
+        license=metadata.license,
+        notice=(
+            "\n\nThe data or base weights ask that their notice be kept with every copy: `NOTICE` beside these weights."
+            if metadata.notice else ""
+        ),  # fmt: skip
+    )
+
+
+def _labels_in_order(metadata: ModelMetadata) -> list[tuple[str, int]]:
+    """The label names and values, by value."""
+    return sorted(metadata.labels.items(), key=lambda kv: kv[1])
+
+
+def _channel_names(metadata: ModelMetadata) -> str:
+    """The input channels' names, comma-separated, in input order."""
+    return ", ".join(c.name for c in metadata.channels)
+
+
+def _roi(model: VeloxSeg) -> str:
+    """The model's ROI size (D, H, W), comma-separated."""
+    return ", ".join(map(str, model.config.roi_size))
+
+
+def _usage_fields(model: VeloxSeg, repo_id: str | None) -> dict[str, object]:
+    """The Usage section's fields: the name to load the model by and the input and output shapes."""
+    return {
+        "model_name": f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder",
+        "total_channels": sum(model.config.in_ch),
+        "roi": _roi(model),
+        "n_classes": model.config.n_classes,
+    }
+
+
+def _model_table(model: VeloxSeg, architecture: str) -> str:
+    """The Model section: architecture, parameter counts, ROI size, modality groups and classes."""
+    cfg = model.config
+    return _table(
+        ["", ""],
+        [
+            ["architecture", architecture],
+            ["parameters (inference path)", f"{model.inference_parameters():,}"],
+            ["parameters (with training-only teachers and heads)", f"{sum(p.numel() for p in model.parameters()):,}"],
+            ["ROI size (D, H, W voxels)", _roi(model)],
+            ["modality groups (channels per group)", list(cfg.in_ch)],
+            ["classes", cfg.n_classes],
+        ],
+    )
+
+
+def _preprocessing_fields(metadata: ModelMetadata) -> dict[str, str]:
+    """The Preprocessing and Labels sections' fields: orientation, spacing, the channel and label tables."""
+    channel_rows = [
+        [i, c.name, c.group, c.normalisation, *("-" if v is None else v for v in (c.clip, c.mean, c.std))]
+        for i, c in enumerate(metadata.channels)
+    ]
+    spacing = " x ".join(f"{s:g}" for s in metadata.spacing) + " mm" if metadata.spacing else "native (no resampling)"
+    return {
+        "orientation": metadata.orientation,
+        "spacing": spacing,
+        "channel_table": _table(["channel", "name", "group", "normalisation", "clip", "mean", "std"], channel_rows),
+        "label_table": _table(["value", "name"], [[v, k] for k, v in _labels_in_order(metadata)]),
+    }
+
+
+def _training_fields(metadata: ModelMetadata) -> dict[str, str]:
+    """The Training section's fields: data, base model, datasets, modality dropout and command."""
+    subsets = (
+        f"\n\nModality dropout: {metadata.modality_dropout:g} of the training patches lost a random subset of their "
+        f"modality groups, so the model segments from any non-empty subset of {_channel_names(metadata)}: "
+        f"`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files."
+        if metadata.modality_dropout
+        else ""
+    )
+    return {
+        "training_data": metadata.training_data or "not recorded.",
+        "base": f"Fine-tuned from `{metadata.base_model}`." if metadata.base_model else "Trained from scratch.",
+        "datasets": ", ".join(metadata.datasets) or "-",
+        "subsets": subsets,
+        "command": f"```bash\n{metadata.training_command}\n```" if metadata.training_command else "Not recorded.",
+    }
+
+
+def _evaluation(metadata: ModelMetadata) -> str:
+    """The Evaluation section: one row per metric with its split and number of cases, and a caveat on
+    validation metrics."""
+    if not metadata.metrics:
+        return "No evaluation metrics were recorded for these weights."
+    rows = []
+    for metric, value in sorted(metadata.metrics.items()):
+        split, _ = split_of(metric)
+        rows.append([metric, f"{value:.4g}", split, metadata.evaluation_cases.get(split, "not recorded")])
+    caveat = (
+        "\n\nValidation metrics come from the cases that chose the checkpoint: they are not an independent "
+        "test; only the test split is." if any(split_of(n)[0] == "validation" for n in metadata.metrics) else ""
+    )  # fmt: skip
+    return _table(["metric", "value", "split", "cases"], rows) + caveat
 
 
 def _tag_section(metadata: ModelMetadata, repo_id: str | None) -> str:

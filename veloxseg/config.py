@@ -152,6 +152,13 @@ class VeloxSegConfig:
         )
 
     def _validate(self) -> None:
+        """Raise ValueError naming the first bad setting: of the model as a whole, then of its levels."""
+        self._check_settings()
+        self._check_levels()
+
+    def _check_settings(self) -> None:
+        """Raise ValueError for a setting out of its range: per-level lists of the wrong length, the ROI, channel
+        groups, classes, drop path, detail path or kernel sizes."""
         per_level = (
             "conv_depths", "depths", "min_dim_group", "conv_expansion", "ffn_expansion",
             "big_windows", "small_windows", "num_heads", "min_dim_head",
@@ -179,6 +186,10 @@ class VeloxSegConfig:
             )
         if not self.kernel_sizes or any(k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError(f"kernel_sizes must be odd (same-size padding), got {list(self.kernel_sizes)}")
+
+    def _check_levels(self) -> None:
+        """Raise ValueError when a level cannot be built: conv groups that do not split its width, an ROI that
+        does not downsample evenly or to more than one voxel, heads or windows that do not fit its tokens."""
         for level in range(1, NUM_LEVELS + 1):
             width, min_group = self.conv_width(level), self.min_dim_group[level - 1]
             if not 1 <= min_group <= width or width % (width // min_group):
@@ -208,6 +219,7 @@ class VeloxSegConfig:
                     f"roi_size {list(self.roi_size)} does not work with big_windows {list(self.big_windows[level - 1])} "
                     f"at level {level} (1 token = {step} voxels): {err}"
                 ) from None
+
 
 def json_ready(value: Any) -> Any:
     """Tuples to lists, recursively (for json.dumps)."""

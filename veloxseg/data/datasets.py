@@ -427,64 +427,98 @@ def _case_problems(
 ) -> list[str]:
     """Problems of one case, each a short sentence naming the file concerned; its label values are added to ``seen``."""
     problems: list[str] = []
-
-    def rel(path: Path) -> str:
-        return str(path.relative_to(spec.root)) if path.is_relative_to(spec.root) else str(path)
-
-    def open_header(path: Path, what: str) -> nib.Nifti1Image | None:
-        if not path.is_file():
-            problems.append(f"missing {what} file {rel(path)}")
-            return None
-        try:
-            return nib.load(path)
-        except READ_ERRORS as err:
-            problems.append(f"unreadable {what} file {rel(path)}: {type(err).__name__}: {err}")
-            return None
-
     per_channel = spec.layout == "nnunet"
     names = [f"channel {i} ({n})" for i, n in enumerate(spec.channel_names)] if per_channel else ["image"]
-    images = [open_header(path, what) for path, what in zip(case.images, names)]
-    label = open_header(case.label, "label") if case.label is not None else None
+    images = [_open_header(spec, path, what, problems) for path, what in zip(case.images, names)]
+    label = _open_header(spec, case.label, "label", problems) if case.label is not None else None
     if problems:
         return problems
+    problems += _shape_problems(spec, case, images, label)
+    if check_geometry and not problems:
+        problems += _geometry_problems(spec, case, images, label, affine_tol)
+    if check_values:
+        problems += _value_problems(spec, case, images, label, seen)
+    return problems
 
-    if per_channel:
-        problems += [f"{rel(p)} is {img.ndim}-D, expected 3-D" for p, img in zip(case.images, images) if img.ndim != 3]
+
+def _relative(spec: DatasetSpec, path: Path) -> str:
+    """``path`` relative to the dataset's root when it lies under it, else as given: how problems name files."""
+    return str(path.relative_to(spec.root)) if path.is_relative_to(spec.root) else str(path)
+
+
+def _open_header(spec: DatasetSpec, path: Path, what: str, problems: list[str]) -> nib.Nifti1Image | None:
+    """The NIfTI image at ``path`` (its header read, its data not yet), or ``None`` after noting in
+    ``problems`` that the ``what`` file is missing or unreadable."""
+    if not path.is_file():
+        problems.append(f"missing {what} file {_relative(spec, path)}")
+        return None
+    try:
+        return nib.load(path)
+    except READ_ERRORS as err:
+        problems.append(f"unreadable {what} file {_relative(spec, path)}: {type(err).__name__}: {err}")
+        return None
+
+
+def _shape_problems(
+    spec: DatasetSpec, case: Case, images: list[nib.Nifti1Image], label: nib.Nifti1Image | None
+) -> list[str]:
+    """Images and label of the wrong dimensionality: 3-D per channel file (nnU-Net), 3-D or 4-D with the
+    dataset's channels last (MSD), a 3-D label."""
+    problems: list[str] = []
+    if spec.layout == "nnunet":
+        for path, img in zip(case.images, images):
+            if img.ndim != 3:
+                problems.append(f"{_relative(spec, path)} is {img.ndim}-D, expected 3-D")
     else:
         found = images[0].shape[3] if images[0].ndim == 4 else 1 if images[0].ndim == 3 else None
         if found != len(spec.channel_names):
             problems.append(
-                f"{rel(case.images[0])} has shape {images[0].shape}, expected {len(spec.channel_names)} channel(s) "
-                f"({', '.join(spec.channel_names)}) as a 3-D or 4-D (channels last) image"
+                f"{_relative(spec, case.images[0])} has shape {images[0].shape}, expected {len(spec.channel_names)} "
+                f"channel(s) ({', '.join(spec.channel_names)}) as a 3-D or 4-D (channels last) image"
             )
     if label is not None and label.ndim != 3:
-        problems.append(f"label {rel(case.label)} is {label.ndim}-D, expected 3-D")
-    if check_geometry and not problems:
-        reference_path, reference = (case.label, label) if label is not None else (case.images[0], images[0])
-        for path, img in zip(case.images, images):
-            if img.shape[:3] != reference.shape[:3]:
-                problems.append(
-                    f"{rel(path)} shape {img.shape[:3]} != {rel(reference_path)} shape {reference.shape[:3]}"
-                )
-            elif not np.allclose(img.affine, reference.affine, atol=affine_tol):
-                problems.append(f"{rel(path)} affine differs from {rel(reference_path)} by more than {affine_tol} mm")
+        problems.append(f"label {_relative(spec, case.label)} is {label.ndim}-D, expected 3-D")
+    return problems
 
-    if check_values:
-        for path, img in zip(case.images, images):
-            data = _read_data(img, rel(path), problems)
-            num_bad = 0 if data is None else nonfinite_voxels(data)
-            if num_bad:
-                problems.append(nonfinite_problem(rel(path), num_bad))
-        if label is not None:
-            data = _read_data(label, rel(case.label), problems)
-            if data is not None:
-                values = np.unique(data)
-                seen.update(values.tolist())
-                bad = [v.item() for v in values if v not in spec.labels.values() or v != np.round(v)]
-                if bad:
-                    problems.append(
-                        f"label {rel(case.label)} has values {bad} not in dataset.json labels {spec.labels}"
-                    )
+
+def _geometry_problems(
+    spec: DatasetSpec, case: Case, images: list[nib.Nifti1Image], label: nib.Nifti1Image | None, affine_tol: float
+) -> list[str]:
+    """Images whose grid (shape or affine, within ``affine_tol`` mm) differs from the label's, or from the
+    first image's when the case has no label."""
+    reference_path, reference = (case.label, label) if label is not None else (case.images[0], images[0])
+    reference_name = _relative(spec, reference_path)
+    problems: list[str] = []
+    for path, img in zip(case.images, images):
+        name = _relative(spec, path)
+        if img.shape[:3] != reference.shape[:3]:
+            problems.append(f"{name} shape {img.shape[:3]} != {reference_name} shape {reference.shape[:3]}")
+        elif not np.allclose(img.affine, reference.affine, atol=affine_tol):
+            problems.append(f"{name} affine differs from {reference_name} by more than {affine_tol} mm")
+    return problems
+
+
+def _value_problems(
+    spec: DatasetSpec, case: Case, images: list[nib.Nifti1Image], label: nib.Nifti1Image | None, seen: set[float]
+) -> list[str]:
+    """Unreadable voxel data, non-finite image voxels and label values not in the dataset's labels; the label's
+    values are added to ``seen``."""
+    problems: list[str] = []
+    for path, img in zip(case.images, images):
+        data = _read_data(img, _relative(spec, path), problems)
+        num_bad = 0 if data is None else nonfinite_voxels(data)
+        if num_bad:
+            problems.append(nonfinite_problem(_relative(spec, path), num_bad))
+    if label is None:
+        return problems
+    label_name = _relative(spec, case.label)
+    data = _read_data(label, label_name, problems)
+    if data is not None:
+        values = np.unique(data)
+        seen.update(values.tolist())
+        bad = [v.item() for v in values if v not in spec.labels.values() or v != np.round(v)]
+        if bad:
+            problems.append(f"label {label_name} has values {bad} not in dataset.json labels {spec.labels}")
     return problems
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..metadata import check_spacing
-from .recipe import RECIPES
+from .recipe import RECIPES, Recipe
 
 STAGES = ("pretrain", "segment", "finetune")
 # The demo run's defaults: a 64^3 ROI, so that a few hundred steps on a CPU learn something.
@@ -205,65 +205,19 @@ def config_from_args(args: argparse.Namespace, command: str = "") -> TrainConfig
 
 def resolve(config: TrainConfig) -> TrainConfig:
     """``config`` with its ``None`` defaults filled in; raises ValueError naming a bad setting."""
-    if config.stage not in STAGES:
-        raise ValueError(f"unknown stage {config.stage!r}; use one of {', '.join(STAGES)}")
-    if config.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {config.recipe!r}; use one of {', '.join(RECIPES)}")
+    _check_choices(config)
     recipe = RECIPES[config.recipe]
-    demo = config.data is None and config.hf_dataset is None
-    if config.data is not None and config.hf_dataset is not None:
-        raise ValueError("give data or hf_dataset, not both")
-    roi = config.roi
-    if roi is not None:
-        roi = (roi,) if isinstance(roi, int) else tuple(roi)
-        roi = roi * 3 if len(roi) == 1 else roi
-        if len(roi) != 3:
-            raise ValueError(f"roi takes 1 or 3 sizes, got {list(config.roi)}")
-    elif demo:
-        roi = DEMO_ROI
-    seg, rc, sdkt = (
-        default if value is None else value
-        for value, default in zip(
-            (config.seg_weight, config.rc_weight, config.sdkt_weight), recipe.loss_weights[config.stage]
-        )
-    )
-    if config.stage == "pretrain" and seg:
-        raise ValueError("pretrain is self-supervised: its seg_weight must be 0")
-    if config.max_steps is not None and config.epochs is not None:
-        raise ValueError("give max_steps or epochs, not both")
-    for name in (
-        "max_steps", "epochs", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "grad_accum",
-        "batch_size", "crops_per_volume", "sw_batch_size", "mask_patch",
-    ):  # fmt: skip
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    crops = config.crops_per_volume or (2 if config.batch_size % 2 == 0 else 1)
-    if config.batch_size % crops:
-        raise ValueError(
-            f"crops_per_volume ({crops}) must divide batch_size ({config.batch_size} patches): a batch holds "
-            f"batch_size / crops_per_volume volumes; leave crops_per_volume unset for 2 when batch_size is even, "
-            f"else 1"
-        )
+    roi = _resolve_roi(config)
+    seg, rc, sdkt = _loss_weights(config, recipe)
+    _check_counts(config)
+    crops = _crops_per_volume(config)
     spacing = None if config.spacing is None else check_spacing(config.spacing, "spacing")
     if spacing is not None and config.native_spacing:
         raise ValueError("give spacing or native_spacing, not both")
     _check_ranges(config, recipe.lr if config.lr is None else config.lr)
-    if config.head_init_scale is not None and not config.head_init_scale > 0:
-        raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
     new_model = not (config.pretrained or config.stage == "finetune")
-    for name in ("head_init_scale", "head_class_prior"):
-        if getattr(config, name) not in (None, False) and not new_model:
-            raise ValueError(f"{name} sets a new model's head: it does not go with pretrained weights")
-    if config.head_class_prior and not seg:
-        raise ValueError("head_class_prior needs the labels of a segmentation stage (seg_weight > 0)")
-    if not 0.0 <= config.modality_dropout <= 1.0:
-        raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
-    if not 0.0 <= config.mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
-    if config.mixed_precision not in (None, "no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
-    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
-        raise ValueError("fp16 needs a CUDA GPU; use mixed_precision='bf16' on CPU")
+    _check_head(config, new_model, seg)
+    _check_regularisation_and_precision(config)
     cpus = os.cpu_count() or 1
     return dataclasses.replace(
         config,
@@ -287,6 +241,91 @@ def resolve(config: TrainConfig) -> TrainConfig:
         sdkt_weight=sdkt,
         max_steps=DEMO_MAX_STEPS if config.max_steps is None and config.epochs is None else config.max_steps,
     )
+
+
+def _check_choices(config: TrainConfig) -> None:
+    """Raise ValueError for an unknown stage or recipe, or for both a data folder and a Hugging Face dataset."""
+    if config.stage not in STAGES:
+        raise ValueError(f"unknown stage {config.stage!r}; use one of {', '.join(STAGES)}")
+    if config.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {config.recipe!r}; use one of {', '.join(RECIPES)}")
+    if config.data is not None and config.hf_dataset is not None:
+        raise ValueError("give data or hf_dataset, not both")
+
+
+def _resolve_roi(config: TrainConfig) -> tuple[int, ...] | None:
+    """The ROI as three sizes (one size stands for all three); the demo's when training on the demo data
+    with none given; else None (the model's own)."""
+    if config.roi is None:
+        demo = config.data is None and config.hf_dataset is None
+        return DEMO_ROI if demo else None
+    roi = (config.roi,) if isinstance(config.roi, int) else tuple(config.roi)
+    roi = roi * 3 if len(roi) == 1 else roi
+    if len(roi) != 3:
+        raise ValueError(f"roi takes 1 or 3 sizes, got {list(config.roi)}")
+    return roi
+
+
+def _loss_weights(config: TrainConfig, recipe: Recipe) -> tuple[float, float, float]:
+    """The loss weights (seg, rc, sdkt): those set, else the recipe's for the stage; pretrain has no seg term."""
+    seg, rc, sdkt = (
+        default if value is None else value
+        for value, default in zip(
+            (config.seg_weight, config.rc_weight, config.sdkt_weight), recipe.loss_weights[config.stage]
+        )
+    )
+    if config.stage == "pretrain" and seg:
+        raise ValueError("pretrain is self-supervised: its seg_weight must be 0")
+    return seg, rc, sdkt
+
+
+def _check_counts(config: TrainConfig) -> None:
+    """Raise ValueError for both max_steps and epochs, or for a count (steps, sizes, intervals) below 1."""
+    if config.max_steps is not None and config.epochs is not None:
+        raise ValueError("give max_steps or epochs, not both")
+    for name in (
+        "max_steps", "epochs", "val_every", "checkpoint_every", "log_every", "keep_checkpoints", "grad_accum",
+        "batch_size", "crops_per_volume", "sw_batch_size", "mask_patch",
+    ):  # fmt: skip
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def _crops_per_volume(config: TrainConfig) -> int:
+    """Patches cropped from each volume: as set, else 2 when batch_size is even and 1 when odd; it must
+    divide batch_size."""
+    crops = config.crops_per_volume or (2 if config.batch_size % 2 == 0 else 1)
+    if config.batch_size % crops:
+        raise ValueError(
+            f"crops_per_volume ({crops}) must divide batch_size ({config.batch_size} patches): a batch holds "
+            f"batch_size / crops_per_volume volumes; leave crops_per_volume unset for 2 when batch_size is even, "
+            f"else 1"
+        )
+    return crops
+
+
+def _check_head(config: TrainConfig, new_model: bool, seg: float) -> None:
+    """Raise ValueError for head settings that do not apply: a scale not > 0, either setting with pretrained
+    weights, a class prior without a segmentation loss."""
+    if config.head_init_scale is not None and not config.head_init_scale > 0:
+        raise ValueError(f"head_init_scale must be > 0, got {config.head_init_scale}")
+    for name in ("head_init_scale", "head_class_prior"):
+        if getattr(config, name) not in (None, False) and not new_model:
+            raise ValueError(f"{name} sets a new model's head: it does not go with pretrained weights")
+    if config.head_class_prior and not seg:
+        raise ValueError("head_class_prior needs the labels of a segmentation stage (seg_weight > 0)")
+
+
+def _check_regularisation_and_precision(config: TrainConfig) -> None:
+    """Raise ValueError for a modality dropout or mask ratio out of range, or an unusable mixed precision."""
+    if not 0.0 <= config.modality_dropout <= 1.0:
+        raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
+    if not 0.0 <= config.mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
+    if config.mixed_precision not in (None, "no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {config.mixed_precision!r}")
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise ValueError("fp16 needs a CUDA GPU; use mixed_precision='bf16' on CPU")
 
 
 def _check_ranges(config: TrainConfig, lr: float) -> None:
