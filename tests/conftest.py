@@ -7,10 +7,27 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+import veloxseg
+from veloxseg.metadata import ModelMetadata
+
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "reference_autopetii.safetensors"
 
 # Overrides that make a model small and fast enough for unit tests (64^3 tiles with these windows).
 SMALL_ROI = dict(roi_size=(64, 64, 64), big_windows=[[2, 2, 2], [4, 4, 4], [2, 2, 2], [2, 2, 2]])
+
+
+def tiny_model(metadata: ModelMetadata, seed: int = 0) -> veloxseg.VeloxSeg:
+    """An eval-mode ``veloxseg_tiny`` at :data:`SMALL_ROI` (random weights from ``seed``) carrying ``metadata``."""
+    torch.manual_seed(seed)
+    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
+    model.pretrained_cfg["veloxseg"] = metadata.to_dict()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    """The requesting module's ``model`` fixture saved as a model folder (``local-dir:`` loads it)."""
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="session")

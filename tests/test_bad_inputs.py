@@ -33,23 +33,15 @@ from veloxseg.predict import predict
 from veloxseg.training import TrainConfig
 from veloxseg.training.config import resolve
 
-from .conftest import SMALL_ROI
+from .conftest import SMALL_ROI, tiny_model
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
 
 @pytest.fixture(scope="module")
 def model() -> veloxseg.VeloxSeg:
-    torch.manual_seed(0)
-    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
     channels = [ChannelInfo("PET", 0), ChannelInfo("CT", 1, "ct", (-1000.0, 1000.0), 0.0, 1000.0)]
-    model.pretrained_cfg["veloxseg"] = ModelMetadata(channels, {"background": 0, "lesion": 1}).to_dict()
-    return model
-
-
-@pytest.fixture(scope="module")
-def model_dir(model, tmp_path_factory) -> Path:
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+    return tiny_model(ModelMetadata(channels, {"background": 0, "lesion": 1}))
 
 
 @pytest.fixture

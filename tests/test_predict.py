@@ -14,7 +14,7 @@ from veloxseg.cli import main
 from veloxseg.metadata import ChannelInfo, ModelMetadata
 from veloxseg.predict import predict
 
-from .conftest import SMALL_ROI
+from .conftest import SMALL_ROI, tiny_model
 
 DATA = Path(data_path)
 SPACING = (3.0, 2.5, 4.0)  # the model's, anisotropic: every test scan is resampled
@@ -35,15 +35,7 @@ def two_channel(name: str) -> nib.Nifti1Image:
 
 @pytest.fixture(scope="module")
 def model() -> veloxseg.VeloxSeg:
-    torch.manual_seed(0)
-    model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
-    model.pretrained_cfg["veloxseg"] = metadata().to_dict()
-    return model
-
-
-@pytest.fixture(scope="module")
-def model_dir(model, tmp_path_factory) -> Path:
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+    return tiny_model(metadata())
 
 
 @pytest.fixture
