@@ -19,6 +19,8 @@ import json
 import math
 import os
 import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -112,6 +114,8 @@ def main() -> None:
     load = f"load average {load_before:.1f} before, {load_after:.1f} after"
     lines = [
         "# Whole-scan inference speed (CPU)",
+        "",
+        f"Command: `{shlex.join(['python', 'benchmarks/predict_speed.py', *sys.argv[1:]])}`",
         "",
         f"{settings}; {machine}; {load}.",
         "",
