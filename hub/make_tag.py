@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-log", type=Path, help="the run's log with GNU time's report, for the CPU hours")
     parser.add_argument("--hub-dir", type=Path, default=HUB_DIR, help="where the tag's folder goes (default: hub/)")
     parser.add_argument("--metric", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="a further metric for the card, e.g. a fine-tuning result")  # fmt: skip
+                        help="a further metric, on other data: named <dataset>_<metric>, e.g. colin27_dice_3mm")  # fmt: skip
     args = parser.parse_args(argv)
 
     model = veloxseg.create_model(f"local-dir:{args.run_dir}", pretrained=True).eval()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 
 from veloxseg import hub
 from veloxseg.data.demo import make_demo_dataset
@@ -143,6 +144,9 @@ def test_tissue_tags_show_their_numbers_on_a_brain_of_another_source():
         assert f"unseen Colin27 T1 {unseen[0]:.3f}-{unseen[-1]:.3f} at 1/" in words, words
         assert f"fine-tuned on it {metrics['colin27_finetune_dice']:.3f}" in words, words
         assert metrics["colin27_finetune_dice"] > metrics["colin27_scratch_dice"], name
+        index = ModelCard.load(hub.SHIPPED_MODELS / name / hub.CARD_NAME).data.eval_results
+        on_colin27 = {r.metric_type for r in index if r.dataset_type == "colin27"}
+        assert on_colin27 == {k.removeprefix("colin27_") for k in metrics if k.startswith("colin27_")}, name
 
 
 def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):

@@ -44,11 +44,15 @@ def eval_results(metadata: ModelMetadata) -> list[EvalResult]:
     image-segmentation, dataset the first of ``metadata.datasets`` ("custom" when none is recorded),
     one result per metric, its split read from the name (``val_*``: validation, the cases that chose
     the checkpoint; ``test_*``: test; else held-out) with the number of cases it covers as the
-    dataset's ``args`` (``cases``), the metric's name without the split prefix as its type."""
-    dataset = metadata.datasets[0] if metadata.datasets else "custom"
+    dataset's ``args`` (``cases``), the metric's name without the split prefix as its type. A held-out
+    metric is on other data, named ``<dataset>_<metric>`` (``colin27_dice_3mm``): that dataset is its own."""
+    trained_on = metadata.datasets[0] if metadata.datasets else "custom"
     results = []
     for name, value in sorted(metadata.metrics.items()):
         split, metric = split_of(name)
+        dataset = trained_on
+        if split == "held-out" and "_" in metric:
+            dataset, metric = metric.split("_", 1)
         cases = metadata.evaluation_cases.get(split)
         results.append(
             EvalResult(
