@@ -1,6 +1,9 @@
 """Shared fixtures: the authors' reference vectors (read-only, beside the checkout) and small configs."""
 
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -14,6 +17,18 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" 
 
 # Overrides that make a model small and fast enough for unit tests (64^3 tiles with these windows).
 SMALL_ROI = dict(roi_size=(64, 64, 64), big_windows=[[2, 2, 2], [4, 4, 4], [2, 2, 2], [2, 2, 2]])
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """The script benchmarks/<name>.py as a module (its folder on sys.path while it imports its siblings)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
 
 
 def tiny_model(metadata: ModelMetadata, seed: int = 0) -> veloxseg.VeloxSeg:

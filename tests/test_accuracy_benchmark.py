@@ -2,22 +2,16 @@
 learning-rate search on a validation split."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def accuracy():  # noqa: ANN201 - the benchmark script as a module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return accuracy
+    return benchmark_script("accuracy")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,14 @@
 """benchmarks/grad_checkpointing.py: its worker measures a real step, its table compares with checkpointing off."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def grad_checkpointing():  # noqa: ANN201 - the benchmark script as a module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import grad_checkpointing
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return grad_checkpointing
+    return benchmark_script("grad_checkpointing")
 
 
 def test_worker_measures_a_training_step(grad_checkpointing) -> None:

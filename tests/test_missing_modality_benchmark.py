@@ -1,23 +1,17 @@
 """Smoke test of benchmarks/missing_modality.py: (a), (b) and (c) on every subset of a 2-channel task."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def missing_modality():  # noqa: ANN201 - the benchmark script as a module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import missing_modality
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return missing_modality
+    return benchmark_script("missing_modality")
 
 
 def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
