@@ -12,16 +12,14 @@ that step's own. Also the step's CPU time, since checkpointing recomputes each b
 
 import argparse
 import json
-import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from speed import current_rss_mb, peak_rss_mb, reset_peak_rss
+from speed import current_rss_mb, peak_rss_mb, reset_peak_rss, run_job
 
 from veloxseg.io import atomic_file
 
@@ -36,7 +34,7 @@ def worker(job: dict) -> dict:
     from veloxseg.training.build import roi_overrides
     from veloxseg.training.recipe import RECIPES
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
     roi = job["roi"]
     overrides = {**RECIPES["default"].model_overrides(teachers=False), **roi_overrides(TrainConfig(model=job["model"], roi=[roi] * 3))}
@@ -58,14 +56,6 @@ def worker(job: dict) -> dict:
     cpu_start = time.process_time()  # the second: CPU time once one-off buffers exist
     step()
     return {"peak_mb": peak_mb, "cpu_s": time.process_time() - cpu_start}
-
-
-def run_job(job: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"{job} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -105,7 +95,8 @@ def main() -> None:
     for model in args.models:
         for checkpointing in (False, True):
             job = {"model": model, "roi": args.roi, "batch_size": args.batch_size, "checkpointing": checkpointing}
-            rows.append({**job, **run_job(job)})
+            job["threads"] = 1
+            rows.append({**job, **run_job(job, script=__file__)})
             print(json.dumps(rows[-1]), flush=True)
     text = markdown(rows, shlex.join(["python", "benchmarks/grad_checkpointing.py", *sys.argv[1:]]))
     print(text)

@@ -136,12 +136,14 @@ def checkout(commit: str, into: Path) -> str:
     return sha
 
 
-def run_job(job: dict, pythonpath: Path | None = None) -> dict:
+def run_job(job: dict, pythonpath: Path | None = None, script: str = __file__) -> dict:
+    """``job`` run by ``script --worker JOB`` in a fresh process at ``job["threads"]`` threads; its last stdout
+    line (JSON). Other benchmarks pass their own ``script`` for the same isolation."""
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]))
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env
+        [sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True, env=env
     )
     if proc.returncode:
         raise RuntimeError(f"{job['model']} failed:\n{proc.stderr[-2000:]}")
