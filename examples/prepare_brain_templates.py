@@ -5,7 +5,12 @@ Three tasks (``--template``):
 * ``mni152`` (default): grey / white matter of the MNI ICBM 2009a T1 template. The template and its
   tissue probability maps ship inside the nilearn wheel; nilearn is an optional extra:
   ``pip install "veloxseg[demo]"`` (or ``pip install nilearn``). Labels: 0 rest, 1 grey matter,
-  2 white matter (the larger of the two probabilities, where it is at least ``--threshold``).
+  2 white matter, the likeliest class where its probability is at least ``--threshold``. With
+  ``--labels posterior`` (default) the probabilities are each voxel's posterior under a CSF / grey /
+  white Gaussian mixture of the T1's intensities with the maps as priors (:func:`tissue_posteriors`),
+  so the grey / white border follows the image; ``--labels maps`` takes the maps as they are (an
+  average of many brains: its grey matter ribbon is wider than the image's, by one 2 mm voxel at the
+  white matter border).
 * ``colin27``: cerebral and cerebellar grey matter of the Colin27 T1 (MNI single subject), the AAL
   atlas drawn on it merged into two classes (AAL regions 1-90 cerebrum, 91-116 cerebellum).
   Both files ship in Debian's mricron-data package (``apt-get install mricron-data``; the files are
@@ -63,7 +68,7 @@ Please cite:
   structure segmentation. IPMI 1999, LNCS 1613:210-223.
 
 The {num_cases} cases here are random deformations and intensity changes of that single template
-(seed {seed}); their labels come from the probability maps, not from manual annotation.
+(seed {seed}); their labels come from the probability maps ({labels}), not from manual annotation.
 """
 COLIN27_NOTICE = """\
 Images derived from the Colin27 T1 average (ch2.nii.gz) and the AAL atlas drawn on it
@@ -81,6 +86,12 @@ Please cite:
 The {num_cases} cases here are random deformations and intensity changes of that single image
 (seed {seed}); their labels come from the atlas, not from annotation of each case.
 """
+
+
+LABEL_SOURCES = {
+    "posterior": "each voxel's posterior under a Gaussian mixture of the T1 intensities with the maps as priors",
+    "maps": "the maps as they are",
+}
 
 
 @dataclass(frozen=True)
@@ -123,10 +134,11 @@ TEMPLATES = {
 
 
 def load_templates(
-    resolution: int, template: str = "mni152", mricron_dir: str | Path = MRICRON_DIR
+    resolution: int, template: str = "mni152", mricron_dir: str | Path = MRICRON_DIR, labels: str = "posterior"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(1 + K, X, Y, Z) float32 stack [T1, one probability map per foreground class] in [0, 1] (T1
-    rescaled to its maximum), and its (4, 4) affine, at ``resolution`` mm."""
+    rescaled to its maximum), and its (4, 4) affine, at ``resolution`` mm. ``labels`` (MNI152 only):
+    "posterior" (:func:`tissue_posteriors`) or "maps" (the template's maps as they are)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
     if TEMPLATES[template].aal_regions:
@@ -139,7 +151,12 @@ def load_templates(
     if not (t1.shape == gm.shape == wm.shape and all(np.allclose(t1.affine, i.affine) for i in (gm, wm))):
         raise RuntimeError("nilearn's T1, grey and white matter templates are not on the same grid")
     t1_data, gm_data, wm_data = (img.get_fdata(dtype=np.float32) for img in (t1, gm, wm))
-    return np.stack([t1_data, gm_data, wm_data]), t1.affine
+    maps = np.stack([gm_data, wm_data])
+    if labels == "posterior":
+        maps = tissue_posteriors(t1_data, maps)
+    elif labels != "maps":
+        raise ValueError(f"unknown labels {labels!r}; use posterior or maps")
+    return np.concatenate([t1_data[None], maps]), t1.affine
 
 
 def _load_colin27(
@@ -171,6 +188,28 @@ def region_notice(task: Template) -> str:
     classes = [name for name in task.labels if name != "background"]
     merged = "; ".join(f"{first}-{last} into {name}" for (first, last), name in zip(task.aal_regions, classes))
     return f"AAL regions merged: {merged}." if merged else ""
+
+
+def tissue_posteriors(t1: np.ndarray, priors: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """(K, X, Y, Z) posterior probabilities of the K tissue classes given the (X, Y, Z) T1 intensities,
+    under a mixture of K + 1 Gaussians (a "rest" class, CSF in the brain, first) with the (K, X, Y, Z)
+    ``priors`` (probability maps summing to at most 1) as each voxel's mixing weights, fitted by EM over
+    the voxels where the priors' sum is above 0.05; 0 elsewhere. This is the prior-times-likelihood
+    rule of atlas-based tissue segmentation (SPM's unified segmentation, FSL FAST), written here
+    because neither MONAI nor nilearn has it for a single image."""
+    weights = np.concatenate([np.clip(1.0 - priors.sum(0, keepdims=True), 0.0, 1.0), priors]).astype(np.float64)
+    inside = priors.sum(0) > 0.05
+    values, prior = t1[inside].astype(np.float64), weights[:, inside]
+    posterior = prior / prior.sum(0, keepdims=True)
+    for _ in range(iterations):
+        total = posterior.sum(1)
+        mean = (posterior * values).sum(1) / total
+        var = np.maximum((posterior * (values - mean[:, None]) ** 2).sum(1) / total, 1e-8)
+        posterior = prior * np.exp(-0.5 * (values - mean[:, None]) ** 2 / var[:, None]) / np.sqrt(var[:, None])
+        posterior /= np.maximum(posterior.sum(0, keepdims=True), 1e-300)
+    out = np.zeros(priors.shape, np.float32)
+    out[:, inside] = posterior[1:]
+    return out
 
 
 def tissue_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -221,12 +260,13 @@ def prepare(
     template: str = "mni152",
     mricron_dir: str | Path = MRICRON_DIR,
     overwrite: bool = False,
+    labels: str = "posterior",
 ) -> Path:
     """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path;
     ``overwrite``: replace a folder of this task written before (any other non-empty folder is refused)."""
     task = TEMPLATES[template]
     with new_dataset_folder(out_dir, task.name, overwrite) as out:
-        stack, affine = load_templates(resolution, template, mricron_dir)
+        stack, affine = load_templates(resolution, template, mricron_dir, labels)
         details = {
             "resolution": resolution, "num_cases": num_train + num_test, "seed": seed, "regions": region_notice(task)
         }  # fmt: skip
@@ -234,6 +274,7 @@ def prepare(
             import nilearn
 
             details["nilearn_version"] = nilearn.__version__
+            details["labels"] = LABEL_SOURCES[labels]
         for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
             for index in range(count):
                 t1, probabilities = augment(stack, np.random.default_rng([seed, int(subset == "Ts"), index]))
@@ -255,13 +296,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, help="minimum tissue probability (default 0.5)")
     parser.add_argument("--template", choices=tuple(TEMPLATES), default="mni152", help="(default mni152)")
     parser.add_argument(
+        "--labels", choices=("posterior", "maps"), default="posterior",
+        help="mni152: tissue probabilities from the T1 and the maps (posterior, default) or the maps alone",
+    )  # fmt: skip
+    parser.add_argument(
         "--mricron-dir", type=Path, default=MRICRON_DIR, help=f"colin27's files (default {MRICRON_DIR})"
     )
     return run(
         parser, argv,
         lambda args: prepare(
             args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.threshold, args.template,
-            args.mricron_dir, args.overwrite,
+            args.mricron_dir, args.overwrite, args.labels,
         ),
         f"the mni152 template needs nilearn: {INSTALL_NILEARN}",
     )  # fmt: skip
