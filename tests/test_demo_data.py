@@ -174,6 +174,25 @@ def test_brain_template_script_writes_aligned_cases(
     assert notice in (out / "NOTICE.txt").read_text()
 
 
+def test_tissue_posteriors_put_the_border_where_the_image_has_it() -> None:
+    """Blurred priors (a ramp from grey to white over 20 voxels) and a sharp T1 edge at voxel 24: the
+    maps' own labels put the border past the ramp's middle (voxel 21), the posteriors at the edge."""
+    script = load_example("prepare_brain_templates")
+    x = np.arange(40, dtype=np.float32)
+    white_prior = np.clip((x - 10) / 20, 0, 1) * 0.95
+    priors = np.broadcast_to(np.stack([0.95 - white_prior, white_prior])[:, :, None, None], (2, 40, 6, 6)).copy()
+    rng = np.random.default_rng(0)
+    t1 = np.where(x < 24, 0.65, 0.85)[:, None, None] + rng.normal(0, 0.02, (40, 6, 6))
+    maps_border = int(np.argmax(script.tissue_labels(priors)[:, 0, 0] == 2))
+    posterior = script.tissue_posteriors(t1.astype(np.float32), priors)
+    posterior_labels = script.tissue_labels(posterior)
+    assert maps_border == 21
+    assert (posterior_labels[:24] == 1).mean() > 0.95 and (posterior_labels[24:] == 2).mean() > 0.95
+    assert posterior.shape == priors.shape and np.all(posterior.sum(0) <= 1 + 1e-5)
+    with pytest.raises(ValueError, match="unknown labels"):
+        script.load_templates(3, "mni152", labels="sharp")
+
+
 def test_missing_colin27_files_are_named(tmp_path: Path) -> None:
     script = load_example("prepare_brain_templates")
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/ch2.nii.gz.*apt-get install mricron-data"):
