@@ -23,6 +23,9 @@ Three tasks (``--template``):
 
 There is one image per template, so the cases are random deformations of it (rotation, scaling,
 shear, shift) with random intensity changes (gain, gamma, bias field, noise), drawn from ``--seed``.
+With ``--synthesise`` (mni152), each case is instead synthesised from the deformed tissue maps at
+1 mm, SynthSeg-style (:func:`synthesise`): random tissue borders, so the cortex and the gyral white
+matter take shapes the averaged template lacks, random per-tissue intensities, blur and partial volume.
 They are written as an nnU-Net v2 raw folder with a notice on the template's origin and copyright.
 Usage::
 
@@ -40,6 +43,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import RandAdjustContrast, RandAffine, RandBiasField, RandGaussianNoise
+from scipy import ndimage
 
 from prepare_common import INSTALL_NILEARN, dataset_parser, run
 
@@ -67,7 +71,7 @@ Please cite:
 - D. L. Collins, A. P. Zijdenbos, W. F. C. Baare, A. C. Evans. ANIMAL+INSECT: improved cortical
   structure segmentation. IPMI 1999, LNCS 1613:210-223.
 
-The {num_cases} cases here are random deformations and intensity changes of that single template
+The {num_cases} cases here are {cases}
 (seed {seed}); their labels come from the probability maps ({labels}), not from manual annotation.
 """
 COLIN27_NOTICE = """\
@@ -88,6 +92,10 @@ The {num_cases} cases here are random deformations and intensity changes of that
 """
 
 
+CASE_SOURCES = {
+    False: "random deformations and intensity changes of that single template",
+    True: "synthesised from its deformed tissue maps (random tissue borders, intensities, blur and partial volume)",
+}
 LABEL_SOURCES = {
     "posterior": "each voxel's posterior under a Gaussian mixture of the T1 intensities with the maps as priors",
     "maps": "the maps as they are",
@@ -178,9 +186,7 @@ def _load_colin27(
     t1_data = np.asanyarray(t1.dataobj).astype(np.float32)
     stack = np.stack([t1_data / t1_data.max(), *((atlas >= first) & (atlas <= last) for first, last in regions)])
     pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(stack.astype(np.float32)), resolution).numpy()
-    affine = t1.affine @ np.diag([resolution, resolution, resolution, 1.0])
-    affine[:3, 3] += t1.affine[:3, :3] @ np.full(3, (resolution - 1) / 2)  # block centres
-    return pooled, affine
+    return pooled, block_affine(t1.affine, resolution)
 
 
 def region_notice(task: Template) -> str:
@@ -220,12 +226,8 @@ def tissue_labels(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarr
     return labels
 
 
-def augment(stack: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random deformation of the (1 + K, X, Y, Z) [T1, class probabilities] stack, then random T1
-    intensity changes.
-
-    Returns the (X, Y, Z) float32 T1 (arbitrary MR units) and the deformed (K, X, Y, Z) probabilities.
-    """
+def random_deformation(rng: np.random.Generator) -> RandAffine:
+    """The random rotation, scaling, shear and shift every case gets (bilinear, zeros outside)."""
     deform = RandAffine(
         prob=1.0,
         rotate_range=(0.15, 0.15, 0.15),
@@ -235,19 +237,86 @@ def augment(stack: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np
         mode="bilinear",
         padding_mode="zeros",
     )
-    intensity = [
+    deform.set_random_state(seed=int(rng.integers(2**31)))
+    return deform
+
+
+def intensity_changes(t1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The (1, X, Y, Z) T1 in [0, 1] with a random gamma, bias field, noise and gain: (X, Y, Z) float32
+    in arbitrary MR units."""
+    image = torch.from_numpy(np.ascontiguousarray(t1, dtype=np.float32))
+    for transform in (
         RandAdjustContrast(prob=1.0, gamma=(0.7, 1.5)),
         RandBiasField(prob=1.0, coeff_range=(0.1, 0.3)),
         RandGaussianNoise(prob=1.0, std=0.03),
-    ]
-    for transform in (deform, *intensity):
+    ):
         transform.set_random_state(seed=int(rng.integers(2**31)))
-    moved = torch.as_tensor(deform(torch.from_numpy(stack))).numpy()
-    t1 = torch.from_numpy(moved[:1])
-    for transform in intensity:
-        t1 = torch.as_tensor(transform(t1))
-    gain = rng.uniform(500.0, 1500.0)
-    return (np.clip(t1[0].numpy(), 0.0, None) * gain).astype(np.float32), moved[1:]
+        image = torch.as_tensor(transform(image))
+    return (np.clip(image[0].numpy(), 0.0, None) * rng.uniform(500.0, 1500.0)).astype(np.float32)
+
+
+def augment(stack: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random deformation of the (1 + K, X, Y, Z) [T1, class probabilities] stack, then random T1
+    intensity changes.
+
+    Returns the (X, Y, Z) float32 T1 (arbitrary MR units) and the deformed (K, X, Y, Z) probabilities.
+    """
+    moved = torch.as_tensor(random_deformation(rng)(torch.from_numpy(stack))).numpy()
+    return intensity_changes(moved[:1], rng), moved[1:]
+
+
+def synthesis_maps(labels: str = "posterior") -> tuple[np.ndarray, np.ndarray]:
+    """(3, X, Y, Z) float32 [grey matter, white matter, brain mask] of the MNI152 template at 1 mm
+    (``labels`` as :func:`load_templates` takes it) and their (4, 4) affine: what :func:`synthesise` draws from."""
+    from nilearn import datasets  # optional dependency
+
+    stack, affine = load_templates(1, "mni152", labels=labels)
+    brain = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32)
+    return np.concatenate([stack[1:], brain[None]]), affine
+
+
+def random_field(shape: tuple[int, ...], centre: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """(X, Y, Z) float32 smooth random threshold in [0.05, 0.95]: a uniform draw from ``centre`` plus up
+    to 0.4 x unit-std noise smoothed over 2-6 voxels (drawn at half resolution, then upsampled)."""
+    half = tuple((n + 1) // 2 for n in shape)
+    noise = ndimage.gaussian_filter(rng.standard_normal(half).astype(np.float32), rng.uniform(1.0, 3.0))
+    noise = ndimage.zoom(noise / (noise.std() + 1e-6), 2, order=1)[: shape[0], : shape[1], : shape[2]]
+    return np.clip(rng.uniform(*centre) + rng.uniform(0.0, 0.4) * noise, 0.05, 0.95)
+
+
+def synthesise(maps: np.ndarray, resolution: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One case drawn from the 1 mm (3, X, Y, Z) :func:`synthesis_maps`, SynthSeg-style: the maps
+    deformed, cut into CSF / grey / white matter at random thresholds that vary smoothly in space (the
+    cortex thinner or thicker, white matter reaching into the gyri or not: shapes the averaged template
+    lacks), each tissue given a random T1-ordered mean and spread, blurred, averaged over
+    ``resolution``^3 blocks (partial volume) and given :func:`intensity_changes`.
+
+    Returns the (X', Y', Z') float32 T1 and uint8 labels (1 grey, 2 white matter; the larger block
+    fraction) on the :func:`block_affine` grid.
+    """
+    grey, white, brain = torch.as_tensor(random_deformation(rng)(torch.from_numpy(maps))).numpy()
+    tissue = grey + white
+    is_tissue = tissue >= random_field(tissue.shape, (0.4, 0.6), rng)
+    classes = (brain > 0.5).astype(np.int64)  # 0 outside the brain, 1 CSF, 2 grey, 3 white matter
+    classes[is_tissue] = 2
+    classes[is_tissue & (white > random_field(tissue.shape, (0.35, 0.65), rng) * tissue)] = 3
+    white_mean = rng.uniform(0.7, 1.0)
+    grey_mean = white_mean * rng.uniform(0.55, 0.85)
+    means = np.array([0.0, grey_mean * rng.uniform(0.15, 0.6), grey_mean, white_mean])
+    spreads = np.concatenate([[0.0], rng.uniform(0.01, 0.06, 3) * white_mean])
+    image = means[classes] + rng.standard_normal(classes.shape) * spreads[classes]
+    image = ndimage.gaussian_filter(image.astype(np.float32), rng.uniform(0.3, 1.2))
+    layers = np.stack([image, *(classes == k for k in range(4))]).astype(np.float32)
+    pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(layers), resolution).numpy()
+    labels = np.array([0, 0, 1, 2], np.uint8)[pooled[1:].argmax(0)]
+    return intensity_changes(np.clip(pooled[:1], 0.0, None), rng), labels
+
+
+def block_affine(affine: np.ndarray, resolution: int) -> np.ndarray:
+    """The (4, 4) affine of a grid averaged over ``resolution``^3 blocks of the 1 mm grid ``affine``."""
+    pooled = affine @ np.diag([resolution, resolution, resolution, 1.0])
+    pooled[:3, 3] += affine[:3, :3] @ np.full(3, (resolution - 1) / 2)  # block centres
+    return pooled
 
 
 def prepare(
@@ -261,12 +330,20 @@ def prepare(
     mricron_dir: str | Path = MRICRON_DIR,
     overwrite: bool = False,
     labels: str = "posterior",
+    synthesised: bool = False,
 ) -> Path:
     """Write the ``template``'s brain task to ``out_dir`` (nnU-Net v2 raw layout) and return its path;
-    ``overwrite``: replace a folder of this task written before (any other non-empty folder is refused)."""
+    ``overwrite``: replace a folder of this task written before (any other non-empty folder is refused);
+    ``synthesised`` (mni152 only): cases from :func:`synthesise`, not deformed copies of the T1."""
     task = TEMPLATES[template]
+    if synthesised and template != "mni152":
+        raise ValueError(f"synthesised cases are drawn from the mni152 tissue maps, not from {template}")
     with new_dataset_folder(out_dir, task.name, overwrite) as out:
-        stack, affine = load_templates(resolution, template, mricron_dir, labels)
+        if synthesised:
+            maps, affine_1mm = synthesis_maps(labels)
+            affine = block_affine(affine_1mm, resolution)
+        else:
+            stack, affine = load_templates(resolution, template, mricron_dir, labels)
         details = {
             "resolution": resolution, "num_cases": num_train + num_test, "seed": seed, "regions": region_notice(task)
         }  # fmt: skip
@@ -275,10 +352,15 @@ def prepare(
 
             details["nilearn_version"] = nilearn.__version__
             details["labels"] = LABEL_SOURCES[labels]
+            details["cases"] = CASE_SOURCES[synthesised]
         for subset, count, prefix in (("Tr", num_train, "brain"), ("Ts", num_test, "brain_test")):
             for index in range(count):
-                t1, probabilities = augment(stack, np.random.default_rng([seed, int(subset == "Ts"), index]))
-                label = tissue_labels(probabilities, threshold=threshold)
+                rng = np.random.default_rng([seed, int(subset == "Ts"), index])
+                if synthesised:
+                    t1, label = synthesise(maps, resolution, rng)
+                else:
+                    t1, probabilities = augment(stack, rng)
+                    label = tissue_labels(probabilities, threshold=threshold)
                 write_nnunet_case(
                     out, f"{prefix}_{index:04d}", [nib.Nifti1Image(t1, affine)], nib.Nifti1Image(label, affine), subset
                 )
@@ -300,13 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="mni152: tissue probabilities from the T1 and the maps (posterior, default) or the maps alone",
     )  # fmt: skip
     parser.add_argument(
+        "--synthesise", action="store_true", help="mni152: cases synthesised from its tissue maps (SynthSeg-style)"
+    )
+    parser.add_argument(
         "--mricron-dir", type=Path, default=MRICRON_DIR, help=f"colin27's files (default {MRICRON_DIR})"
     )
     return run(
         parser, argv,
         lambda args: prepare(
             args.out_dir, args.num_train, args.num_test, args.seed, args.resolution, args.threshold, args.template,
-            args.mricron_dir, args.overwrite, args.labels,
+            args.mricron_dir, args.overwrite, args.labels, args.synthesise,
         ),
         f"the mni152 template needs nilearn: {INSTALL_NILEARN}",
     )  # fmt: skip
