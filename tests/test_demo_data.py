@@ -193,6 +193,26 @@ def test_tissue_posteriors_put_the_border_where_the_image_has_it() -> None:
         script.load_templates(3, "mni152", labels="sharp")
 
 
+def test_synthesised_cases_follow_their_labels_and_vary_in_shape() -> None:
+    """Two cases synthesised from one toy map set: labels where the maps say, each tissue's intensities
+    set apart from the others (T1 order), and tissue borders that differ between the cases."""
+    script = load_example("prepare_brain_templates")
+    x = np.linspace(-1, 1, 48)
+    radius = np.sqrt(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2)
+    white = np.clip((0.55 - radius) / 0.2, 0, 1)  # a ball of white matter in a shell of grey, in CSF
+    grey = np.clip((0.8 - radius) / 0.1, 0, 1) * (1 - white)
+    maps = np.stack([grey, white, (radius < 0.9).astype(float)]).astype(np.float32)
+    cases = [script.synthesise(maps, 2, np.random.default_rng(seed)) for seed in (0, 1)]
+    for t1, labels in cases:
+        assert t1.shape == labels.shape == (24, 24, 24) and t1.dtype == np.float32
+        assert set(np.unique(labels)) == {0, 1, 2}
+        means = [t1[labels == k].mean() for k in (0, 1, 2)]
+        assert means[0] < means[1] < means[2]  # background and CSF < grey < white matter
+    assert (cases[0][1] != cases[1][1]).mean() > 0.01
+    with pytest.raises(ValueError, match="mni152"):
+        script.prepare(Path("unused"), template="colin27", synthesised=True)
+
+
 def test_missing_colin27_files_are_named(tmp_path: Path) -> None:
     script = load_example("prepare_brain_templates")
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/ch2.nii.gz.*apt-get install mricron-data"):
