@@ -19,7 +19,8 @@ DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
 # 64^3 ROI throughout: at 96^3 a step of veloxseg_small costs about 3 CPU s here, of base 8 s.
 # Every run trains at its data's spacing fingerprint (the trainer's default), recorded in the tag.
 # PET/CT: modality dropout, so one tag segments PET/CT, PET alone or CT alone.
-# MNI152: SynthSeg-style domain randomisation, so the tissue tags work on T1 brains of other sources.
+# MNI152: cases synthesised from the template's tissue maps and SynthSeg-style domain randomisation, so the
+# tissue tags work on T1 brains of other sources.
 PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0 --modality-dropout 0.5"
 MNI152="--data $DATA/mni152 --roi 64 --checkpoint-every 100 --seed 0 --domain-randomisation"
 SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --roi 64 --checkpoint-every 100 --seed 0"
@@ -43,7 +44,7 @@ tag() {  # tag RUN TAG ABOUT [make_tag.py flags]
 case ${1:-} in
 data)
     "$(dirname "$PY")/veloxseg" demo-data "$DATA/petct" --num-train 48 --num-test 8 --seed 0
-    $PY examples/prepare_brain_templates.py "$DATA/mni152" --num-train 16 --num-test 4 --seed 0
+    $PY examples/prepare_brain_templates.py "$DATA/mni152" --num-train 64 --num-test 8 --seed 0 --synthesise
     $PY examples/prepare_ssl_corpus.py "$DATA/ssl" --seed 0
     $PY examples/prepare_brain_templates.py "$DATA/colin27" --template colin27 --num-train 16 --num-test 4 --seed 0
     ;;
@@ -67,11 +68,11 @@ train)
     ;;
 tags)
     petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone."
-    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on randomly deformed MNI152 2009a templates with SynthSeg-style domain randomisation, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
+    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on cases synthesised from the MNI152 2009a tissue maps (random tissue borders, intensities, blur, partial volume) with SynthSeg-style domain randomisation in training, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
     petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
     mni_data=(--test-data "$DATA/mni152" --notice "$DATA/mni152/NOTICE.txt"
-              --data-command "python examples/prepare_brain_templates.py $DATA/mni152 --num-train 16 --num-test 4 --seed 0")
+              --data-command "python examples/prepare_brain_templates.py $DATA/mni152 --num-train 64 --num-test 8 --seed 0 --synthesise")
     ssl_data=(--test-data "$DATA/colin27" --notice "$DATA/ssl/NOTICE.txt" --data-command "python examples/prepare_ssl_corpus.py $DATA/ssl --seed 0")
     for variant in veloxseg_tiny veloxseg_small veloxseg_base veloxseg_small_hr; do
         tag $variant.petct $variant.petct_lesions "$petct" "${petct_data[@]}"
