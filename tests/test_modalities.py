@@ -126,9 +126,9 @@ def test_partly_named_group_and_wrong_compact_channels_are_refused():
         model(torch.randn(1, 3, *SMALL_ROI["roi_size"]), present=["group0_channel0"])
     with pytest.raises(ValueError, match="expects 3 input channels .* only theirs, got 2"):
         model(torch.randn(1, 2, *SMALL_ROI["roi_size"]), present=[1])
-    assert resolve_present(["group0_channel0", "group0_channel1"], model.group_channels(), 2) == (0,)
-    assert resolve_present(torch.tensor([[True, False], [True, False]]), model.group_channels(), 2) == (0,)
-    assert resolve_present([0, "group1_channel0"], model.group_channels(), 2) is None
+    assert resolve_present(["group0_channel0", "group0_channel1"], model.group_channel_names(), 2) == (0,)
+    assert resolve_present(torch.tensor([[True, False], [True, False]]), model.group_channel_names(), 2) == (0,)
+    assert resolve_present([0, "group1_channel0"], model.group_channel_names(), 2) is None
 
 
 def test_modality_dropout_masks_are_uniform_over_the_proper_subsets():

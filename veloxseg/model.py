@@ -352,7 +352,8 @@ class VeloxSeg(nn.Module):
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"VeloxSeg got an empty batch, shape {tuple(x.shape)}")
-        groups = resolve_present(present, self.group_channels() if present is not None else [], x.shape[0], x.device)
+        names = self.group_channel_names() if present is not None else []
+        groups = resolve_present(present, names, x.shape[0], x.device)
         compact = isinstance(groups, tuple) and x.shape[1] == sum(cfg.in_ch[g] for g in groups)
         if x.shape[1] != sum(cfg.in_ch) and not compact:
             only = "" if present is None else " or, when every sample has the same groups, only theirs"
@@ -379,7 +380,7 @@ class VeloxSeg(nn.Module):
         if groups is not None:  # (B, sum(in_ch), D, H, W), a missing group's channels 0
             x = with_missing_channels_zeroed(x, groups, self.config.in_ch)
         counts = (~torch.isfinite(x)).transpose(0, 1).flatten(1).sum(1).tolist()  # per channel
-        names = [name for group in self.group_channels() for name in group]
+        names = [name for group in self.group_channel_names() for name in group]
         named = [f"{names[c]} ({n})" for c, n in enumerate(counts) if n]
         if named:
             raise ValueError(
@@ -390,9 +391,10 @@ class VeloxSeg(nn.Module):
     def present_groups(self, present: Present) -> tuple[int, ...] | None:
         """The groups ``present`` names for every sample alike (channel names, group indices or a (M,) bool
         tensor) as group indices; None: all. Raises ValueError as ``forward`` does."""
-        return None if present is None else resolve_present(present, self.group_channels(), 1)  # one sample: a tuple
+        # one sample: a tuple
+        return None if present is None else resolve_present(present, self.group_channel_names(), 1)
 
-    def group_channels(self) -> list[list[str]]:
+    def group_channel_names(self) -> list[list[str]]:
         """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
         untrained model's are ``group{g}_channel{c}``)."""
         channels = model_metadata(self).channels
