@@ -28,7 +28,7 @@ def test_untrained_detail_path_upsamples_the_half_resolution_head() -> None:
 
 
 def test_detail_path_shapes_and_gradients() -> None:
-    path = DetailPath(in_ch=2, u1_ch=16, width=8, n_classes=3)
+    path = DetailPath(group_channels=2, u1_ch=16, width=8, n_classes=3)
     x, u1, coarse = torch.randn(2, 2, 32, 32, 16), torch.randn(2, 16, 8, 8, 4), torch.randn(2, 3, 16, 16, 8)
     coarse.requires_grad_(True)
     stem = path.stem(x)
@@ -57,13 +57,13 @@ def test_hr_trains_and_counts_its_path_in_inference_parameters() -> None:
     assert model.decoder.detail.out.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("change", [dict(in_ch=[3]), dict(n_classes=4)])
+@pytest.mark.parametrize("change", [dict(group_channels=[3]), dict(n_classes=4)])
 def test_adaptation_fits_the_detail_path(change: dict) -> None:
     source = veloxseg.create_model("veloxseg_small_hr", **ROI)
     target = veloxseg.create_model("veloxseg_small_hr", **{**ROI, **change})
     state, report = adapt_state_dict(source.state_dict(), source.config, target)
     target.load_state_dict(state)
-    if "in_ch" in change:
+    if "group_channels" in change:
         assert "decoder.detail.stem.weight" in report.adapted
         assert state["decoder.detail.stem.weight"].shape[1] == 3
     else:

@@ -1,6 +1,6 @@
 """Which modality groups a scan has: naming a subset of a model's groups, and drawing random ones in training.
 
-A VeloxSeg model has one attention stream per modality group (config ``in_ch``, one group per channel
+A VeloxSeg model has one attention stream per modality group (config ``group_channels``, one group per channel
 for models the trainer builds) and runs on any non-empty subset of them: ``model(x, present=["PET"])``.
 ``present`` may be
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from timm.models import PretrainedCfg, generate_default_cfgs
 
-from .config import VeloxSegConfig
+from .config import VeloxSegConfig, renamed_fields
 from .metadata import ModelMetadata
 
 PAPER_TITLE = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation"
@@ -84,7 +84,7 @@ def describe_3d(config: VeloxSegConfig, metadata: dict[str, Any]) -> dict[str, A
     :class:`ModelMetadata` dict that fits it): ``input_size`` (C, D, H, W), ``num_classes``,
     ``label_names``, ``channel_names``, ``normalisation``, ``spacing``, ``orientation``, ``license``."""
     return {
-        "input_size": (sum(config.in_ch), *config.roi_size),
+        "input_size": (config.in_channels, *config.roi_size),
         "num_classes": config.n_classes,
         "label_names": [name for name, _ in sorted(metadata["labels"].items(), key=lambda kv: kv[1])],
         "channel_names": [c["name"] for c in metadata["channels"]],
@@ -174,7 +174,8 @@ def published_cfg(name: str) -> VeloxSegPretrainedCfg:
     description and network's 3-D fields read from the shipped config.json (the tag's one source; the
     file is checked against its SHA-256 when weights are loaded)."""
     values = json.loads((SHIPPED_MODELS / name / "config.json").read_text(encoding="utf-8"))
-    config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**values["model_args"])
+    stored = renamed_fields(values["model_args"], warn=False)  # a file written before a field was renamed
+    config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**stored)
     pretrained = values["pretrained_cfg"]
     return variant_cfg(
         hf_hub_id=f"{HUB_ORG}/{name}",
@@ -187,7 +188,7 @@ def published_cfg(name: str) -> VeloxSegPretrainedCfg:
 def untrained_cfg(variant: str) -> VeloxSegPretrainedCfg:
     """The pretrained config of a variant without published weights: its network, generic metadata."""
     config = VeloxSegConfig(**VARIANTS[variant])
-    return variant_cfg(**describe_3d(config, ModelMetadata.default(config.in_ch, config.n_classes).to_dict()))
+    return variant_cfg(**describe_3d(config, ModelMetadata.default(config.group_channels, config.n_classes).to_dict()))
 
 
 default_cfgs = generate_default_cfgs(
@@ -208,21 +209,24 @@ def variant_of(config: VeloxSegConfig) -> str | None:
 
 
 def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
-    ``in_chans`` -> ``in_ch=[in_chans]`` (one modality group) or, with ``in_ch`` given, a check that
-    they agree. Raises ``ValueError`` when both names of a pair are given and disagree."""
-    kwargs = dict(kwargs)
+    """``kwargs`` (a caller's) with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
+    ``in_chans`` -> ``group_channels=[in_chans]`` (one modality group) or, with ``group_channels`` given, a
+    check that they agree; and old names of renamed config fields in the new ones, with a DeprecationWarning
+    (:func:`veloxseg.config.renamed_fields`). Raises ``ValueError`` when both names of a pair are given and
+    disagree."""
+    kwargs = renamed_fields(kwargs, warn=True)
     if "num_classes" in kwargs:
         num_classes = kwargs.pop("num_classes")
         if kwargs.setdefault("n_classes", num_classes) != num_classes:
             raise ValueError(f"num_classes={num_classes} and n_classes={kwargs['n_classes']} disagree; give one")
     if "in_chans" in kwargs:
         in_chans = kwargs.pop("in_chans")
-        in_ch = kwargs.setdefault("in_ch", [in_chans])
-        if sum(in_ch) != in_chans:
+        group_channels = kwargs.setdefault("group_channels", [in_chans])
+        if sum(group_channels) != in_chans:
             raise ValueError(
-                f"in_chans={in_chans} disagrees with in_ch={list(in_ch)}. VeloxSeg reads its input channels in "
-                f"modality groups: give in_ch=[...] alone, e.g. in_ch=[1, 1] for PET and CT as two groups or "
-                f"in_ch=[4] for one 4-channel group (in_chans=n alone means in_ch=[n])"
+                f"in_chans={in_chans} disagrees with group_channels={list(group_channels)}. VeloxSeg reads its input "
+                f"channels in modality groups: give group_channels=[...] alone, e.g. group_channels=[1, 1] for PET "
+                f"and CT as two groups or group_channels=[4] for one 4-channel group (in_chans=n alone means "
+                f"group_channels=[n])"
             )
     return kwargs
