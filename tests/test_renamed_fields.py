@@ -3,8 +3,10 @@ a stored file (config.json) holding the old name loads silently, and the shipped
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import veloxseg
@@ -62,20 +64,36 @@ def test_new_config_json_holds_group_channels(tmp_path):
     assert model_args["group_channels"] == [1, 1] and "in_ch" not in model_args
 
 
-def test_old_config_json_loads_silently_as_the_same_model(tmp_path):
+@pytest.fixture
+def old_format(tmp_path) -> tuple[veloxseg.VeloxSeg, Path]:
+    """A tiny model and its saved folder, whose config.json holds ``in_ch`` as files written before the rename."""
     model = tiny_model(ModelMetadata.default((1, 1), 2))
     folder = model.save_pretrained(tmp_path / "old")
-    path = folder / hub.CONFIG_NAME
-    values = json.loads(path.read_text())
-    values["model_args"]["in_ch"] = values["model_args"].pop("group_channels")  # as written before the rename
-    path.write_text(json.dumps(values))
+    values = json.loads((folder / hub.CONFIG_NAME).read_text())
+    values["model_args"]["in_ch"] = values["model_args"].pop("group_channels")
+    (folder / hub.CONFIG_NAME).write_text(json.dumps(values))
+    return model, folder
+
+
+@pytest.mark.parametrize("create", [veloxseg.create_model, timm.create_model])
+def test_old_config_json_loads_silently_as_the_same_model(old_format, create):
+    model, folder = old_format
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = veloxseg.create_model(f"local-dir:{folder}", pretrained=True)
+        loaded = create(f"local-dir:{folder}", pretrained=True)
     assert not [w for w in caught if "in_ch" in str(w.message)]
-    assert loaded.config == model.config and hub.read_config(path).config == model.config
+    assert loaded.config == model.config and hub.read_config(folder / hub.CONFIG_NAME).config == model.config
     expected, found = model.state_dict(), loaded.state_dict()
     assert found.keys() == expected.keys() and all(torch.equal(found[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("create", [veloxseg.create_model, timm.create_model])
+def test_a_saved_model_takes_either_name_as_an_override(old_format, create):
+    _, folder = old_format
+    assert create(f"local-dir:{folder}", pretrained=False, group_channels=[2]).config.group_channels == (2,)
+    with pytest.warns(DeprecationWarning, match=DEPRECATED) as caught:
+        assert create(f"local-dir:{folder}", pretrained=False, in_ch=[3]).config.group_channels == (3,)
+    assert [w.filename for w in caught if DEPRECATED in str(w.message)] == [__file__]
 
 
 @pytest.mark.parametrize("tag", PUBLISHED)

@@ -366,7 +366,7 @@ def create_from_hub(
         pretrained=pretrained,
         pretrained_cfg={**hub_config.pretrained_cfg, **source},
         cache_dir=cache_dir,
-        **{**hub_config.config.to_dict(), **overrides},
+        **{**hub_config.config.to_dict(), **renamed_fields(overrides, warn=True)},
     )
 
 

@@ -209,12 +209,10 @@ def variant_of(config: VeloxSegConfig) -> str | None:
 
 
 def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` (a caller's) with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
+    """``kwargs`` with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
     ``in_chans`` -> ``group_channels=[in_chans]`` (one modality group) or, with ``group_channels`` given, a
-    check that they agree; and old names of renamed config fields in the new ones, with a DeprecationWarning
-    (:func:`veloxseg.config.renamed_fields`). Raises ``ValueError`` when both names of a pair are given and
-    disagree."""
-    kwargs = renamed_fields(kwargs, warn=True)
+    check that they agree. Raises ``ValueError`` when both names of a pair are given and disagree."""
+    kwargs = dict(kwargs)
     if "num_classes" in kwargs:
         num_classes = kwargs.pop("num_classes")
         if kwargs.setdefault("n_classes", num_classes) != num_classes:
