@@ -31,9 +31,9 @@ RENAMED_FIELDS = {"in_ch": "group_channels"}
 
 def renamed_fields(values: Mapping[str, Any], *, warn: bool) -> dict[str, Any]:
     """``values`` (config fields by name) with the old names of renamed fields (``RENAMED_FIELDS``) replaced
-    by the new ones. ``warn``: a DeprecationWarning for each old name, for a caller's keywords; stored files
-    (config.json, train_config.json, checkpoints) that hold an old name are read silently. Raises TypeError
-    when a field is given under both names."""
+    by the new ones. ``warn``: a DeprecationWarning for each old name, for a caller's keywords; a stored file
+    that holds one (a config.json's ``model_args``, written before the rename) is read silently. Raises
+    TypeError when a field is given under both names."""
     values = dict(values)
     for old, new in RENAMED_FIELDS.items():
         if old not in values:
