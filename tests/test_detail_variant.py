@@ -28,7 +28,7 @@ def test_untrained_detail_path_upsamples_the_half_resolution_head() -> None:
 
 
 def test_detail_path_shapes_and_gradients() -> None:
-    path = DetailPath(group_channels=2, u1_ch=16, width=8, n_classes=3)
+    path = DetailPath(in_ch=2, u1_ch=16, width=8, n_classes=3)
     x, u1, coarse = torch.randn(2, 2, 32, 32, 16), torch.randn(2, 16, 8, 8, 4), torch.randn(2, 3, 16, 16, 8)
     coarse.requires_grad_(True)
     stem = path.stem(x)
