@@ -2,7 +2,7 @@
 
     model = torch.hub.load("<owner>/veloxseg", "veloxseg_small", pretrained=True)  # its default tag
     model = torch.hub.load("<owner>/veloxseg", "create_model", "veloxseg_small.petct_lesions", pretrained=True)
-    model = torch.hub.load("<owner>/veloxseg", "veloxseg_small", in_ch=[4], n_classes=4)  # config overrides
+    model = torch.hub.load("<owner>/veloxseg", "veloxseg_small", group_channels=[4], n_classes=4)  # config overrides
 """
 
 # torch.hub.list() lists every public callable of this module: helpers are imported under private names.

@@ -116,13 +116,13 @@ ABLATION = ["veloxseg_small_hr", "veloxseg_small_hr-sdkt"]
 
 class MonaiNet(nn.Module):
     """A MONAI network in VeloxSeg's interface, for ``VeloxSegLoss`` and ``validate``: ``config.roi_size``,
-    ``config.n_classes``, ``config.in_ch`` (one modality group per channel, as the trainer's metadata has
+    ``config.n_classes``, ``config.group_channels`` (one modality group per channel, as the trainer's metadata has
     them), and a training-mode forward returning a :class:`VeloxSegOutput`."""
 
     def __init__(self, net: nn.Module, roi: tuple[int, int, int], n_channels: int, n_classes: int) -> None:
         super().__init__()
         self.net = net
-        self.config = SimpleNamespace(roi_size=roi, n_classes=n_classes, in_ch=(1,) * n_channels)
+        self.config = SimpleNamespace(roi_size=roi, n_classes=n_classes, group_channels=(1,) * n_channels)
 
     def forward(self, x: torch.Tensor) -> VeloxSegOutput | torch.Tensor:
         logits = self.net(x)

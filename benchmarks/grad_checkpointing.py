@@ -38,7 +38,7 @@ def worker(job: dict) -> dict:
     torch.manual_seed(0)
     roi = job["roi"]
     overrides = {**RECIPES["default"].model_overrides(teachers=False), **roi_overrides(TrainConfig(model=job["model"], roi=[roi] * 3))}
-    model = veloxseg.create_model(job["model"], in_ch=(1, 1), n_classes=2, **overrides)
+    model = veloxseg.create_model(job["model"], group_channels=(1, 1), n_classes=2, **overrides)
     model.set_grad_checkpointing(job["checkpointing"])
     model.train()
     x = torch.randn(job["batch_size"], 2, roi, roi, roi)

@@ -71,7 +71,7 @@ def main() -> None:
     channels, spatial = size[0], size[1:]
 
     torch.manual_seed(0)
-    veloxseg_small = veloxseg.create_model("veloxseg_small", in_ch=[1] * channels).eval()
+    veloxseg_small = veloxseg.create_model("veloxseg_small", group_channels=[1] * channels).eval()
     networks = {"veloxseg_small": veloxseg_small, **{n: build(n, channels, 2, ROI).eval() for n in BASELINES}}
     scan = torch.randn(1, *size)
     image = nib.Nifti1Image(scan[0].permute(1, 2, 3, 0).numpy(), np.eye(4))  # RAS, 1 mm: no resampling

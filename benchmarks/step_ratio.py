@@ -53,7 +53,7 @@ def build_setup(name: str, fast: bool = True, seed: int = 0) -> StepSetup:
     config = resolve(TrainConfig(model=network, roi=ROI, batch_size=BATCH, max_steps=10**6))
     if name.startswith("veloxseg"):
         overrides = RECIPES["default"].model_overrides(teachers=False) | roi_overrides(config)
-        model = create_model(name, in_ch=[1], n_classes=CLASSES, **overrides)
+        model = create_model(name, group_channels=[1], n_classes=CLASSES, **overrides)
         model.decoder.init_head(config.head_init_scale, torch.full((CLASSES,), 1 / CLASSES))
     else:
         model = MonaiNet(build_baseline(name, 1, CLASSES, ROI), ROI, 1, CLASSES)

@@ -40,7 +40,7 @@ def measure(model_name: str, threads: int, batch_size: int, roi: int, steps: int
     windows = scaled_windows(default.big_windows, default.roi_size, (roi,) * 3)
     model = veloxseg.create_model(model_name, roi_size=(roi,) * 3, big_windows=windows).train()
     loss_fn, optimizer = VeloxSegLoss(), torch.optim.AdamW(model.parameters(), lr=2.5e-4, weight_decay=0.01)
-    image = torch.randn(batch_size, sum(model.config.in_ch), roi, roi, roi)
+    image = torch.randn(batch_size, model.config.in_channels, roi, roi, roi)
     label = (torch.rand(batch_size, 1, roi, roi, roi) > 0.95).float()
     times = []
     for _ in range(steps + 1):
@@ -101,7 +101,7 @@ def main() -> None:
         "",
         f"`{shlex.join(['python', 'benchmarks/train_speed.py', *sys.argv[1:]])}`",
         "",
-        f"Batch {args.batch_size} x {sum(veloxseg.VeloxSegConfig().in_ch)} channels x {args.roi}^3, teachers on, "
+        f"Batch {args.batch_size} x {veloxseg.VeloxSegConfig().in_channels} channels x {args.roi}^3, teachers on, "
         f"fp32; forward + loss + backward + AdamW step, no data loading; mean of {args.steps} steps after one "
         "warm-up step. Peak memory: the process's peak resident set; before the model is built (imports only) "
         "it is the last column.",

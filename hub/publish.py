@@ -41,7 +41,7 @@ def validate(folder: Path) -> list[str]:
     problems = [] if report.exact else [f"the weights do not load as saved:\n{report}"]
     cfg = model.config
     with torch.no_grad():
-        logits = model.eval()(torch.randn(1, sum(cfg.in_ch), *cfg.roi_size))
+        logits = model.eval()(torch.randn(1, cfg.in_channels, *cfg.roi_size))
     if logits.shape != (1, cfg.n_classes, *cfg.roi_size) or not torch.isfinite(logits).all():
         shape = tuple(logits.shape)
         problems.append(f"a forward on random {list(cfg.roi_size)} input gives {shape} or non-finite logits")

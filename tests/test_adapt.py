@@ -35,14 +35,14 @@ def adapt(source: veloxseg.VeloxSeg, name: str = "veloxseg_small", **overrides):
     return model, init, report
 
 
-@pytest.mark.parametrize("in_ch, n_classes", [([4], 4), ([1, 1, 1], 5)])
-def test_other_groups_and_classes_keep_every_compatible_tensor(small, in_ch, n_classes):
-    model, init, report = adapt(small, in_ch=in_ch, n_classes=n_classes, **SMALL_ROI)
+@pytest.mark.parametrize("group_channels, n_classes", [([4], 4), ([1, 1, 1], 5)])
+def test_other_groups_and_classes_keep_every_compatible_tensor(small, group_channels, n_classes):
+    model, init, report = adapt(small, group_channels=group_channels, n_classes=n_classes, **SMALL_ROI)
     source, target = small.state_dict(), model.state_dict()
-    src_groups, groups = len(small.config.in_ch), len(in_ch)
+    src_groups, groups = len(small.config.group_channels), len(group_channels)
     changed = {"encoder.downs.0.weight", *(f"encoder.mixers.{i}.weight" for i in range(4))}
     changed |= {k for k in target if re.match(r"attention\.patch_embeds\.\d\.weight|teachers\.\d\.head\.", k)}
-    if in_ch == [1, 1, 1]:  # one channel per group as before: stems of the groups unchanged
+    if group_channels == [1, 1, 1]:  # one channel per group as before: stems of the groups unchanged
         changed -= {k for k in changed if k.startswith(("attention.patch_embeds", "teachers"))}
     for key, value in target.items():
         if HEADS.match(key):
@@ -53,7 +53,7 @@ def test_other_groups_and_classes_keep_every_compatible_tensor(small, in_ch, n_c
     # The adapted tensors, as the module docstring says.
     rescale = src_groups / groups
     blocks = source["encoder.downs.0.weight"].split(1, 1)
-    if in_ch == [4]:
+    if group_channels == [4]:
         embed = source["attention.patch_embeds.0.weight"]
         assert torch.allclose(target["attention.patch_embeds.0.weight"], embed.repeat(1, 4, 1, 1, 1) / 4)
         assert torch.allclose(target["encoder.downs.0.weight"], blocks[0].repeat(1, 4, 1, 1, 1) / 4 * rescale)
@@ -72,7 +72,7 @@ def test_other_groups_and_classes_keep_every_compatible_tensor(small, in_ch, n_c
     assert (dropped_groups <= set(report.dropped)) == (groups == 1)
     assert not report.exact
 
-    x = torch.randn(1, sum(in_ch), *SMALL_ROI["roi_size"])
+    x = torch.randn(1, sum(group_channels), *SMALL_ROI["roi_size"])
     out = model.train()(x)
     assert [t.shape[1] for t in out.logits] == [n_classes] * 4 and out.reconstruction.shape == x.shape
     with torch.no_grad():
@@ -80,8 +80,8 @@ def test_other_groups_and_classes_keep_every_compatible_tensor(small, in_ch, n_c
 
 
 def test_single_channel_stems_sum_the_pretrained_channels():
-    source = veloxseg.create_model("veloxseg_tiny", in_ch=[3], **SMALL_ROI)
-    model, _, report = adapt(source, "veloxseg_tiny", in_ch=[1], **SMALL_ROI)
+    source = veloxseg.create_model("veloxseg_tiny", group_channels=[3], **SMALL_ROI)
+    model, _, report = adapt(source, "veloxseg_tiny", group_channels=[1], **SMALL_ROI)
     for key in ["attention.patch_embeds.0.weight", "encoder.downs.0.weight"]:
         assert torch.allclose(model.state_dict()[key], source.state_dict()[key].sum(1, keepdim=True))
         assert report.adapted[key].startswith("input channels")

@@ -74,8 +74,10 @@ def predict_cli(model_name: str, inputs: list[Path], output: Path, *options: str
         ("base_ch", 16.5, "config field base_ch must be an int"),
         ("deep_supervision", "yes", "config field deep_supervision must be a bool"),
         ("attn_drop", "high", "config field attn_drop must be a number"),
-        ("in_ch", 2, "config field in_ch must be a list of ints, e.g. [1, 1] (two single-channel modality groups) "
-                     "or [4]"),
+        (
+            "group_channels", 2,
+            "config field group_channels must be a list of ints, e.g. [1, 1] (two single-channel modality groups) or [4]",
+        ),
         ("big_windows", [2, 2, 2, 2], "config field big_windows must be a list of lists of 3 ints"),
         ("roi_size", [64, 64], "config field roi_size must be a list of 3 ints"),
         ("n_classes", 1, "n_classes counts the background: use 2 for one structure"),

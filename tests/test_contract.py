@@ -164,7 +164,7 @@ def test_validation_runs_through_the_predictor(demo, tmp_path, monkeypatch):
 
 
 def test_a_single_slice_is_refused(tmp_path):
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1], n_classes=2, **SMALL_ROI)
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1], n_classes=2, **SMALL_ROI)
     path = tmp_path / "slice.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((64, 64, 1), np.float32), np.eye(4)), path)
     with pytest.raises(ValueError, match="not a 3-D volume"):

@@ -57,13 +57,13 @@ def test_hr_trains_and_counts_its_path_in_inference_parameters() -> None:
     assert model.decoder.detail.out.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("change", [dict(in_ch=[3]), dict(n_classes=4)])
+@pytest.mark.parametrize("change", [dict(group_channels=[3]), dict(n_classes=4)])
 def test_adaptation_fits_the_detail_path(change: dict) -> None:
     source = veloxseg.create_model("veloxseg_small_hr", **ROI)
     target = veloxseg.create_model("veloxseg_small_hr", **{**ROI, **change})
     state, report = adapt_state_dict(source.state_dict(), source.config, target)
     target.load_state_dict(state)
-    if "in_ch" in change:
+    if "group_channels" in change:
         assert "decoder.detail.stem.weight" in report.adapted
         assert state["decoder.detail.stem.weight"].shape[1] == 3
     else:

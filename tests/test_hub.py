@@ -140,8 +140,8 @@ def test_pretrained_tag_downloads_through_the_cache(saved, cache, metadata):
 
 def test_pretrained_with_overrides_adapts(saved):
     model, folder, _, _ = saved
-    loaded = veloxseg.create_model(f"local-dir:{folder}", pretrained=True, in_ch=[4], n_classes=4)
-    assert loaded.config.in_ch == (4,) and loaded.config.roi_size == model.config.roi_size
+    loaded = veloxseg.create_model(f"local-dir:{folder}", pretrained=True, group_channels=[4], n_classes=4)
+    assert loaded.config.group_channels == (4,) and loaded.config.roi_size == model.config.roi_size
     assert torch.equal(loaded.encoder.stages[2][0].expand.weight, model.encoder.stages[2][0].expand.weight)
     assert len(loaded.pretrained_cfg["veloxseg"]["channels"]) == 4  # the PET/CT metadata no longer applies
 
@@ -246,7 +246,7 @@ def test_license_notice_base_model_and_splits_travel_with_the_weights(saved, met
     assert "not an independent test" in card.text
     # loaded and adapted to other channels, the weights still derive from that data: license and notice stay
     with pytest.warns(UserWarning, match="dropped"):
-        adapted = veloxseg.create_model(f"local-dir:{folder}", pretrained=True, in_ch=[3])
+        adapted = veloxseg.create_model(f"local-dir:{folder}", pretrained=True, group_channels=[3])
     assert (tmp_path / "again" / "NOTICE").exists() is False
     assert (adapted.save_pretrained(tmp_path / "again") / "NOTICE").read_text() == notice
     fake = FakeHub(monkeypatch)
@@ -273,7 +273,7 @@ def test_writes_are_atomic(saved, tmp_path, monkeypatch):
 def test_metadata_that_does_not_fit_is_refused(saved, tmp_path):
     model, _, _, _ = saved
     wrong = ModelMetadata.default((1, 1, 1), 2)
-    with pytest.raises(ValueError, match=r"groups \[0, 1, 2\] but the model's in_ch is \[1, 1\]"):
+    with pytest.raises(ValueError, match=r"groups \[0, 1, 2\] but the model's group_channels is \[1, 1\]"):
         hub.save_pretrained(model, tmp_path, metadata=wrong)
 
 

@@ -9,7 +9,8 @@ MODULES = {
     ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
     for p in PACKAGE.rglob("*.py")
 }
-# export.py imports bundle.py, which imports export.py's overwrite check inside a function: to be moved.
+
+
 def imports(module: str) -> set[str]:
     """The veloxseg modules ``module`` imports anywhere in its file (a package's ``__init__`` counts as the
     package, ``from . import name`` as the submodule ``name`` when there is one)."""

@@ -41,7 +41,7 @@ def test_zero_filling_and_leaving_out(missing_modality) -> None:
 
     from .conftest import SMALL_ROI
 
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1], **SMALL_ROI).eval()
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1, 1], **SMALL_ROI).eval()
     x = torch.randn(1, 2, *SMALL_ROI["roi_size"])
     with torch.no_grad():
         zeroed = x.clone()

@@ -17,7 +17,7 @@ NO_DROPOUT = dict(attn_drop=0.0, proj_drop=0.0, conv_drop=0.0)
 def model() -> veloxseg.VeloxSeg:
     """Three single-channel groups named T1, T2, FLAIR, with the detail path (it reads the input too)."""
     torch.manual_seed(3)
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1, 1], detail_ch=4, **NO_DROPOUT, **SMALL_ROI)
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1, 1, 1], detail_ch=4, **NO_DROPOUT, **SMALL_ROI)
     names = ["T1", "T2", "FLAIR"]
     model.pretrained_cfg["veloxseg"] = ModelMetadata(
         channels=[ChannelInfo(name=n, group=g) for g, n in enumerate(names)],
@@ -83,7 +83,7 @@ def test_per_sample_masks_equal_each_sample_run_alone(model, x, training):
 
 
 def test_training_with_masks_backpropagates_into_the_present_streams_only():
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1], **SMALL_ROI).train()
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1, 1], **SMALL_ROI).train()
     out = model(torch.randn(2, 2, *SMALL_ROI["roi_size"]), present=torch.tensor([[True, False], [True, False]]))
     out.logits[0].square().mean().backward()
     assert model.attention.patch_embeds[0].weight.grad.abs().sum() > 0
@@ -121,14 +121,14 @@ def test_bad_present_is_named(model, x, present, message):
 
 
 def test_partly_named_group_and_wrong_compact_channels_are_refused():
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[2, 1], **SMALL_ROI).eval()
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[2, 1], **SMALL_ROI).eval()
     with pytest.raises(ValueError, match=r"only \['group0_channel0'\] of modality group 0's channels"):
         model(torch.randn(1, 3, *SMALL_ROI["roi_size"]), present=["group0_channel0"])
     with pytest.raises(ValueError, match="expects 3 input channels .* only theirs, got 2"):
         model(torch.randn(1, 2, *SMALL_ROI["roi_size"]), present=[1])
-    assert resolve_present(["group0_channel0", "group0_channel1"], model.group_channels(), 2) == (0,)
-    assert resolve_present(torch.tensor([[True, False], [True, False]]), model.group_channels(), 2) == (0,)
-    assert resolve_present([0, "group1_channel0"], model.group_channels(), 2) is None
+    assert resolve_present(["group0_channel0", "group0_channel1"], model.group_channel_names(), 2) == (0,)
+    assert resolve_present(torch.tensor([[True, False], [True, False]]), model.group_channel_names(), 2) == (0,)
+    assert resolve_present([0, "group1_channel0"], model.group_channel_names(), 2) is None
 
 
 def test_modality_dropout_masks_are_uniform_over_the_proper_subsets():

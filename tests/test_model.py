@@ -14,16 +14,16 @@ from .conftest import SMALL_ROI
 
 
 @pytest.mark.parametrize("name", ["veloxseg_tiny", "veloxseg_small", "veloxseg_base"])
-@pytest.mark.parametrize("in_ch", [[1], [1, 1], [1, 2, 1]])
-def test_variants_train_and_eval(name, in_ch):
-    model = veloxseg.create_model(name, in_ch=in_ch, n_classes=3, **SMALL_ROI)
-    x = torch.randn(2, sum(in_ch), 64, 64, 64)
+@pytest.mark.parametrize("group_channels", [[1], [1, 1], [1, 2, 1]])
+def test_variants_train_and_eval(name, group_channels):
+    model = veloxseg.create_model(name, group_channels=group_channels, n_classes=3, **SMALL_ROI)
+    x = torch.randn(2, sum(group_channels), 64, 64, 64)
     out = model.train()(x)
     assert isinstance(out, veloxseg.VeloxSegOutput)
     assert [tuple(t.shape) for t in out.logits] == [(2, 3, 64, 64, 64)] * 4
     assert out.reconstruction.shape == x.shape
     c1 = model.config.base_ch
-    assert out.gram.shape == (2, c1, c1) and len(out.teacher_grams) == len(in_ch)
+    assert out.gram.shape == (2, c1, c1) and len(out.teacher_grams) == len(group_channels)
     loss = sum(t.square().mean() for t in out.logits) + out.reconstruction.square().mean()
     loss = loss + sum((out.gram - g).square().mean() for g in out.teacher_grams)
     loss.backward()
@@ -65,8 +65,8 @@ def test_paper_parameter_counts():
 def test_timm_registry():
     assert set(timm.list_models("veloxseg*")) == {"veloxseg_tiny", "veloxseg_small", "veloxseg_base", "veloxseg_small_hr"}
     assert veloxseg.list_models("*tiny") == ["veloxseg_tiny"]
-    model = timm.create_model("veloxseg_tiny", in_ch=[4], n_classes=4, **SMALL_ROI)
-    assert isinstance(model, veloxseg.VeloxSeg) and model.config.in_ch == (4,)
+    model = timm.create_model("veloxseg_tiny", group_channels=[4], n_classes=4, **SMALL_ROI)
+    assert isinstance(model, veloxseg.VeloxSeg) and model.config.group_channels == (4,)
     assert model.pretrained_cfg["architecture"] == "veloxseg_tiny"
 
 
@@ -79,7 +79,7 @@ def test_unknown_names_suggest_close_ones():
 
 def test_input_errors_name_the_problem():
     model = veloxseg.create_model("veloxseg_tiny", **SMALL_ROI).eval()
-    with pytest.raises(ValueError, match=r"expects 2 input channels \(modality groups in_ch=\[1, 1\]\), got 3"):
+    with pytest.raises(ValueError, match=r"expects 2 input channels \(group_channels=\[1, 1\]\), got 3"):
         model(torch.randn(1, 3, 64, 64, 64))
     with pytest.raises(ValueError, match=r"built for spatial size \[64, 64, 64\].*got \[64, 64, 48\]"):
         model(torch.randn(1, 2, 64, 64, 48))
@@ -98,7 +98,7 @@ def test_input_errors_name_the_problem():
         (dict(min_dim_group=(5, 8, 8, 16)), r"min_dim_group 5 does not split the 16 conv channels"),
         (dict(depths=(1, 1, 1)), r"depths needs 4 entries"),
         (dict(big_windows=[[3, 3, 3], [6, 6, 6], [3, 3, 3], [3, 3, 3]], small_windows=[[2, 2, 2]] * 4), "not a multiple"),
-        (dict(in_ch=[]), r"in_ch must list"),
+        (dict(group_channels=[]), r"group_channels must list"),
         (dict(roi_size=(32, 32, 32), big_windows=[[2, 2, 2], [4, 4, 4], [2, 2, 2], [1, 1, 1]]), "single voxel"),
     ],
 )

@@ -291,7 +291,7 @@ def test_prediction_normalises_like_training(channel_names, tmp_path, monkeypatc
     trained = ModelMetadata(channels=channel_infos(channel_names), labels={"background": 0, "lesion": 1})
     validation_input = eval_transforms(trained)({"image": files})["image"].as_tensor()
 
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1] * len(channel_names), **SMALL_ROI)
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1] * len(channel_names), **SMALL_ROI)
     model.pretrained_cfg["veloxseg"] = trained.to_dict()
     model = veloxseg.create_model(f"local-dir:{model.save_pretrained(tmp_path / 'model')}")  # what was saved
     inputs = []

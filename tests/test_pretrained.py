@@ -111,7 +111,7 @@ def test_a_truncated_shipped_copy_is_an_error_naming_it(tmp_path, monkeypatch):
 def test_every_tags_pretrained_cfg_describes_a_3d_segmentation_model(name):
     cfg = timm.models.get_pretrained_cfg(name)
     config = veloxseg.create_model(name).config  # the tag's network, initialised
-    assert cfg.input_size == (sum(config.in_ch), *config.roi_size)  # (C, D, H, W)
+    assert cfg.input_size == (config.in_channels, *config.roi_size)  # (C, D, H, W)
     assert cfg.num_classes == config.n_classes > 0 and len(cfg.label_names) == cfg.num_classes
     assert cfg.label_names[0] == "background" and len(cfg.channel_names) == len(cfg.normalisation) == cfg.input_size[0]
     assert len(cfg.spacing) == 3 and all(s > 0 for s in cfg.spacing)  # the spacing the tag was trained at

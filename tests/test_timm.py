@@ -55,10 +55,11 @@ def test_features_only_through_veloxseg_create_model(x):
 
 def test_timm_argument_names():
     model = timm.create_model("veloxseg_tiny", num_classes=3, in_chans=4, **SMALL_ROI)
-    assert model.config.n_classes == model.num_classes == 3 and model.config.in_ch == (4,)
-    assert veloxseg.create_model("veloxseg_tiny", in_chans=2, in_ch=[1, 1], **SMALL_ROI).config.in_ch == (1, 1)
-    with pytest.raises(ValueError, match=r"in_chans=3 disagrees with in_ch=\[1, 1\].*in_ch=\[4\] for one 4-channel"):
-        timm.create_model("veloxseg_tiny", in_chans=3, in_ch=[1, 1])
+    assert model.config.n_classes == model.num_classes == 3 and model.config.group_channels == (4,)
+    two = veloxseg.create_model("veloxseg_tiny", in_chans=2, group_channels=[1, 1], **SMALL_ROI)
+    assert two.config.group_channels == (1, 1)
+    with pytest.raises(ValueError, match=r"in_chans=3 disagrees with group_channels=\[1, 1\].*=\[4\] for one 4-channel"):
+        timm.create_model("veloxseg_tiny", in_chans=3, group_channels=[1, 1])
     with pytest.raises(ValueError, match="num_classes=3 and n_classes=2 disagree"):
         timm.create_model("veloxseg_tiny", num_classes=3, n_classes=2)
 

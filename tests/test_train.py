@@ -238,7 +238,7 @@ def test_train_step_drops_modality_groups_per_sample() -> None:
     GradientState._reset_state()
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = veloxseg.create_model("veloxseg_tiny", in_ch=[1, 1, 1], **SMALL_ROI)
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1, 1, 1], **SMALL_ROI)
     seen = []
     model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs.get("present")), with_kwargs=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -412,7 +412,7 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path, mo
     for png in ("curves.png", "validation.png"):
         assert (segment / png).read_bytes().startswith(b"\x89PNG")
     model = veloxseg.create_model(f"local-dir:{segment}", pretrained=True)
-    assert model.config.roi_size == (64, 64, 64) and model.config.in_ch == (1, 1)
+    assert model.config.roi_size == (64, 64, 64) and model.config.group_channels == (1, 1)
     metadata = model.pretrained_cfg["veloxseg"]
     assert [c["name"] for c in metadata["channels"]] == ["CT", "PET"]
     assert metadata["channels"][0]["normalisation"] == "ct" and metadata["labels"] == {"background": 0, "lesion": 1}
@@ -444,7 +444,7 @@ def test_pretrain_then_segment_then_finetune(demo_data: Path, tmp_path: Path, mo
     card = (finetune / "README.md").read_text()
     assert f"Fine-tuned from `local-dir:{segment}`" in card and "license: cc-by-4.0" in card
     model = veloxseg.create_model(f"local-dir:{finetune}", pretrained=True)
-    assert model.config.in_ch == (1,) and model.config.n_classes == 3
+    assert model.config.group_channels == (1,) and model.config.n_classes == 3
     weights = tensors(finetune)
     assert "attention.patch_embeds.1.weight" not in weights and weights["decoder.head.weight"].shape[0] == 4**3 * 3
 

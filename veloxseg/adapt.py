@@ -36,7 +36,7 @@ _logger = logging.getLogger(__name__)
 
 # Config fields that may differ between the pretrained weights and the model they are loaded into.
 ADAPTABLE_FIELDS = (
-    "in_ch", "n_classes", "roi_size", "big_windows", "small_windows",
+    "group_channels", "n_classes", "roi_size", "big_windows", "small_windows",
     "attn_drop", "proj_drop", "conv_drop", "drop_path_rate", "deep_supervision", "teachers",
 )  # fmt: skip
 
@@ -122,7 +122,7 @@ def adapt_state_dict(
 
 
 def _summary(cfg: VeloxSegConfig) -> str:
-    return f"in_ch={list(cfg.in_ch)}, n_classes={cfg.n_classes}, roi_size={list(cfg.roi_size)}"
+    return f"group_channels={list(cfg.group_channels)}, n_classes={cfg.n_classes}, roi_size={list(cfg.roi_size)}"
 
 
 def _check_structure(source: VeloxSegConfig, target: VeloxSegConfig) -> None:
@@ -198,12 +198,12 @@ def _adapt_tensor(
     if key.startswith(heads) and src.n_classes != dst.n_classes:
         return None, f"n_classes {src.n_classes} -> {dst.n_classes}: segmentation head re-initialised"
     if re.fullmatch(r"attention\.patch_embeds\.\d+\.weight", key):
-        have, want = value.shape[1], dst.in_ch[group]
+        have, want = value.shape[1], dst.group_channels[group]
         return _resize_channels(value, want, 1), None if have == want else f"input channels {have} -> {want}"
-    if key in ("encoder.downs.0.weight", "decoder.detail.stem.weight") and src.in_ch != dst.in_ch:
-        blocks = value.split(list(src.in_ch), 1)
-        parts = [_resize_channels(blocks[g % src.num_groups], c, 1) for g, c in enumerate(dst.in_ch)]
-        how = f"input channels in groups {list(src.in_ch)} -> {list(dst.in_ch)}"
+    if key in ("encoder.downs.0.weight", "decoder.detail.stem.weight") and src.group_channels != dst.group_channels:
+        blocks = value.split(list(src.group_channels), 1)
+        parts = [_resize_channels(blocks[g % src.num_groups], c, 1) for g, c in enumerate(dst.group_channels)]
+        how = f"input channels in groups {list(src.group_channels)} -> {list(dst.group_channels)}"
         return torch.cat(parts, 1) * (src.num_groups / dst.num_groups), how
     if re.fullmatch(r"encoder\.mixers\.\d+\.weight", key) and src.num_groups != dst.num_groups:
         blocks = value.chunk(src.num_groups, 1)
@@ -211,7 +211,7 @@ def _adapt_tensor(
         how = f"group channel blocks {src.num_groups} -> {dst.num_groups}"
         return torch.cat(parts, 1) * (src.num_groups / dst.num_groups), how
     if re.fullmatch(r"teachers\.\d+\.head\.(weight|bias)", key):
-        have, want = src.in_ch[group % src.num_groups], dst.in_ch[group]
+        have, want = src.group_channels[group % src.num_groups], dst.group_channels[group]
         if have == want:
             return value, None
         index = torch.arange(want, device=value.device) % have  # output c*p^3 + offset rebuilds channel c

@@ -212,9 +212,9 @@ def bundle_metadata(model: VeloxSeg, present: list[str] | None = None) -> dict[s
         "required_packages_version": {name: version(name) for name in REQUIRED_PACKAGES},
         "task": f"3-D segmentation of {targets} from {', '.join(channels.values())}",
         "description": (
-            f"VeloxSeg ({PAPER}) with modality groups {list(cfg.in_ch)}: whole scans are resampled and normalised "
-            f"as in training, segmented with Gaussian-weighted sliding windows of {list(cfg.roi_size)} voxels, and "
-            f"the label maps written on each input's own voxel grid (as veloxseg predict does)."
+            f"VeloxSeg ({PAPER}) with modality groups {list(cfg.group_channels)}: whole scans are resampled and "
+            f"normalised as in training, segmented with Gaussian-weighted sliding windows of {list(cfg.roi_size)} "
+            f"voxels, and the label maps written on each input's own voxel grid (as veloxseg predict does)."
         ),
         "authors": "veloxseg contributors",
         "copyright": "Copyright (c) veloxseg contributors",

@@ -89,7 +89,7 @@ logits = model(x)  # (1, {n_classes}, {roi})
 ```
 
 Whole scans go through sliding windows of the ROI size: `veloxseg predict --help`. To fine-tune on
-other channels, classes or ROI size, pass them as overrides (`in_ch=..., n_classes=..., roi_size=...`):
+other channels, classes or ROI size, pass them as overrides (`group_channels=..., n_classes=..., roi_size=...`):
 compatible weights are kept and the rest adapted or re-initialised (see `veloxseg.adapt`).
 
 ## Model
@@ -182,7 +182,7 @@ def _usage_fields(model: VeloxSeg, repo_id: str | None) -> dict[str, object]:
     """The Usage section's fields: the name to load the model by and the input and output shapes."""
     return {
         "model_name": f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder",
-        "total_channels": sum(model.config.in_ch),
+        "total_channels": model.config.in_channels,
         "roi": _roi(model),
         "n_classes": model.config.n_classes,
     }
@@ -198,7 +198,7 @@ def _model_table(model: VeloxSeg, architecture: str) -> str:
             ["parameters (inference path)", f"{model.inference_parameters():,}"],
             ["parameters (with training-only teachers and heads)", f"{sum(p.numel() for p in model.parameters()):,}"],
             ["ROI size (D, H, W voxels)", _roi(model)],
-            ["modality groups (channels per group)", list(cfg.in_ch)],
+            ["modality groups (channels per group)", list(cfg.group_channels)],
             ["classes", cfg.n_classes],
         ],
     )

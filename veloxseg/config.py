@@ -2,9 +2,13 @@
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import sys
 import types
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union, get_args, get_origin
 
@@ -19,7 +23,49 @@ def _tuple(value: Any) -> Any:
 
 
 # The expected form of a field, where its default is not the clearest example.
-_EXAMPLES = {"in_ch": "[1, 1] (two single-channel modality groups) or [4] (one 4-channel group)"}
+_EXAMPLES = {"group_channels": "[1, 1] (two single-channel modality groups) or [4] (one 4-channel group)"}
+
+# Renamed config fields, old name -> new.
+RENAMED_FIELDS = {"in_ch": "group_channels"}
+
+
+def renamed_fields(values: Mapping[str, Any], *, warn: bool) -> dict[str, Any]:
+    """``values`` (config fields by name) with the old names of renamed fields (``RENAMED_FIELDS``) replaced
+    by the new ones. ``warn``: a DeprecationWarning for each old name, for a caller's keywords; a stored file
+    that holds one (a config.json's ``model_args``, written before the rename) is read silently. Raises
+    TypeError when a field is given under both names."""
+    values = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise TypeError(f"{old} and {new} name the same config field: give {new} only ({old} is deprecated)")
+        if warn:
+            warnings.warn(f"{old} is deprecated: use {new}", DeprecationWarning, stacklevel=_caller_level())
+        values[new] = values.pop(old)
+    return values
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` for a warning raised in the caller of this that names the first line outside
+    veloxseg and timm: the user's call, whichever entry point it went through."""
+    level, frame = 2, sys._getframe(2)  # 2: the caller's caller, for warnings.warn in the caller
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("veloxseg", "timm"):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _taking_renamed_fields(cls: type) -> type:
+    """``cls`` (a config dataclass) whose constructor also takes the old names of renamed fields, with a
+    DeprecationWarning (:func:`renamed_fields`)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **renamed_fields(kwargs, warn=True))
+
+    cls.__init__ = __init__
+    return cls
 
 
 def _matches(value: Any, annotation: Any) -> bool:
@@ -55,16 +101,18 @@ def _describe(annotation: Any, plural: bool = False) -> str:
     return names[annotation][plural] if annotation in names else str(annotation)
 
 
+@_taking_renamed_fields
 @dataclass(frozen=True)
 class VeloxSegConfig:
     """Everything that defines a VeloxSeg network. Per-level fields have one entry per level (4).
 
     The defaults are the paper's AutoPET-II configuration (``veloxseg_small``): PET/CT as two
-    single-channel modality groups, 2 classes, 96^3 ROI.
+    single-channel modality groups, 2 classes, 96^3 ROI. ``group_channels`` was ``in_ch`` (still taken, with
+    a DeprecationWarning).
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 96)
-    in_ch: tuple[int, ...] = (1, 1)  # channels per modality group
+    group_channels: tuple[int, ...] = (1, 1)  # channels per modality group
     n_classes: int = 2
     patch_size: int = 4
     base_ch: int = 16  # conv width C_1; C_i = base_ch * 2^(i-1)
@@ -106,12 +154,16 @@ class VeloxSegConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "VeloxSegConfig":
-        """Build from a dict (e.g. config.json's ``model_args``); unknown keys are an error."""
+        """Build from a dict of fields (e.g. a caller's keywords); unknown keys are an error, an old name of a
+        renamed field a DeprecationWarning. Stored fields (a config.json's ``model_args``): map them with
+        ``renamed_fields(values, warn=False)`` first."""
+        values = renamed_fields(values, warn=True)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
-            listed = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            hints = {k: difflib.get_close_matches(k, [*names, *RENAMED_FIELDS], n=1) for k in unknown}
+            hints = {k: RENAMED_FIELDS.get(h[0], h[0]) if h else None for k, h in hints.items()}  # never an old name
+            listed = ", ".join(f"{k!r}" + (f" (did you mean {h!r}?)" if h else "") for k, h in hints.items())
             raise TypeError(f"unknown VeloxSeg config argument(s): {listed}; accepted: {sorted(names)}")
         return cls(**values)
 
@@ -120,11 +172,22 @@ class VeloxSegConfig:
         return json_ready(dataclasses.asdict(self))
 
     def replace(self, **changes: Any) -> "VeloxSegConfig":
-        return VeloxSegConfig.from_dict({**dataclasses.asdict(self), **changes})
+        return VeloxSegConfig.from_dict({**dataclasses.asdict(self), **renamed_fields(changes, warn=True)})
 
     @property
     def num_groups(self) -> int:
-        return len(self.in_ch)
+        return len(self.group_channels)
+
+    @property
+    def in_channels(self) -> int:
+        """All input channels, of every modality group (timm's ``in_chans``, MONAI's ``in_channels``)."""
+        return sum(self.group_channels)
+
+    @property
+    def in_ch(self) -> tuple[int, ...]:
+        """Deprecated: ``group_channels``."""
+        warnings.warn("in_ch is deprecated: use group_channels", DeprecationWarning, stacklevel=2)
+        return self.group_channels
 
     def conv_width(self, level: int) -> int:
         """C_i for level i = 1..4."""
@@ -168,8 +231,11 @@ class VeloxSegConfig:
                 raise ValueError(f"{name} needs {NUM_LEVELS} entries (one per level), got {list(getattr(self, name))}")
         if len(self.roi_size) != 3 or any(not isinstance(s, int) or s <= 0 for s in self.roi_size):
             raise ValueError(f"roi_size must be three positive ints (D, H, W), got {self.roi_size}")
-        if not self.in_ch or any(not isinstance(c, int) or c <= 0 for c in self.in_ch):
-            raise ValueError(f"in_ch must list the channels of each modality group, e.g. [1, 1] or [4]; got {self.in_ch}")
+        if not self.group_channels or any(not isinstance(c, int) or c <= 0 for c in self.group_channels):
+            raise ValueError(
+                f"group_channels must list the channels of each modality group, e.g. [1, 1] or [4]; "
+                f"got {self.group_channels}"
+            )
         if self.n_classes < 2:
             raise ValueError(
                 f"n_classes must be >= 2, got {self.n_classes}: "

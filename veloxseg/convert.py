@@ -19,7 +19,7 @@ _logger = logging.getLogger(__name__)
 REFERENCE_CONFIG_NAMES = {
     "input_size": "roi_size",
     "patch_size": "patch_size",
-    "in_ch": "in_ch",
+    "in_ch": "group_channels",
     "n_classes": "n_classes",
     "base_ch": "base_ch",
     "attn_base_ch": "attn_base_ch",

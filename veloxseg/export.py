@@ -1,7 +1,7 @@
 """A VeloxSeg model as ONNX or TorchScript, checked against PyTorch (the ``veloxseg export`` command:
 :mod:`veloxseg.export_command`).
 
-The exported graph is the eval-mode forward, (B, sum(in_ch), *roi_size) -> logits
+The exported graph is the eval-mode forward, (B, sum(group_channels), *roi_size) -> logits
 (B, n_classes, *roi_size), with a free batch axis so sliding-window batches run through it. The
 model's config and data metadata travel inside the file (ONNX metadata properties
 ``veloxseg_config``/``veloxseg_metadata``; TorchScript extra file ``veloxseg.json``) so a deployment

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapt import AdaptationReport, adapt_state_dict
 from .card import model_card
-from .config import VeloxSegConfig, json_ready
+from .config import VeloxSegConfig, json_ready, renamed_fields
 from .io import atomic_file
 from .metadata import ModelMetadata, model_metadata
 from .model import VeloxSeg as VeloxSegNetwork
@@ -135,12 +135,13 @@ def read_config(path: str | Path) -> HubConfig:
     if not isinstance(pretrained_cfg.get("veloxseg"), dict):
         raise ValueError(f"{path}: pretrained_cfg has no 'veloxseg' block (the 3-D metadata)")
     try:
-        config = VeloxSegConfig(**VARIANTS[architecture]).replace(**translate_timm_args(values["model_args"]))
+        stored = renamed_fields(values["model_args"], warn=False)  # a file written before a field was renamed
+        config = VeloxSegConfig(**VARIANTS[architecture]).replace(**translate_timm_args(stored))
         VeloxSegPretrainedCfg(**pretrained_cfg)  # unknown keys are an error
         metadata = ModelMetadata.from_dict(pretrained_cfg["veloxseg"])
     except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise ValueError(f"{path}: {type(err).__name__}: {err}") from None
-    problems = metadata.problems(config.in_ch, config.n_classes)
+    problems = metadata.problems(config.group_channels, config.n_classes)
     if problems:
         raise ValueError(f"{path}: the 'veloxseg' metadata does not fit model_args: {'; '.join(problems)}")
     return HubConfig(architecture, config, pretrained_cfg, metadata)
@@ -200,7 +201,7 @@ def model_files(model: VeloxSegNetwork, metadata: ModelMetadata | None = None, r
     Arguments as for :func:`save_pretrained`."""
     cfg = model.config
     metadata = model_metadata(model) if metadata is None else metadata
-    problems = metadata.problems(cfg.in_ch, cfg.n_classes)
+    problems = metadata.problems(cfg.group_channels, cfg.n_classes)
     if problems:
         raise ValueError(f"the metadata does not describe this model: {'; '.join(problems)}")
     # The variant the widths are, else the registry entrypoint the model was built with (model_args fix every field).
@@ -304,8 +305,8 @@ def load_pretrained(
     except ValueError as err:
         raise ValueError(f"{weights_path}: {err}") from None
     model.load_state_dict(adapted)
-    in_ch, n_classes = model.config.in_ch, model.config.n_classes
-    metadata = inherited(ModelMetadata.fitting(source.metadata.to_dict(), in_ch, n_classes), source.metadata).to_dict()
+    fitting = ModelMetadata.fitting(source.metadata.to_dict(), model.config.group_channels, model.config.n_classes)
+    metadata = inherited(fitting, source.metadata).to_dict()
     model.pretrained_cfg.update(veloxseg=metadata, **describe_3d(model.config, metadata))
     model.adaptation_report = report
     _logger.info("%s: loaded %s", _name(cfg), weights_path)
@@ -365,7 +366,7 @@ def create_from_hub(
         pretrained=pretrained,
         pretrained_cfg={**hub_config.pretrained_cfg, **source},
         cache_dir=cache_dir,
-        **{**hub_config.config.to_dict(), **overrides},
+        **{**hub_config.config.to_dict(), **renamed_fields(overrides, warn=True)},
     )
 
 

@@ -138,7 +138,7 @@ class VeloxSegLoss(nn.Module):
         """Losses of one batch.
 
         output: a training-mode forward of VeloxSeg.
-        image: (B, sum(in_ch), D, H, W) the reconstruction target (the input before any masking).
+        image: (B, sum(group_channels), D, H, W) the reconstruction target (the input before any masking).
         label: (B, 1, D, H, W) integer class map; needed when seg_weight > 0.
         Returns {"loss": total, "seg", "rc", "sdkt": the unweighted terms in use}, all scalars.
         """

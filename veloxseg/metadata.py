@@ -32,7 +32,7 @@ class ChannelInfo:
     of the 99.5th percentile, the same whatever the background holds) or "none". :mod:`veloxseg.data.transforms` applies it."""
 
     name: str
-    group: int  # modality group index (position in in_ch)
+    group: int  # modality group index (position in group_channels)
     normalisation: str = "zscore"
     clip: tuple[float, float] | None = None
     mean: float | None = None
@@ -106,36 +106,39 @@ class ModelMetadata:
         return cls(channels=channels, **values)
 
     @classmethod
-    def default(cls, in_ch: tuple[int, ...], n_classes: int) -> "ModelMetadata":
+    def default(cls, group_channels: tuple[int, ...], n_classes: int) -> "ModelMetadata":
         """Generic metadata for an untrained model: z-scored channels, labels named by value."""
         channels = [
-            ChannelInfo(name=f"group{g}_channel{c}", group=g) for g, count in enumerate(in_ch) for c in range(count)
+            ChannelInfo(name=f"group{g}_channel{c}", group=g)
+            for g, count in enumerate(group_channels)
+            for c in range(count)
         ]
         labels = {"background": 0, **{f"class_{i}": i for i in range(1, n_classes)}}
         return cls(channels=channels, labels=labels)
 
-    def problems(self, in_ch: tuple[int, ...], n_classes: int) -> list[str]:
-        """Why this metadata cannot describe a model with groups ``in_ch`` and ``n_classes`` (empty: it can)."""
+    def problems(self, group_channels: tuple[int, ...], n_classes: int) -> list[str]:
+        """Why this metadata cannot describe a model with ``group_channels`` (channels per modality group) and
+        ``n_classes`` (empty: it can)."""
         found = []
         groups = [c.group for c in self.channels]  # input order: group 0's channels first
-        if groups != [g for g, count in enumerate(in_ch) for _ in range(count)]:
-            found.append(f"its channels have groups {groups} but the model's in_ch is {list(in_ch)}")
+        if groups != [g for g, count in enumerate(group_channels) for _ in range(count)]:
+            found.append(f"its channels have groups {groups} but the model's group_channels is {list(group_channels)}")
         if sorted(self.labels.values()) != list(range(n_classes)):
             found.append(f"its labels {self.labels} are not the values 0..{n_classes - 1} of {n_classes} classes")
         return found
 
     @classmethod
-    def fitting(cls, values: dict[str, Any] | None, in_ch: tuple[int, ...], n_classes: int) -> "ModelMetadata":
+    def fitting(cls, values: dict[str, Any] | None, group_channels: tuple[int, ...], n_classes: int) -> "ModelMetadata":
         """``values`` (a pretrained config's metadata) when they describe a model with these groups and
         classes, else :meth:`default` (the data of a model whose inputs or classes changed is unknown)."""
         metadata = cls.from_dict(values) if values else None
-        if metadata is None or metadata.problems(in_ch, n_classes):
-            return cls.default(in_ch, n_classes)
+        if metadata is None or metadata.problems(group_channels, n_classes):
+            return cls.default(group_channels, n_classes)
         return metadata
 
 
 def model_metadata(model: Any) -> ModelMetadata:
     """A model's data metadata (``model.pretrained_cfg["veloxseg"]``) when it fits its ``config``'s channels
-    (``in_ch``) and classes (``n_classes``), else generic metadata for them (:meth:`ModelMetadata.fitting`)."""
-    cfg = model.config
-    return ModelMetadata.fitting(getattr(model, "pretrained_cfg", {}).get("veloxseg"), cfg.in_ch, cfg.n_classes)
+    (``group_channels``) and classes (``n_classes``), else generic metadata for them (:meth:`ModelMetadata.fitting`)."""
+    cfg, stored = model.config, getattr(model, "pretrained_cfg", {}).get("veloxseg")
+    return ModelMetadata.fitting(stored, cfg.group_channels, cfg.n_classes)

@@ -1,6 +1,6 @@
 """Which modality groups a scan has: naming a subset of a model's groups, and drawing random ones in training.
 
-A VeloxSeg model has one attention stream per modality group (config ``in_ch``, one group per channel
+A VeloxSeg model has one attention stream per modality group (config ``group_channels``, one group per channel
 for models the trainer builds) and runs on any non-empty subset of them: ``model(x, present=["PET"])``.
 ``present`` may be
 
@@ -39,21 +39,21 @@ CHANNEL_NUMBER = channel_file_pattern()  # <case>_0000.nii.gz
 
 
 def resolve_present(
-    present: Present, group_channels: Sequence[Sequence[str]], batch: int, device: torch.device | None = None
+    present: Present, group_channel_names: Sequence[Sequence[str]], batch: int, device: torch.device | None = None
 ) -> tuple[int, ...] | torch.Tensor | None:
     """``present`` (see the module) as the network reads it: None when every sample has every group (the
     network then runs exactly as without ``present``), a tuple of group indices when all samples have the
     same groups (plain Python: no data-dependent ops, so it compiles and exports), else an (N=batch, G)
     bool mask of the groups each sample has.
 
-    group_channels: the channel names of each group, in group order. Raises ValueError naming the problem
+    group_channel_names: the channel names of each group, in group order. Raises ValueError naming the problem
     (an unknown name, a group index out of range, a partly named group, a sample with no group).
     """
     if present is None:
         return None
-    groups = len(group_channels)
+    groups = len(group_channel_names)
     if not isinstance(present, torch.Tensor):
-        named = tuple(_named_groups(present, group_channels))
+        named = tuple(_named_groups(present, group_channel_names))
         return None if len(named) == groups else named
     if present.dtype != torch.bool or present.shape not in ((groups,), (batch, groups)):
         raise ValueError(
@@ -71,19 +71,19 @@ def resolve_present(
     return mask
 
 
-def _named_groups(present: Sequence[str | int] | str | int, group_channels: Sequence[Sequence[str]]) -> list[int]:
+def _named_groups(present: Sequence[str | int] | str | int, group_channel_names: Sequence[Sequence[str]]) -> list[int]:
     """The group indices a list of channel names and group indices names."""
     items = [present] if isinstance(present, (str, int)) else list(present)
     if not items:
         raise ValueError("present names no modality group: give at least one channel name or group index")
-    names = [name for channels in group_channels for name in channels]
+    names = [name for channels in group_channel_names for name in channels]
     groups, named = set(), set()
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (str, int)):
             raise ValueError(f"present takes channel names or group indices, got {item!r}")
         if isinstance(item, int):
-            if not 0 <= item < len(group_channels):
-                raise ValueError(f"present: group index {item} is out of range for {len(group_channels)} groups")
+            if not 0 <= item < len(group_channel_names):
+                raise ValueError(f"present: group index {item} is out of range for {len(group_channel_names)} groups")
             groups.add(item)
         elif item in names:
             named.add(item)
@@ -92,7 +92,7 @@ def _named_groups(present: Sequence[str | int] | str | int, group_channels: Sequ
             close = difflib.get_close_matches(item.lower(), lowered, n=1)
             hint = f" (did you mean {lowered[close[0]]!r}?)" if close else ""
             raise ValueError(f"present: unknown channel {item!r}{hint}; the model's channels are {names}")
-    for group, channels in enumerate(group_channels):
+    for group, channels in enumerate(group_channel_names):
         if named & set(channels) and not set(channels) <= named:
             raise ValueError(
                 f"present names only {sorted(named & set(channels))} of modality group {group}'s channels "
@@ -137,11 +137,11 @@ def channel_of_file(name: str, channel_names: Sequence[str] = ()) -> tuple[str, 
     return None
 
 
-def groups_of_channels(channels: Sequence[int], group_channels: Sequence[Sequence[str]]) -> list[int] | None:
+def groups_of_channels(channels: Sequence[int], group_channel_names: Sequence[Sequence[str]]) -> list[int] | None:
     """The modality groups whose channels (indices into the model's input channels) are all in
     ``channels``; None when that is every group. Raises ValueError for an index beyond the model's
     channels, a channel given twice, a group given in part, or no channel."""
-    names = [name for group in group_channels for name in group]
+    names = [name for group in group_channel_names for name in group]
     bad = sorted({c for c in channels if not 0 <= c < len(names)})
     if bad:
         raise ValueError(f"channel(s) {bad} do not exist: the model has {len(names)} ({', '.join(names)})")
@@ -150,7 +150,7 @@ def groups_of_channels(channels: Sequence[int], group_channels: Sequence[Sequenc
     if not channels:
         raise ValueError(f"no input channel given: the model reads {', '.join(names)} (at least one of its groups)")
     groups, first = [], 0
-    for group, members in enumerate(group_channels):
+    for group, members in enumerate(group_channel_names):
         indices = set(range(first, first + len(members)))
         first += len(members)
         if indices & set(channels) and not indices <= set(channels):
@@ -160,4 +160,4 @@ def groups_of_channels(channels: Sequence[int], group_channels: Sequence[Sequenc
             )
         if indices <= set(channels):
             groups.append(group)
-    return None if len(groups) == len(group_channels) else groups
+    return None if len(groups) == len(group_channel_names) else groups

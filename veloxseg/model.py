@@ -30,7 +30,7 @@ class VeloxSegOutput:
 
     logits: [full, u_2, u_3, e_4] heads, each (B, n_classes, D, H, W) at input size (only the
         full-resolution one without deep supervision).
-    reconstruction: (B, sum(in_ch), D, H, W) teachers' output, groups concatenated; None without teachers.
+    reconstruction: (B, sum(group_channels), D, H, W) teachers' output, groups concatenated; None without teachers.
     gram: (B, C_1, C_1) Gram matrix of the student's last decoder feature u_1.
     teacher_grams: one (B, C_1, C_1) Gram matrix per modality group (empty without teachers).
     """
@@ -93,7 +93,7 @@ def drop_path_rates(rate: float, depths: tuple[int, ...]) -> list[list[float]]:
 class AttentionStream(nn.Module):
     """Per-group patch embedding, then PWA levels with patch merging in between.
 
-    ``embed`` then ``forward``: (B, sum(in_ch), D, H, W) -> per level i, a list of M channels-last
+    ``embed`` then ``forward``: (B, sum(group_channels), D, H, W) -> per level i, a list of M channels-last
     tensors (B, D/(p 2^(i-1)), H/(p 2^(i-1)), W/(p 2^(i-1)), A_i). Each group has its own stream (the
     groups meet only inside the paired-window attention), so a sample without a group runs without
     its stream: see ``forward``'s ``present``.
@@ -102,8 +102,8 @@ class AttentionStream(nn.Module):
     def __init__(self, cfg: VeloxSegConfig) -> None:
         super().__init__()
         p, groups = cfg.patch_size, cfg.num_groups
-        self.in_ch = cfg.in_ch
-        self.patch_embeds = nn.ModuleList(PatchConv3d(c, cfg.attn_width(1), p) for c in cfg.in_ch)
+        self.group_channels = cfg.group_channels
+        self.patch_embeds = nn.ModuleList(PatchConv3d(c, cfg.attn_width(1), p) for c in cfg.group_channels)
         self.embed_drop = nn.Dropout(cfg.proj_drop)
         self.levels = nn.ModuleList()
         self.merges = nn.ModuleList()
@@ -122,9 +122,9 @@ class AttentionStream(nn.Module):
                 self.merges.append(nn.ModuleList(PatchMerging3d(dim) for _ in range(groups)))
 
     def embed(self, x: torch.Tensor, present: Groups = None) -> list[torch.Tensor | None]:
-        """(B, sum(in_ch), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1); None for a
+        """(B, sum(group_channels), D, H, W) -> per group, channels-last tokens (B, D/p, H/p, W/p, A_1); None for a
         group that no sample has (``present``: the groups of the batch or the (B, M) mask, None: all)."""
-        parts = x.split(list(self.in_ch), 1)
+        parts = x.split(list(self.group_channels), 1)
         return [
             self.embed_drop(embed(part).permute(0, 2, 3, 4, 1).contiguous()) if has_group(present, group) else None
             for group, (embed, part) in enumerate(zip(self.patch_embeds, parts))
@@ -177,7 +177,7 @@ class ConvStream(nn.Module):
         super().__init__()
         p = cfg.patch_size
         widths = [cfg.conv_width(level) for level in range(1, NUM_LEVELS + 1)]
-        self.downs = nn.ModuleList([OneDNNConv3d(sum(cfg.in_ch), widths[0], 2 * p - 1, stride=p, padding=p - 1)])
+        self.downs = nn.ModuleList([OneDNNConv3d(cfg.in_channels, widths[0], 2 * p - 1, stride=p, padding=p - 1)])
         self.downs.extend(OneDNNConv3d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
         self.mixers = nn.ModuleList(
             nn.Conv3d(cfg.num_groups * cfg.attn_width(level), widths[level - 1], 1)
@@ -189,7 +189,7 @@ class ConvStream(nn.Module):
         )
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, sum(in_ch), D, H, W) -> (B, C_1, D/p, H/p, W/p), before its instance norm."""
+        """(B, sum(group_channels), D, H, W) -> (B, C_1, D/p, H/p, W/p), before its instance norm."""
         return self.downs[0](x)
 
     def forward(self, stem: torch.Tensor, attn_features: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -237,7 +237,7 @@ class SegmentationDecoder(nn.Module):
             nn.Conv3d(cfg.conv_width(level), cfg.n_classes, 1) for level in range(2, NUM_LEVELS + 1)
         ) if cfg.deep_supervision else None  # fmt: skip
         self.detail = (
-            DetailPath(sum(cfg.in_ch), cfg.conv_width(1), cfg.detail_ch, cfg.n_classes) if cfg.detail_ch else None
+            DetailPath(cfg.in_channels, cfg.conv_width(1), cfg.detail_ch, cfg.n_classes) if cfg.detail_ch else None
         )
 
     def forward(
@@ -306,7 +306,7 @@ class ReconstructionTeacher(nn.Module):
 
 
 class VeloxSeg(nn.Module):
-    """VeloxSeg: (B, sum(in_ch), D, H, W) -> logits (B, n_classes, D, H, W) in eval mode.
+    """VeloxSeg: (B, sum(group_channels), D, H, W) -> logits (B, n_classes, D, H, W) in eval mode.
 
     In training mode returns a :class:`VeloxSegOutput` with deep-supervision logits, the teachers'
     reconstruction and the Gram matrices for self-supervised distillation (SDKT). Build with
@@ -332,7 +332,7 @@ class VeloxSeg(nn.Module):
         self.encoder = ConvStream(cfg)
         self.decoder = SegmentationDecoder(cfg)
         self.teachers = (
-            nn.ModuleList(ReconstructionTeacher(cfg, c) for c in cfg.in_ch) if cfg.teachers else None
+            nn.ModuleList(ReconstructionTeacher(cfg, c) for c in cfg.group_channels) if cfg.teachers else None
         )
         self.apply(init_weights)
         if self.decoder.detail is not None:
@@ -352,12 +352,13 @@ class VeloxSeg(nn.Module):
             raise ValueError(f"VeloxSeg expects a (B, C, D, H, W) tensor, got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"VeloxSeg got an empty batch, shape {tuple(x.shape)}")
-        groups = resolve_present(present, self.group_channels() if present is not None else [], x.shape[0], x.device)
-        compact = isinstance(groups, tuple) and x.shape[1] == sum(cfg.in_ch[g] for g in groups)
-        if x.shape[1] != sum(cfg.in_ch) and not compact:
+        names = self.group_channel_names() if present is not None else []
+        groups = resolve_present(present, names, x.shape[0], x.device)
+        compact = isinstance(groups, tuple) and x.shape[1] == sum(cfg.group_channels[g] for g in groups)
+        if x.shape[1] != cfg.in_channels and not compact:
             only = "" if present is None else " or, when every sample has the same groups, only theirs"
             raise ValueError(
-                f"VeloxSeg expects {sum(cfg.in_ch)} input channels (modality groups in_ch={list(cfg.in_ch)}){only}, "
+                f"VeloxSeg expects {cfg.in_channels} input channels (group_channels={list(cfg.group_channels)}){only}, "
                 f"got {x.shape[1]}"
             )
         if tuple(x.shape[2:]) != cfg.roi_size:
@@ -376,10 +377,10 @@ class VeloxSeg(nn.Module):
         never read): one NaN voxel would make every logit NaN. Costs one ``isfinite`` pass when all is finite."""
         if bool(torch.isfinite(x).all()):
             return
-        if groups is not None:  # (B, sum(in_ch), D, H, W), a missing group's channels 0
-            x = with_missing_channels_zeroed(x, groups, self.config.in_ch)
+        if groups is not None:  # (B, sum(group_channels), D, H, W), a missing group's channels 0
+            x = with_missing_channels_zeroed(x, groups, self.config.group_channels)
         counts = (~torch.isfinite(x)).transpose(0, 1).flatten(1).sum(1).tolist()  # per channel
-        names = [name for group in self.group_channels() for name in group]
+        names = [name for group in self.group_channel_names() for name in group]
         named = [f"{names[c]} ({n})" for c, n in enumerate(counts) if n]
         if named:
             raise ValueError(
@@ -390,9 +391,10 @@ class VeloxSeg(nn.Module):
     def present_groups(self, present: Present) -> tuple[int, ...] | None:
         """The groups ``present`` names for every sample alike (channel names, group indices or a (M,) bool
         tensor) as group indices; None: all. Raises ValueError as ``forward`` does."""
-        return None if present is None else resolve_present(present, self.group_channels(), 1)  # one sample: a tuple
+        # one sample: a tuple
+        return None if present is None else resolve_present(present, self.group_channel_names(), 1)
 
-    def group_channels(self) -> list[list[str]]:
+    def group_channel_names(self) -> list[list[str]]:
         """The channel names of each modality group, from the metadata (``pretrained_cfg["veloxseg"]``; an
         untrained model's are ``group{g}_channel{c}``)."""
         channels = model_metadata(self).channels
@@ -408,7 +410,7 @@ class VeloxSeg(nn.Module):
         (training) or not (inference).
         """
         if present is not None:
-            x = with_missing_channels_zeroed(x, present, self.config.in_ch)
+            x = with_missing_channels_zeroed(x, present, self.config.group_channels)
         embedded = self.attention.embed(x, present), self.encoder.stem(x)
         detail = None if self.decoder is None else self.decoder.detail  # None: pruned to a feature backbone
         return embedded if detail is None else (*embedded, detail.stem(x))
@@ -442,7 +444,7 @@ class VeloxSeg(nn.Module):
         intermediates_only: bool = False,
         present: Present = None,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's feature API (``features_only=True``): (B, sum(in_ch), D, H, W) -> the encoder features
+        """timm's feature API (``features_only=True``): (B, sum(group_channels), D, H, W) -> the encoder features
         e_i (B, C_i, D/r_i, H/r_i, W/r_i), r_i = p 2^(i-1), of the levels ``indices`` (timm's meaning: None
         all four, n the last n, or a list of levels 0..3), channels first; with ``intermediates_only=False``
         also the deepest computed level first, as (e_last, [e_i, ...]).
@@ -522,7 +524,7 @@ class VeloxSeg(nn.Module):
     # --- timm's model API -------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor, present: Present = None) -> torch.Tensor:
-        """(B, sum(in_ch), D, H, W) -> u_1 (B, C_1, D/p, H/p, W/p), the last decoder feature, which the
+        """(B, sum(group_channels), D, H, W) -> u_1 (B, C_1, D/p, H/p, W/p), the last decoder feature, which the
         segmentation head reads (``num_features`` = C_1 channels); :meth:`forward_head` takes it.
         ``present``: the modality groups the input has, as for ``forward``."""
         mask = self.check_input(x, present)
@@ -557,7 +559,7 @@ class VeloxSeg(nn.Module):
                 setattr(new.detail, name, getattr(old.detail, name))
         parameter = next(old.head.parameters())
         self.decoder, self.config = new.to(parameter.device, parameter.dtype).train(old.training), cfg
-        metadata = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.in_ch, num_classes)
+        metadata = ModelMetadata.fitting(self.pretrained_cfg.get("veloxseg"), cfg.group_channels, num_classes)
         self.pretrained_cfg["veloxseg"] = metadata.to_dict()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -645,17 +647,19 @@ def has_group(present: Groups, group: int) -> bool:
     return group in present if isinstance(present, tuple) else bool(present[:, group].any())
 
 
-def with_missing_channels_zeroed(x: torch.Tensor, present: Groups, in_ch: Sequence[int]) -> torch.Tensor:
+def with_missing_channels_zeroed(x: torch.Tensor, present: Groups, group_channels: Sequence[int]) -> torch.Tensor:
     """(B, C, D, H, W) with every channel, or with only the groups ``present``'s when it is a tuple, ->
-    (B, sum(in_ch), D, H, W) where the channels of the groups a sample lacks are 0, whatever they held
+    (B, sum(group_channels), D, H, W) where the channels of the groups a sample lacks are 0, whatever they held
     (NaN included)."""
     if isinstance(present, torch.Tensor):
-        channel_present = present.repeat_interleave(torch.tensor(in_ch, device=present.device), dim=1)  # (B, C)
+        counts = torch.tensor(group_channels, device=present.device)
+        channel_present = present.repeat_interleave(counts, dim=1)  # (B, C)
         return x.masked_fill(~channel_present[:, :, None, None, None], 0)
-    given = [g for g in range(len(in_ch)) if x.shape[1] == sum(in_ch) or g in present]  # the groups x holds
-    parts = dict(zip(given, x.split([in_ch[g] for g in given], 1)))
-    zeros = [x.new_zeros(x.shape[0], c, *x.shape[2:]) for c in in_ch]
-    return torch.cat([parts[g] if g in present else zeros[g] for g in range(len(in_ch))], 1)
+    # the groups x holds
+    given = [g for g in range(len(group_channels)) if x.shape[1] == sum(group_channels) or g in present]
+    parts = dict(zip(given, x.split([group_channels[g] for g in given], 1)))
+    zeros = [x.new_zeros(x.shape[0], c, *x.shape[2:]) for c in group_channels]
+    return torch.cat([parts[g] if g in present else zeros[g] for g in range(len(group_channels))], 1)
 
 
 def init_weights(module: nn.Module) -> None:

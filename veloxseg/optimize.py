@@ -39,7 +39,7 @@ def _inputs_and_global_state(guards: list) -> list[bool]:
 class OptimizedVeloxSeg(nn.Module):
     """Inference-only VeloxSeg compiled by ``torch.compile`` with frozen weights, for one batch size.
 
-    (B, sum(in_ch), *roi_size) -> logits (B, n_classes, *roi_size), as ``VeloxSeg`` in eval mode, for
+    (B, sum(group_channels), *roi_size) -> logits (B, n_classes, *roi_size), as ``VeloxSeg`` in eval mode, for
     any B: inputs are run ``batch_size`` at a time, the last chunk padded with zeros (samples are
     independent: the network has no batch statistics), so only one graph is ever compiled. It holds
     a private copy of the model: later changes to the original's weights do not reach it. On CPUs the
@@ -114,7 +114,7 @@ def optimize(model: VeloxSeg, batch_size: int = 1) -> OptimizedVeloxSeg:
     optimized = OptimizedVeloxSeg(model, batch_size)
     cfg = model.config
     parameter = next(model.parameters())
-    example = torch.zeros(batch_size, sum(cfg.in_ch), *cfg.roi_size, device=parameter.device, dtype=parameter.dtype)
+    example = torch.zeros(batch_size, cfg.in_channels, *cfg.roi_size, device=parameter.device, dtype=parameter.dtype)
     try:
         optimized(example)
     except Exception as error:  # inductor raises many types (no compiler, backend errors)

@@ -220,8 +220,8 @@ def case_channels(
             f"the model reads {len(names)} channels ({', '.join(names)}) and this case has fewer; name each file "
             f"<case>_0000.nii.gz ... (nnU-Net) or <case>_<channel>.nii.gz, or say which channels they are (present=)"
         )
-    group_channels = [[c.name for c in metadata.channels if c.group == g] for g in range(len(model.config.in_ch))]
-    groups = groups_of_channels(channels, group_channels)
+    names_by_group = [[c.name for c in metadata.channels if c.group == g] for g in range(model.config.num_groups)]
+    groups = groups_of_channels(channels, names_by_group)
     return [image for _, image in sorted(zip(channels, images), key=lambda pair: pair[0])], groups
 
 

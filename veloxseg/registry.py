@@ -13,7 +13,7 @@ import timm
 from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
 from torch import nn
 
-from .config import NUM_LEVELS
+from .config import NUM_LEVELS, renamed_fields
 from .hub import VeloxSeg, create_from_hub, load_pretrained, published_config
 from .metadata import model_metadata
 from .variants import VARIANTS, default_cfgs, describe_3d, translate_timm_args, variant_cfg
@@ -50,7 +50,7 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
         pretrained_cfg=dataclasses.replace(cfg, input_size=None),
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(NUM_LEVELS))),
         kwargs_filter=("num_classes", "in_chans", "global_pool", "img_size"),
-        **{**settings, **translate_timm_args(kwargs)},
+        **{**settings, **translate_timm_args(_current_names(kwargs))},
     )
     network = model.model if features_only else model
     cfg, metadata = network.config, model_metadata(network).to_dict()
@@ -60,6 +60,16 @@ def _create_veloxseg(variant: str, pretrained: bool = False, **kwargs: Any) -> n
     if features_only:
         model.pretrained_cfg.update({k: network.pretrained_cfg[k] for k in ("veloxseg", *describe_3d(cfg, metadata))})
     return model
+
+
+def _current_names(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the old names of renamed config fields in the new ones (:func:`renamed_fields`): silently
+    for the values timm's ``hf-hub:`` / ``local-dir:`` loader took from a config.json (and passes again as
+    ``pretrained_model_args``), with a DeprecationWarning for the caller's, which override them."""
+    stored = kwargs.get("pretrained_model_args") or {}
+    from_file = {k: v for k, v in kwargs.items() if k in stored and stored[k] is v}
+    given = {k: v for k, v in kwargs.items() if k not in from_file}
+    return {**renamed_fields(from_file, warn=False), **renamed_fields(given, warn=True)}
 
 
 @register_model

@@ -11,7 +11,7 @@ from typing import Any
 
 from timm.models import PretrainedCfg, generate_default_cfgs
 
-from .config import VeloxSegConfig
+from .config import VeloxSegConfig, renamed_fields
 from .metadata import ModelMetadata
 
 PAPER_TITLE = "VeloxSeg: Johnson-Lindenstrauss Lemma Guided Network for Efficient 3D Medical Segmentation"
@@ -84,7 +84,7 @@ def describe_3d(config: VeloxSegConfig, metadata: dict[str, Any]) -> dict[str, A
     :class:`ModelMetadata` dict that fits it): ``input_size`` (C, D, H, W), ``num_classes``,
     ``label_names``, ``channel_names``, ``normalisation``, ``spacing``, ``orientation``, ``license``."""
     return {
-        "input_size": (sum(config.in_ch), *config.roi_size),
+        "input_size": (config.in_channels, *config.roi_size),
         "num_classes": config.n_classes,
         "label_names": [name for name, _ in sorted(metadata["labels"].items(), key=lambda kv: kv[1])],
         "channel_names": [c["name"] for c in metadata["channels"]],
@@ -108,61 +108,61 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "22b3be389169acd26c84f475a06c1b0d80ffe953658a395b01941a96ea087131",
+            "config.json": "4821ed13b019c8ab49d2b5c63750872c6dbb19893b3329687ff41d89836d85cf",
             "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "42a0bd5326fa728d05ed3d374897e4ec16a0fe1311525f412a4d270f229905ba",
+            "config.json": "d71d13444224b502a541db9ae5dd085e9d2690254603a57030d23441d6a1d839",
             "model.safetensors": "d6bfeb364cb1051d02ff7490e73c67758e7bbbb878d7755afef076ddb8c46688",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "e9015670f35a19591e71234be5afc9e422f22e3cafad3ef6df31c3166431fe4d",
+            "config.json": "5f839c3c995c181bcd637e09f2ef4fe2af6b510d1ca05438a20b14c299ff54b5",
             "model.safetensors": "d9c8710ced1a26a64342805a418d8aae44e64a6861975895699138f31aba4b90",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "d9273afe9e8a812c0b7b0dc69fa729c9f14e343693e711cb9f0d1d857f49d90f",
+            "config.json": "f35990cd32915e681e249789a3c503f931ce0d87bc9acf3f31d1c5993617013d",
             "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "83b471a2a67d150a1358423588c5f1249ec6d643c1e68754449cc2f1f4fe1165",
+            "config.json": "190441295459ae0f65384a49d2f54644ad43e4925dc0947d8b77e927e59af63d",
             "model.safetensors": "b579f55805dd2d08fa5dfe230964badbd0088ffc590d7cc1b1005aec158d089d",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "e1fb467869a104da9296551ba45c685910537368600099136f0553907af8624b",
+            "config.json": "7f155b96bb018e9be73b0a2be5fc7de81e9c38d30afa3d9a3949fde6180e6bb9",
             "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "d712f03e2eb7e0ec89ee5d9ca001e2def7d20831087778197340c64554b58f6f",
+            "config.json": "6480cac662e29b0edb82668933b7191755f31abccd60f1b3147d01c5f99f736e",
             "model.safetensors": "7449950de615389b801ea206f0109c216cead6b96e6ed54ed5fdc74e34437028",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "395c9a130de42985ef4e2ba8527a2d1d995959c9c1950837fcd9a2350ab1515f",
+            "config.json": "7566251d954a1be62fdd601eb2e7cf764542e2d68f2f4e50c73761fe283ee5dd",
             "model.safetensors": "32b09cfe6a5403b2305fd91edb82b6eaa0b6cb7caff631a7447b2e59514227ce",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "e7b1453d4c1227f3bbcff97856b236a54027f3b63d2aa3ca13bae60efa048c5e",
+            "config.json": "da5850d59810c28ef3e140358d521ba957f5f3f37e1a05c3497db69df6a4c271",
             "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "3882198dcc326d6fbd7287cdadcdec9d7086b072ae3d7b49215bb6ea7261b177",
+            "config.json": "84022dcda49d280906033919be9a43f27225e7ab2b900bafe44c661f1c904ecf",
             "model.safetensors": "9522a49eaf64524d31c109be207da82b2e56ee05197e6ee1fed7fcd510e4a4d1",
         },
     ),
@@ -174,7 +174,8 @@ def published_cfg(name: str) -> VeloxSegPretrainedCfg:
     description and network's 3-D fields read from the shipped config.json (the tag's one source; the
     file is checked against its SHA-256 when weights are loaded)."""
     values = json.loads((SHIPPED_MODELS / name / "config.json").read_text(encoding="utf-8"))
-    config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**values["model_args"])
+    stored = renamed_fields(values["model_args"], warn=False)  # a file written before a field was renamed
+    config = VeloxSegConfig(**VARIANTS[values["architecture"]]).replace(**stored)
     pretrained = values["pretrained_cfg"]
     return variant_cfg(
         hf_hub_id=f"{HUB_ORG}/{name}",
@@ -187,7 +188,7 @@ def published_cfg(name: str) -> VeloxSegPretrainedCfg:
 def untrained_cfg(variant: str) -> VeloxSegPretrainedCfg:
     """The pretrained config of a variant without published weights: its network, generic metadata."""
     config = VeloxSegConfig(**VARIANTS[variant])
-    return variant_cfg(**describe_3d(config, ModelMetadata.default(config.in_ch, config.n_classes).to_dict()))
+    return variant_cfg(**describe_3d(config, ModelMetadata.default(config.group_channels, config.n_classes).to_dict()))
 
 
 default_cfgs = generate_default_cfgs(
@@ -209,8 +210,8 @@ def variant_of(config: VeloxSegConfig) -> str | None:
 
 def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` with timm's argument names in VeloxSeg's: ``num_classes`` -> ``n_classes``, and
-    ``in_chans`` -> ``in_ch=[in_chans]`` (one modality group) or, with ``in_ch`` given, a check that
-    they agree. Raises ``ValueError`` when both names of a pair are given and disagree."""
+    ``in_chans`` -> ``group_channels=[in_chans]`` (one modality group) or, with ``group_channels`` given, a
+    check that they agree. Raises ``ValueError`` when both names of a pair are given and disagree."""
     kwargs = dict(kwargs)
     if "num_classes" in kwargs:
         num_classes = kwargs.pop("num_classes")
@@ -218,11 +219,12 @@ def translate_timm_args(kwargs: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"num_classes={num_classes} and n_classes={kwargs['n_classes']} disagree; give one")
     if "in_chans" in kwargs:
         in_chans = kwargs.pop("in_chans")
-        in_ch = kwargs.setdefault("in_ch", [in_chans])
-        if sum(in_ch) != in_chans:
+        group_channels = kwargs.setdefault("group_channels", [in_chans])
+        if sum(group_channels) != in_chans:
             raise ValueError(
-                f"in_chans={in_chans} disagrees with in_ch={list(in_ch)}. VeloxSeg reads its input channels in "
-                f"modality groups: give in_ch=[...] alone, e.g. in_ch=[1, 1] for PET and CT as two groups or "
-                f"in_ch=[4] for one 4-channel group (in_chans=n alone means in_ch=[n])"
+                f"in_chans={in_chans} disagrees with group_channels={list(group_channels)}. VeloxSeg reads its input "
+                f"channels in modality groups: give group_channels=[...] alone, e.g. group_channels=[1, 1] for PET "
+                f"and CT as two groups or group_channels=[4] for one 4-channel group (in_chans=n alone means "
+                f"group_channels=[n])"
             )
     return kwargs

@@ -8,7 +8,7 @@ returns the final validation metrics; ``veloxseg train`` (:mod:`veloxseg.train`)
 * ``segment``: the recipe's objective (:mod:`.recipe`): by default L_seg alone on the full-resolution
   head; with ``recipe="paper"`` the paper's L_seg + 0.5 L_rc + 2.0 L_sdkt (:mod:`veloxseg.losses`).
 * ``finetune``: the same objective from pretrained weights adapted to the dataset's channels and
-  classes (``create_model(..., pretrained=True, in_ch=..., n_classes=...)``).
+  classes (``create_model(..., pretrained=True, group_channels=..., n_classes=...)``).
 
 The parts, in the order ``train()`` (:mod:`.loop`) uses them:
 

@@ -42,7 +42,7 @@ def build_model(config: TrainConfig, spec: DatasetSpec, train_cases: Sequence[Ca
     scales its attention windows. Pretraining (no L_seg) freezes the student decoder, which learns from
     L_seg only. Refuses ``modality_dropout`` for a one-channel dataset (nothing could be dropped)."""
     overrides: dict[str, Any] = {
-        "in_ch": [1] * len(spec.channel_names),
+        "group_channels": [1] * len(spec.channel_names),
         "n_classes": len(spec.labels),
         **RECIPES[config.recipe].model_overrides(teachers=bool(config.rc_weight or config.sdkt_weight)),
         **roi_overrides(config),

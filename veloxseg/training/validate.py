@@ -111,7 +111,7 @@ def score_modality_subsets(model: VeloxSeg, spec: DatasetSpec) -> dict[str, floa
     """``test/dice@<channels>`` for every proper non-empty subset of the model's modality groups (e.g.
     ``test/dice@PET``): the test Dice of a model trained with modality dropout given those files only."""
     channels = model_metadata(model).channels
-    groups = range(len(model.config.in_ch))
+    groups = range(len(model.config.group_channels))
     scores = {}
     for size in range(1, len(groups)):
         for subset in itertools.combinations(groups, size):
