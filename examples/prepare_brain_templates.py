@@ -70,9 +70,10 @@ Please cite:
   age-appropriate brain templates from birth to adulthood. NeuroImage 47(S1):S102, 2009.
 - D. L. Collins, A. P. Zijdenbos, W. F. C. Baare, A. C. Evans. ANIMAL+INSECT: improved cortical
   structure segmentation. IPMI 1999, LNCS 1613:210-223.
-
-The {num_cases} cases here are {cases}
-(seed {seed}); their labels come from the probability maps ({labels}), not from manual annotation.
+"""
+MNI152_CASES = """
+The {num_cases} cases here are {cases} (seed {seed}); their labels come from
+the probability maps ({labels}), not from manual annotation.
 """
 COLIN27_NOTICE = """\
 Images derived from the Colin27 T1 average (ch2.nii.gz) and the AAL atlas drawn on it
@@ -120,7 +121,7 @@ TEMPLATES = {
         "MNI152BrainTissue",
         "Grey / white matter of augmented copies of the MNI ICBM 2009a template",
         "http://www.bic.mni.mcgill.ca/ServicesAtlases/ICBM152NLin2009",
-        MNI152_NOTICE,
+        MNI152_NOTICE + MNI152_CASES,
     ),
     "colin27": Template(
         {"background": 0, "cerebral_grey_matter": 1, "cerebellar_grey_matter": 2},
@@ -368,6 +369,7 @@ def prepare(
             out, CHANNEL_NAMES, task.labels, num_train, name=task.name, description=task.description,
             reference=task.reference, licence="see NOTICE.txt",
         )  # fmt: skip
+
         (out / "NOTICE.txt").write_text(task.notice.format(**details))
     return Path(out_dir)
 

@@ -112,8 +112,9 @@ def prepare(
         sources = [synthetic_scans(synthetic, seed)]
         notices = [SYNTHETIC_NOTICE.format(version=GENERATOR_VERSION, seeds=1000 + seed)]
         sources += [template_scans(name, stack, affine, copies, rng) for name, stack, affine in mni152_stacks()]
-        notices.append(MNI152_NOTICE.format(
-            nilearn_version=nilearn.__version__, resolution="1, 2 and 3", num_cases=3 * copies, seed=seed
+        notices.append(MNI152_NOTICE.format(nilearn_version=nilearn.__version__, resolution="1, 2 and 3") + (
+            f"\nThe {3 * copies} MNI152 scans here are random deformations and intensity changes of that single\n"
+            f"template (seed {seed}), without labels.\n"
         ))  # fmt: skip
         stacks = inia19_stacks(mricron_dir)
         inia19 = [template_scans(name, stack, affine, copies, rng) for name, stack, affine in stacks]
