@@ -6,6 +6,7 @@ import torch
 from veloxseg.layers import PairedWindowAttention, window_scales
 from veloxseg.layers.cpu_kernels import load_cpu_kernels
 from veloxseg.layers.detail import _DetailLogits, detail_logits
+from veloxseg.layers.norm import _NormGelu, gelu_instance_norm, instance_norm
 from veloxseg.layers.pixel_shuffle import pixel_shuffle_3d
 from veloxseg.layers.pwa import window_attention
 
@@ -154,6 +155,42 @@ def test_detail_logits_rejects_what_it_cannot_compute(kernel):
         torch.ops.veloxseg.detail_logits_backward(torch.zeros(1, 3, 4, 4, 2), x, torch.zeros(24, 8))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 3, 5, 7), (1, 1, 1, 1, 2), (1, 2, 4, 4, 4)])
+def test_norm_gelu_gradcheck(kernel, shape):
+    """float64 gradients against finite differences; rows off the SIMD width, an offset and a scale."""
+    torch.manual_seed(0)
+    x = (3 + 2 * torch.randn(shape, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _NormGelu.apply(t, 1e-5), [x])
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 32, 32, 32), (2, 16, 16, 16, 16), (2, 64, 4, 4, 4)])
+def test_norm_gelu_matches_the_reference_path_on_real_shapes(kernel, shape):
+    """veloxseg_small_hr's shapes (detail path, JLC levels 1 and 4) in float32 against float64 PyTorch ops."""
+    torch.manual_seed(0)
+    x, grad = (1 + torch.randn(shape)).requires_grad_(), torch.randn(shape)
+    out = gelu_instance_norm(x)
+    assert out.grad_fn.name() == "_NormGeluBackward"  # the kernel ran
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.nn.functional.gelu(instance_norm(x64))
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    (got,), (want,) = torch.autograd.grad(out, x, grad), torch.autograd.grad(expected, x64, grad.double())
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_gelu_without_autograd_is_the_reference_path(kernel):
+    x = torch.randn(1, 4, 4, 6, 8)
+    with torch.no_grad():
+        assert torch.equal(gelu_instance_norm(x.requires_grad_()), torch.nn.functional.gelu(instance_norm(x)))
+
+
+def test_norm_gelu_rejects_what_it_cannot_compute(kernel):
+    with pytest.raises(RuntimeError, match="contiguous \\(B, C, N\\) tensor with N > 0"):
+        torch.ops.veloxseg.norm_gelu(torch.zeros(2, 3, 0), 1e-5)
+    x = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="one value per"):
+        torch.ops.veloxseg.norm_gelu_backward(x, x, torch.zeros(3), torch.zeros(3))
+
+
 def test_a_failed_build_names_the_kernels_and_what_they_need(monkeypatch):
     """No compiler (or no ninja): a RuntimeError that says what could not be built and why."""
     import torch.utils.cpp_extension
@@ -162,7 +199,7 @@ def test_a_failed_build_names_the_kernels_and_what_they_need(monkeypatch):
         raise OSError("c++: command not found")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    sources = r"detail_logits.cpp, dice_ce.cpp, jlc_branch.cpp, window_attention.cpp"
+    sources = r"detail_logits.cpp, dice_ce.cpp, jlc_branch.cpp, norm_gelu.cpp, window_attention.cpp"
     message = rf"CPU kernels \({sources}.*C\+\+ compiler.*not found"
     with pytest.raises(RuntimeError, match=message):
         load_cpu_kernels.__wrapped__()  # past the cache: the real build may already have run in this process

@@ -16,7 +16,7 @@ from torch import nn
 
 from .conv import OneDNNConv3d, eager
 from .cpu_kernels import cpu_kernels_available
-from .norm import instance_norm
+from .norm import gelu_instance_norm
 from .pixel_shuffle import pixel_shuffle_3d
 
 
@@ -53,8 +53,8 @@ class DetailPath(nn.Module):
 
     def forward(self, stem: torch.Tensor, u1: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         x = torch.cat([stem, self.up(u1)], 1)
-        x = F.gelu(instance_norm(self.mix(x)))
-        x = F.gelu(instance_norm(self.spatial(x)))
+        x = gelu_instance_norm(self.mix(x))
+        x = gelu_instance_norm(self.spatial(x))
         return detail_logits(x, self.out.weight, self.out.bias, coarse)
 
 
