@@ -35,7 +35,8 @@ std::pair<scalar_t, scalar_t> row_statistics(const scalar_t* x, int64_t n, doubl
   Vec<scalar_t> squares(0);
   for (int64_t j = 0; j < n; j += lanes) {
     const int64_t count = std::min(lanes, n - j);
-    const Vec<scalar_t> d = Vec<scalar_t>::set(Vec<scalar_t>(0), Vec<scalar_t>::loadu(x + j, count) - Vec<scalar_t>(mean), count);
+    const Vec<scalar_t> centred = Vec<scalar_t>::loadu(x + j, count) - Vec<scalar_t>(mean);
+    const Vec<scalar_t> d = Vec<scalar_t>::set(Vec<scalar_t>(0), centred, count);  // tail lanes: 0, not -mean
     squares = at::vec::fmadd(d, d, squares);
   }
   const double variance = static_cast<double>(reduce_sum(squares)) / static_cast<double>(n);

@@ -3,7 +3,8 @@
 For ``veloxseg.optimize``: ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch``
 (inference only, no backward). For training: the two halves of the fused Dice + CE loss
 (``veloxseg.losses.dice_ce_loss``), the detail path's output step (``veloxseg.layers.detail.detail_logits``)
-and GELU after an instance norm (``veloxseg.layers.norm.gelu_instance_norm``), with their backward; all fall back to PyTorch ops without them: :func:`cpu_kernels_available`.
+and GELU after an instance norm (``veloxseg.layers.norm.gelu_instance_norm``), with their backward; all fall
+back to PyTorch ops without them: :func:`cpu_kernels_available`.
 Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about 15 s once on an
 idle machine; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
