@@ -2,7 +2,9 @@
 
 For ``veloxseg.optimize``: ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch``
 (inference only, no backward). For training: the two halves of the fused Dice + CE loss
-(``veloxseg.losses.dice_ce_loss``, which falls back to PyTorch ops without them: :func:`cpu_kernels_available`).
+(``veloxseg.losses.dice_ce_loss``), the detail path's output step (``veloxseg.layers.detail.detail_logits``)
+and GELU after an instance norm (``veloxseg.layers.norm.gelu_instance_norm``), with their backward; all fall
+back to PyTorch ops without them: :func:`cpu_kernels_available`.
 Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about 15 s once on an
 idle machine; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
@@ -54,6 +56,11 @@ def load_cpu_kernels() -> None:
       label counts (C), cross-entropy.
     - ``dice_ce_backward(logits, labels, k, a, ce_scale)``: the gradient of ``dice_ce_loss`` in the logits
       (B, C, N), given its per-class coefficients k and a (B, C) and the cross-entropy's scale.
+    - ``detail_logits(x, weight, bias, coarse)``: x (B, K, D, H, W), weight (8C, K), bias (8C,), coarse
+      (B, C, D, H, W), float32 or float64 -> (B, C, 2D, 2H, 2W), a 1x1x1 conv plus the coarse logits,
+      2x pixel-shuffled; ``detail_logits_backward(grad, x, weight)``: its gradients in x, weight, bias, coarse.
+    - ``norm_gelu(x, eps)``: x (B, C, N) -> (GELU of each row normalised to mean 0 and variance 1, mean (B, C),
+      rstd (B, C)); ``norm_gelu_backward(grad, x, mean, rstd)``: its gradient in x.
     """
     from torch.utils.cpp_extension import load
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import OneDNNConv3d
-from .norm import instance_norm
+from .conv import OneDNNConv3d, eager
+from .cpu_kernels import cpu_kernels_available
+from .norm import gelu_instance_norm
 from .pixel_shuffle import pixel_shuffle_3d
 
 
@@ -33,7 +34,8 @@ class DetailPath(nn.Module):
     The 3^3 conv is dense: a depth-wise one has as few FLOPs but its CPU backward took 2.5x as long;
     it runs on oneDNN, which PyTorch skips for 8 channels (74 instead of 4 ms at 48^3, one thread), and
     its backward on channels-last tensors.
-    The last conv starts at zero, so an untrained path only upsamples ``coarse``.
+    The last conv starts at zero, so an untrained path only upsamples ``coarse``; it, the add and the
+    shuffle are :func:`detail_logits` (one CPU kernel pass forward and one backward while training).
     """
 
     def __init__(self, in_ch: int, u1_ch: int, width: int, n_classes: int) -> None:
@@ -51,6 +53,47 @@ class DetailPath(nn.Module):
 
     def forward(self, stem: torch.Tensor, u1: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         x = torch.cat([stem, self.up(u1)], 1)
-        x = F.gelu(instance_norm(self.mix(x)))
-        x = F.gelu(instance_norm(self.spatial(x)))
-        return pixel_shuffle_3d(self.out(x) + coarse.repeat_interleave(8, dim=1), 2)
+        x = gelu_instance_norm(self.mix(x))
+        x = gelu_instance_norm(self.spatial(x))
+        return detail_logits(x, self.out.weight, self.out.bias, coarse)
+
+
+def detail_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, coarse: torch.Tensor
+) -> torch.Tensor:
+    """``pixel_shuffle_3d(conv1x1(x) + coarse.repeat_interleave(8, 1), 2)``: x (B, K, D, H, W), weight
+    (8C, K, 1, 1, 1), bias (8C,), coarse (B, C, D, H, W) -> (B, C, 2D, 2H, 2W).
+
+    While autograd records on the CPU (float32 or float64, eager) and the CPU kernels are built, it runs
+    as ``torch.ops.veloxseg.detail_logits`` with its one-pass backward (:class:`_DetailLogits`); otherwise
+    as the PyTorch ops above (also in eval, so inference outputs do not depend on the kernels).
+    """
+    if (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and eager()
+        and cpu_kernels_available()
+    ):
+        return _DetailLogits.apply(x, weight, bias, coarse)
+    return pixel_shuffle_3d(F.conv3d(x, weight, bias) + coarse.repeat_interleave(8, dim=1), 2)
+
+
+class _DetailLogits(torch.autograd.Function):
+    """:func:`detail_logits` on the CPU kernels ``detail_logits`` / ``detail_logits_backward``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, coarse):  # type: ignore[override]
+        x, matrix = x.contiguous(), weight.flatten(1).contiguous()
+        ctx.save_for_backward(x, matrix)
+        ctx.weight_shape = weight.shape
+        return torch.ops.veloxseg.detail_logits(x, matrix, bias.contiguous(), coarse.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, matrix = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias, grad_coarse = torch.ops.veloxseg.detail_logits_backward(
+            grad.contiguous(), x, matrix
+        )
+        return grad_x, grad_weight.view(ctx.weight_shape), grad_bias, grad_coarse

@@ -8,7 +8,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .conv import grouped_conv3d
-from .norm import instance_norm
+from .norm import gelu_instance_norm, instance_norm
 
 # oneDNN runs grouped 3-D convs with groups this narrow at about half the speed of 8-channel ones: on
 # veloxseg_small's level 1 (16 channels, 24^3, 1 CPU thread) the 5^3 conv takes 3.9 ms, folded (below) 2.4 ms.
@@ -108,7 +108,7 @@ class JLCBlock(nn.Module):
             return x + outputs[0]
         y = x
         for out in outputs:
-            y = y + F.gelu(instance_norm(out))
+            y = y + gelu_instance_norm(out)
         return y
 
     def _spatial_conv(self, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
