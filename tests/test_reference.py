@@ -87,7 +87,7 @@ def test_load_reference_is_strict(reference):
     with pytest.raises(KeyError, match="not_a_layer"):
         veloxseg.load_reference(extra, config)
     with pytest.raises(ValueError, match=r"has shape \(16, 2, 7, 7, 7\), the model needs \(16, 3, 7, 7, 7\)"):
-        veloxseg.load_reference(state, {**json.loads(config), "group_channels": [1, 2]})
+        veloxseg.load_reference(state, {**json.loads(config), "in_ch": [1, 2]})
 
 
 def test_qkv_projections_are_fused_in_order(reference):
@@ -102,7 +102,7 @@ def test_qkv_projections_are_fused_in_order(reference):
 @pytest.mark.parametrize(
     "changes, tokens",
     [
-        (dict(group_channels=[4], n_classes=4), (3, 3, 3)),  # BraTS 2021
+        (dict(in_ch=[4], n_classes=4), (3, 3, 3)),  # BraTS 2021 (the authors' argument names)
         (dict(input_size=[128, 128, 64], min_big_window_sizes=[[4, 4, 2], [8, 8, 4], [4, 4, 2], [4, 4, 2]]), (4, 4, 2)),
     ],
 )
