@@ -120,8 +120,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "5f839c3c995c181bcd637e09f2ef4fe2af6b510d1ca05438a20b14c299ff54b5",
-            "model.safetensors": "d9c8710ced1a26a64342805a418d8aae44e64a6861975895699138f31aba4b90",
+            "config.json": "ad87f0c5a45572409e5d5e956f1638ca54035de19a658e8f1513cfdc4ad7de02",
+            "model.safetensors": "3cae9d5d3c80c5db5e404277fbfc208a24a91ecd6414f9ff55f16f8f76f1c3ae",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
@@ -150,8 +150,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "7566251d954a1be62fdd601eb2e7cf764542e2d68f2f4e50c73761fe283ee5dd",
-            "model.safetensors": "32b09cfe6a5403b2305fd91edb82b6eaa0b6cb7caff631a7447b2e59514227ce",
+            "config.json": "9467eabcee4437e2e4f18816d17c8732b7e66e37bf1440df14cc2a07a3af8592",
+            "model.safetensors": "c5b40741cd92e63a88dfea7e03e36393e1ecd27dbf8a4bad6867ed54caf0d77f",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
