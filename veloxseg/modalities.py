@@ -124,7 +124,7 @@ def random_modality_mask(
     study without one sequence), while per-group drops make the small subsets rare as G grows (one
     modality of four: 4 of the 14 proper subsets uniformly, 4 p^3 (1 - p) of all draws per-group) and, at
     the same ``probability``, train on the full set less often ((1 - p)^G of the draws). The measured
-    comparison is in docs/benchmarks.md.
+    comparison is in docs/model-contract.md (Missing modalities).
     """
     if mode not in MODALITY_DROPOUT_MODES:
         raise ValueError(f"modality dropout mode must be one of {MODALITY_DROPOUT_MODES}, got {mode!r}")
