@@ -212,7 +212,7 @@ def train_setup(
     name: str, spec: DatasetSpec, train_cases: Sequence[Case], eval_cases: Sequence[Case], config: TrainConfig,
     minutes: float | None = None,
 ) -> Trained:  # fmt: skip
-    """Train setup ``name`` (``config`` from :func:`setup_config`; its ``modality_dropout`` too) on
+    """Train setup ``name`` (``config`` from :func:`setup_config`; its ``modality_dropout`` and mode too) on
     ``train_cases`` for ``config.max_steps`` steps or ``minutes`` of CPU time; ``eval_cases`` are kept
     for scoring."""
     set_seed(config.seed)
@@ -241,7 +241,7 @@ def train_setup(
         step_start = time.thread_time()
         terms = train_step(
             model, batch, loss_fn, optimizer, scheduler, accelerator, max_grad_norm=config.max_grad_norm,
-            modality_dropout=config.modality_dropout,
+            modality_dropout=config.modality_dropout, modality_dropout_mode=config.modality_dropout_mode,
         )  # fmt: skip
         synchronize(accelerator.device)
         step_times.append(time.thread_time() - step_start)

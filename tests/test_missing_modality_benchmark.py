@@ -31,9 +31,30 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
     assert all(r["steps"] == 2 and 0.0 <= r["dice_mean"] <= 1.0 for r in rows)
     assert rows[6]["dice"] == rows[3]["dice"]  # on every channel the dedicated model is (b)'s
     saved = json.loads(out.with_name("missing.json").read_text())
-    assert saved["rows"] == rows and saved["run"]["modality_dropout"] == 0.5
+    assert saved["rows"] == rows and saved["commands"][0]["arms"] == ["dropout uniform 0.5", "zero-filled", "dedicated"]
     summary = out.with_name("missing.md").read_text().split("## Every run")[0]
     assert "| CT + PET |" in summary and "| PET |" in summary and "(c) dedicated" in summary
+
+    # another modality dropout joins the results without training (b) and (c) again
+    added = missing_modality.run_task(
+        "veloxseg_tiny", data, 0.25, [0], None, 2, out=out, command="pytest added", roi=(64, 32, 32), cpu=True,
+        mode="per-group", methods=["dropout"], add=True,
+    )  # fmt: skip
+    assert [(r["method"], r["modality_dropout_mode"], r["modality_dropout"]) for r in added] == [
+        ("dropout", "per-group", 0.25)
+    ] * 3
+    saved = json.loads(out.with_name("missing.json").read_text())
+    assert saved["rows"] == rows + added
+    assert [c["command"] for c in saved["commands"]] == ["pytest", "pytest added"]
+    summary = out.with_name("missing.md").read_text().split("## Every run")[0]
+    assert "| channels given | (a) dropout uniform 0.5 | (a) dropout per-group 0.25 | (b) zero-filled |" in summary
+    assert "`pytest added`" in summary
+    with pytest.raises(ValueError, match="made with other settings \\(seeds"):
+        missing_modality.run_task(
+            "veloxseg_tiny", data, 0.5, [1], None, 2, out=out, roi=(64, 32, 32), cpu=True, methods=["dropout"], add=True
+        )
+    with pytest.raises(ValueError, match="methods must be some of dropout, zero-filled, dedicated, got \\['dedicate"):
+        missing_modality.run_task("veloxseg_tiny", data, 0.5, [0], None, 2, methods=["dedicate"])
 
 
 def test_zero_filling_and_leaving_out(missing_modality) -> None:

@@ -143,3 +143,16 @@ def test_modality_dropout_masks_are_uniform_over_the_proper_subsets():
     assert random_modality_mask(50, 4, 0.0, generator).all()
     with pytest.raises(ValueError, match="2 or more modality groups, this one has 1"):
         random_modality_mask(2, 1, 0.5)
+
+
+def test_per_group_modality_dropout_drops_each_group_on_its_own_coin():
+    generator = torch.Generator().manual_seed(0)
+    masks = random_modality_mask(20_000, 3, 0.5, generator, mode="per-group")
+    assert masks.any(1).all()  # a sample that lost every group keeps one
+    assert abs(masks.all(1).float().mean() - 0.5**3) < 0.01  # the full set: (1 - p)^G
+    single = masks.sum(1) == 1  # 3 p^2 (1 - p) drawn, plus the p^3 all-dropped draws rescued
+    assert abs(single.float().mean() - 0.5) < 0.015
+    assert abs(masks[single].float().mean(0) - 1 / 3).max() < 0.02  # the kept group: any of the three
+    assert random_modality_mask(50, 4, 0.0, generator, mode="per-group").all()
+    with pytest.raises(ValueError, match="mode must be one of .*'uniform', 'per-group'.*got 'per_group'"):
+        random_modality_mask(2, 3, 0.5, mode="per_group")

@@ -251,13 +251,22 @@ def test_train_step_drops_modality_groups_per_sample() -> None:
     masks = torch.cat(seen)
     assert masks.shape == (8, 3) and masks.any(1).all() and not masks.all(1).any()  # proper, non-empty
     assert len({tuple(m) for m in masks.tolist()}) > 1  # drawn per sample
+    train_step(
+        model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator, modality_dropout=1.0,
+        modality_dropout_mode="per-group",
+    )  # fmt: skip
+    assert (seen[-1].sum(1) == 1).all()  # per-group at p = 1: every group lost, one kept back
     train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
     assert seen[-1] is None  # without the flag: the plain network (no mask passed)
 
 
 def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Path, tmp_path: Path) -> None:
-    result = run(data=str(demo_data), output_dir=str(tmp_path / "anymod"), max_steps=2, modality_dropout=0.5)
-    assert json.loads((result.output_dir / "train_config.json").read_text())["modality_dropout"] == 0.5
+    result = run(
+        data=str(demo_data), output_dir=str(tmp_path / "anymod"), max_steps=2, modality_dropout=0.5,
+        modality_dropout_mode="per-group",
+    )  # fmt: skip
+    recorded = json.loads((result.output_dir / "train_config.json").read_text())
+    assert recorded["modality_dropout"] == 0.5 and recorded["modality_dropout_mode"] == "per-group"
     saved = json.loads((result.output_dir / "config.json").read_text())["pretrained_cfg"]["veloxseg"]
     assert saved["modality_dropout"] == 0.5
     assert "Modality dropout: 0.5 of the training patches" in (result.output_dir / "README.md").read_text()
@@ -564,6 +573,7 @@ def test_bad_datasets_are_rejected_before_training(demo_data: Path, tmp_path: Pa
         (dict(hf_dataset="some/dataset"), "hf_image_columns"),
         (dict(hf_dataset="some/dataset", data="some/folder"), "not both"),
         (dict(modality_dropout=1.5), r"modality_dropout must be in \[0, 1\]"),
+        (dict(modality_dropout_mode="per_group"), "modality_dropout_mode 'per_group'; use one of uniform, per-group"),
     ],
 )
 def test_bad_settings_are_rejected(tmp_path: Path, settings: dict, message: str) -> None:

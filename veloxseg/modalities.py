@@ -103,19 +103,38 @@ def _named_groups(present: Sequence[str | int] | str | int, group_channel_names:
     return sorted(groups)
 
 
-def random_modality_mask(
-    batch: int, num_groups: int, probability: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(batch, num_groups) bool mask for modality dropout: each sample keeps every group with probability
-    ``1 - probability``, else one of the 2^G - 2 non-empty proper subsets of its groups, all equally likely.
+MODALITY_DROPOUT_MODES = ("uniform", "per-group")  # how --modality-dropout draws the groups a sample loses
 
-    Uniform over subsets rather than dropping each group on its own coin: inference asks for every
-    subset alike (a CT without its PET, an MRI study without one sequence), and independent per-group
-    drops make the small subsets rare as G grows (a single modality of four: 4 of the 14 proper subsets
-    uniformly, but 4 q^3 (1 - q) of all draws per-group) and need the empty subset redrawn.
+
+def random_modality_mask(
+    batch: int,
+    num_groups: int,
+    probability: float,
+    generator: torch.Generator | None = None,
+    mode: str = "uniform",
+) -> torch.Tensor:
+    """(batch, num_groups) bool mask of the groups each sample keeps, for modality dropout.
+
+    * ``uniform``: each sample keeps every group with probability ``1 - probability``, else one of the
+      2^G - 2 non-empty proper subsets of its groups, all equally likely;
+    * ``per-group``: each group of each sample is dropped on its own coin with probability ``probability``;
+      a sample that lost every group keeps one of them, drawn uniformly.
+
+    Uniform is the trainer's default: inference asks for every subset alike (a CT without its PET, an MRI
+    study without one sequence), while per-group drops make the small subsets rare as G grows (one
+    modality of four: 4 of the 14 proper subsets uniformly, 4 p^3 (1 - p) of all draws per-group) and, at
+    the same ``probability``, train on the full set less often ((1 - p)^G of the draws). The measured
+    comparison is in docs/model-contract.md (Missing modalities).
     """
+    if mode not in MODALITY_DROPOUT_MODES:
+        raise ValueError(f"modality dropout mode must be one of {MODALITY_DROPOUT_MODES}, got {mode!r}")
     if num_groups < 2:
         raise ValueError(f"modality dropout needs a model with 2 or more modality groups, this one has {num_groups}")
+    if mode == "per-group":
+        kept = torch.rand(batch, num_groups, generator=generator) >= probability
+        rescued = torch.randint(num_groups, (batch,), generator=generator)  # the group a sample left empty keeps
+        one = torch.arange(num_groups) == rescued[:, None]
+        return torch.where(kept.any(1, keepdim=True), kept, one)
     drop = torch.rand(batch, generator=generator) < probability
     codes = torch.randint(1, 2**num_groups - 1, (batch,), generator=generator)  # bit g: group g is kept
     kept = (codes[:, None] >> torch.arange(num_groups)) & 1 == 1

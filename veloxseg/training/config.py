@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..metadata import check_spacing
+from ..modalities import MODALITY_DROPOUT_MODES
 from .recipe import RECIPES, Recipe
 
 STAGES = ("pretrain", "segment", "finetune")
@@ -145,7 +146,15 @@ class TrainConfig:
     modality_dropout: float = option(
         0.0,
         "share of training patches that lose a random non-empty proper subset of their modality groups (each "
-        "subset equally likely), so that one model segments from any subset; needs 2+ channels (e.g. 0.5)",
+        "subset equally likely; see --modality-dropout-mode), so that one model segments from any subset; needs 2+ "
+        "channels (e.g. 0.5)",
+    )
+    modality_dropout_mode: str = option(
+        "uniform",
+        "how --modality-dropout draws the groups lost: uniform: a share P of the patches lose one of the non-empty "
+        "proper subsets, each equally likely; per-group: each group is lost on its own coin of probability P (a patch "
+        "left with none keeps one at random)",
+        choices=MODALITY_DROPOUT_MODES,
     )
     license: str | None = option(
         None,
@@ -317,9 +326,15 @@ def _check_head(config: TrainConfig, new_model: bool, seg: float) -> None:
 
 
 def _check_regularisation_and_precision(config: TrainConfig) -> None:
-    """Raise ValueError for a modality dropout or mask ratio out of range, or an unusable mixed precision."""
+    """Raise ValueError for a modality dropout or mask ratio out of range, an unknown modality dropout mode, or
+    an unusable mixed precision."""
     if not 0.0 <= config.modality_dropout <= 1.0:
         raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
+    if config.modality_dropout_mode not in MODALITY_DROPOUT_MODES:
+        raise ValueError(
+            f"unknown modality_dropout_mode {config.modality_dropout_mode!r}; "
+            f"use one of {', '.join(MODALITY_DROPOUT_MODES)}"
+        )
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):

@@ -166,7 +166,7 @@ def _training_loop(run: _Run) -> None:
     for batch in remaining:
         terms = train_step(
             run.model, batch, run.loss_fn, run.optimizer, run.scheduler, accelerator, config.mask_ratio,
-            config.mask_patch, config.max_grad_norm, config.modality_dropout,
+            config.mask_patch, config.max_grad_norm, config.modality_dropout, config.modality_dropout_mode,
         )  # fmt: skip
         grad_norm = terms.pop("grad_norm", None)
         meter.add(terms, batch["image"].shape[0] * accelerator.num_processes, config.grad_accum)

@@ -34,6 +34,7 @@ def train_step(
     mask_patch: int = 8,
     max_grad_norm: float | None = None,
     modality_dropout: float = 0.0,
+    modality_dropout_mode: str = "uniform",
 ) -> dict[str, torch.Tensor]:
     """Train ``model`` (prepared by ``accelerator``) on one batch and return the loss terms ("loss",
     and "seg", "rc", "sdkt" as the loss uses them; detached scalars), plus "grad_norm" (the global
@@ -42,9 +43,9 @@ def train_step(
     batch: ``image`` (B, C, *roi) and ``label`` (B, 1, *roi); the label is not used when the loss has
     no L_seg (pretraining). With ``mask_ratio`` the model sees the image with that share of its
     ``mask_patch``^3 cubes zeroed and reconstructs the whole. With ``max_grad_norm`` the gradients are
-    clipped to that global norm before the optimiser step. With ``modality_dropout`` that share of the
-    samples runs without a random non-empty proper subset of its modality groups
-    (:func:`veloxseg.modalities.random_modality_mask`); the losses still see the whole image, so the
+    clipped to that global norm before the optimiser step. With ``modality_dropout`` samples run without
+    some of their modality groups (never all), drawn with that probability the way ``modality_dropout_mode``
+    says (:func:`veloxseg.modalities.random_modality_mask`); the losses still see the whole image, so the
     teachers of a dropped group (paper recipe) reconstruct it from the groups that remain. Under
     gradient accumulation the optimiser and the schedule step only when ``accelerator.sync_gradients``
     (the last batch of an accumulation). A step whose gradient norm is NaN or infinite (a NaN loss
@@ -58,7 +59,8 @@ def train_step(
         kwargs = {}  # only models trained with modality dropout are asked to take a mask (benchmark baselines don't)
         if modality_dropout:
             groups = accelerator.unwrap_model(model).config.num_groups
-            kwargs["present"] = random_modality_mask(image.shape[0], groups, modality_dropout).to(image.device)
+            mask = random_modality_mask(image.shape[0], groups, modality_dropout, mode=modality_dropout_mode)
+            kwargs["present"] = mask.to(image.device)
         terms = loss_fn(model(inputs, **kwargs), image, label if loss_fn.seg_weight else None)
         accelerator.backward(terms["loss"])
         if accelerator.sync_gradients:  # an infinite max_norm measures without clipping
