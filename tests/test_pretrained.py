@@ -81,20 +81,38 @@ def test_the_hub_cache_comes_before_the_shipped_copy(offline_hub, caplog):
     assert "from the Hugging Face cache" in caplog.text and "shipped" not in caplog.text
 
 
-@pytest.mark.parametrize("route", ["registry", "hf-hub"])
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
-@pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
-def test_a_changed_file_in_the_cache_is_an_error_naming_it(offline_hub, route, damage, filename):
-    name = TAGS[0]
-    path = cache_repo(offline_hub, f"{HUB_ORG}/{name}", hub.SHIPPED_MODELS / name) / filename
+def damaged_cache_copy(cache: Path, name: str, filename: str, damage: str) -> Path:
+    """The cache's copy of ``filename`` of tag ``name``, changed as an earlier release or a broken download is."""
+    path = cache_repo(cache, f"{HUB_ORG}/{name}", hub.SHIPPED_MODELS / name) / filename
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[: len(data) - 100]
     else:
         data[-2] ^= 1
     path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("route", ["registry", "hf-hub"])
+@pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
+def test_a_changed_file_in_the_cache_is_skipped_for_a_verified_copy_with_a_warning(offline_hub, route, filename, caplog):
+    name = TAGS[0]
+    path = damaged_cache_copy(offline_hub, name, filename, "flip a byte")
+    with caplog.at_level(logging.WARNING, logger="veloxseg.hub"):
+        model = veloxseg.create_model(name if route == "registry" else f"hf-hub:{HUB_ORG}/{name}", pretrained=True)
+    assert f"{path}: its SHA-256 is not the one registered for {name}" in caplog.text
+    assert_holds(model, load_file(hub.SHIPPED_MODELS / name / hub.WEIGHTS_NAME))
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
+@pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
+def test_a_changed_file_with_no_verified_copy_is_an_error_naming_it(offline_hub, damage, filename, tmp_path, monkeypatch):
+    name = TAGS[0]
+    path = damaged_cache_copy(offline_hub, name, filename, damage)
+    monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path)  # no shipped copy, no weights package, offline
+    monkeypatch.setattr(hub, "weights_package_file", lambda tag, filename: None)
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: its SHA-256 is not the one registered for {name}"):
-        veloxseg.create_model(name if route == "registry" else f"hf-hub:{HUB_ORG}/{name}", pretrained=True)
+        veloxseg.create_model(name, pretrained=True)
 
 
 def test_a_truncated_shipped_copy_is_an_error_naming_it(tmp_path, monkeypatch):

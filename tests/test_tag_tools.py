@@ -159,8 +159,9 @@ def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
     (tmp_path / name / hub.CONFIG_NAME).write_text(json.dumps(config))
     files = tags_table.tag_files(name, tmp_path)
     assert files["README.md"] != (tmp_path / name / hub.CARD_NAME).read_text()
-    assert "| test_dice | 0.5 | test | 4 |" in files["README.md"]
-    assert "test (4 cases): Dice 0.500" in json.loads(files["config.json"])["pretrained_cfg"]["description"]
+    cases = config["pretrained_cfg"]["veloxseg"]["evaluation_cases"]["test"]
+    assert f"| test_dice | 0.5 | test | {cases} |" in files["README.md"]
+    assert f"test ({cases} cases): Dice 0.500" in json.loads(files["config.json"])["pretrained_cfg"]["description"]
     budget = config["pretrained_cfg"]["veloxseg"]["publication"]["budget"]
     assert tags_table.row(name, tmp_path).startswith(f"| `{name}` (default) | MNI152BrainTissue | {budget} |")
     hd95 = config["pretrained_cfg"]["veloxseg"]["metrics"]["test_hd95"]

@@ -23,7 +23,7 @@ comes from a local copy before any network call: the Hub cache, else the install
 with veloxseg (``veloxseg/hub_models``, a link to the repository's ``hub/``: a checkout has every
 file, the wheel the config.json files only), and only else from the Hub; on every route each of its
 files must have the SHA-256 the registry records (its files cannot change, so a verified local copy is
-the file the Hub would give). The first load of
+the file the Hub would give; a copy with another SHA-256 is skipped with a warning). The first load of
 each weights file in a process says on one WARNING line where they came from. Weights are loaded
 into a model whose config may differ from theirs through :func:`veloxseg.adapt.adapt_state_dict`;
 the report is ``model.adaptation_report``, and a warning says when tensors were dropped or
@@ -419,9 +419,10 @@ def _published_tag(source: dict[str, Any]) -> str | None:
 
 def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) -> Fetched:
     """``filename`` of a local model folder (``file``) or of a Hub repo (``hf_hub_id``, through the Hub
-    cache). A published tag's file comes from the Hub cache, else the weights package, else its shipped
-    copy, else the Hub, and must have its registered SHA-256: a changed file is an error, never skipped
-    for another copy. With none of them, the error says how to install the weights."""
+    cache). A published tag's file is the first copy with its registered SHA-256 among the Hub cache,
+    the weights package and its shipped copy, else a fresh download from the Hub. A copy with another
+    SHA-256 (a tag's earlier release left in the cache by an older veloxseg, or a damaged download) is
+    never loaded: a warning names it, and with no verified copy the error does."""
     tag = _published_tag(source)
     if source.get("file"):
         path = Path(source["file"]).expanduser() / filename
@@ -430,27 +431,46 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
         return Fetched(path, "the local folder")
     if tag is None:
         return Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub (or its cache)")
-    packaged, shipped = weights_package_file(tag, filename), SHIPPED_MODELS / tag / filename
-    cached = _download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True)
-    if cached is not None:
-        fetched = Fetched(cached, "the Hugging Face cache")
-    elif packaged is not None and packaged.is_file():
-        fetched = Fetched(packaged, "the veloxseg-weights package")
-    elif shipped.is_file():
-        fetched = Fetched(shipped, "the copy shipped with veloxseg")
-    else:
-        try:
-            fetched = Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; nor is the weights package installed: {INSTALL_WEIGHTS}") from None
-    _logger.info("%s: %s from %s, %s", tag, filename, fetched.origin, fetched.path)
-    expected = PUBLISHED[tag]["sha256"][filename]
-    if sha256_of(fetched.path) != expected:
-        raise ValueError(
-            f"{fetched.path}: its SHA-256 is not the one registered for {tag} ({expected}): the file was changed "
-            f"or is incomplete; delete it and download it again (or reinstall the weights: {INSTALL_WEIGHTS})"
-        )
-    return Fetched(fetched.path, f"{fetched.origin} (SHA-256 verified)")
+    local = (
+        (_download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True), "the Hugging Face cache"),
+        (weights_package_file(tag, filename), "the veloxseg-weights package"),
+        (SHIPPED_MODELS / tag / filename, "the copy shipped with veloxseg"),
+    )  # fmt: skip
+    rejected: list[Path] = []
+    for path, origin in local:
+        if path is not None and path.is_file():
+            if _registered(tag, filename, path, rejected):
+                _logger.info("%s: %s from %s, %s", tag, filename, origin, path)
+                return Fetched(path, f"{origin} (SHA-256 verified)")
+    if rejected and constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{_not_registered(tag, filename, rejected[0])}; offline mode (HF_HUB_OFFLINE) is on")
+    try:  # a rejected copy may be the cache's: download it again rather than trust it
+        path = _download(source["hf_hub_id"], filename, cache_dir, force_download=bool(rejected))
+    except FileNotFoundError as err:
+        if rejected:
+            raise ValueError(_not_registered(tag, filename, rejected[0]) + "; and " + str(err)) from None
+        raise FileNotFoundError(f"{err}; nor is the weights package installed: {INSTALL_WEIGHTS}") from None
+    if not _registered(tag, filename, path, rejected):
+        raise ValueError(_not_registered(tag, filename, path))
+    return Fetched(path, "the Hugging Face Hub (SHA-256 verified)")
+
+
+def _registered(tag: str, filename: str, path: Path, rejected: list[Path]) -> bool:
+    """Whether ``path`` has the SHA-256 registered for ``filename`` of published ``tag``; if not, a
+    warning names it and it joins ``rejected``."""
+    if sha256_of(path) == PUBLISHED[tag]["sha256"][filename]:
+        return True
+    _logger.warning("%s; skipped for another copy", _not_registered(tag, filename, path))
+    rejected.append(path)
+    return False
+
+
+def _not_registered(tag: str, filename: str, path: Path) -> str:
+    return (
+        f"{path}: its SHA-256 is not the one registered for {tag} ({PUBLISHED[tag]['sha256'][filename]}): "
+        f"an earlier release of the tag or a changed or incomplete file; delete it to download it again "
+        f"(or reinstall the weights: {INSTALL_WEIGHTS})"
+    )
 
 
 def weights_package_file(tag: str, filename: str) -> Path | None:
@@ -464,15 +484,26 @@ def weights_package_file(tag: str, filename: str) -> Path | None:
 
 
 def _download(
-    hub_id: str, filename: str, cache_dir: str | Path | None, local_files_only: bool = False, missing_ok: bool = False
+    hub_id: str,
+    filename: str,
+    cache_dir: str | Path | None,
+    local_files_only: bool = False,
+    missing_ok: bool = False,
+    force_download: bool = False,
 ) -> Path | None:
     """``filename`` of Hub repo ``hub_id`` ("org/name[@revision]") through the Hub cache (only from the
-    cache with ``local_files_only``; None when it is not there and ``missing_ok``)."""
+    cache with ``local_files_only``; None when it is not there and ``missing_ok``; fetched again over
+    the cache's copy with ``force_download``)."""
     repo_id, _, revision = hub_id.partition("@")
     try:
         return Path(
             hf_hub_download(
-                repo_id, filename, revision=revision or None, cache_dir=cache_dir, local_files_only=local_files_only
+                repo_id,
+                filename,
+                revision=revision or None,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                force_download=force_download,
             )
         )
     except LocalEntryNotFoundError:
