@@ -278,6 +278,7 @@ model = veloxseg.create_model("{name}", pretrained=True)  # or timm.create_model
 - Data made with: {data}
 - Command: `{metadata.training_command}`
 - Intended use: research, a starting point for fine-tuning (`examples/train.py --stage finetune --model {name}`). \
-Not a medical device, not for clinical use. The data is synthetic or derived from one template image by random \
-deformation: expect lower accuracy on real scans of other scanners, protocols and anatomy.
+Not a medical device, not for clinical use. The data is synthetic or derived from one template image (deformed \
+copies, or images synthesised from its tissue maps): expect lower accuracy on real scans of other scanners, \
+protocols and anatomy.
 """
