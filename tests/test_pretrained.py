@@ -95,7 +95,9 @@ def damaged_cache_copy(cache: Path, name: str, filename: str, damage: str) -> Pa
 
 @pytest.mark.parametrize("route", ["registry", "hf-hub"])
 @pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
-def test_a_changed_file_in_the_cache_is_skipped_for_a_verified_copy_with_a_warning(offline_hub, route, filename, caplog):
+def test_a_changed_file_in_the_cache_is_skipped_for_a_verified_copy_with_a_warning(
+    offline_hub, route, filename, caplog
+):
     name = TAGS[0]
     path = damaged_cache_copy(offline_hub, name, filename, "flip a byte")
     with caplog.at_level(logging.WARNING, logger="veloxseg.hub"):
@@ -106,7 +108,9 @@ def test_a_changed_file_in_the_cache_is_skipped_for_a_verified_copy_with_a_warni
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate"])
 @pytest.mark.parametrize("filename", [hub.CONFIG_NAME, hub.WEIGHTS_NAME])
-def test_a_changed_file_with_no_verified_copy_is_an_error_naming_it(offline_hub, damage, filename, tmp_path, monkeypatch):
+def test_a_changed_file_with_no_verified_copy_is_an_error_naming_it(
+    offline_hub, damage, filename, tmp_path, monkeypatch
+):
     name = TAGS[0]
     path = damaged_cache_copy(offline_hub, name, filename, damage)
     monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path)  # no shipped copy, no weights package, offline

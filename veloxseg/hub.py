@@ -431,11 +431,12 @@ def _fetch(source: dict[str, Any], filename: str, cache_dir: str | Path | None) 
         return Fetched(path, "the local folder")
     if tag is None:
         return Fetched(_download(source["hf_hub_id"], filename, cache_dir), "the Hugging Face Hub (or its cache)")
+    cached = _download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True)
     local = (
-        (_download(source["hf_hub_id"], filename, cache_dir, local_files_only=True, missing_ok=True), "the Hugging Face cache"),
+        (cached, "the Hugging Face cache"),
         (weights_package_file(tag, filename), "the veloxseg-weights package"),
         (SHIPPED_MODELS / tag / filename, "the copy shipped with veloxseg"),
-    )  # fmt: skip
+    )
     rejected: list[Path] = []
     for path, origin in local:
         if path is not None and path.is_file():
