@@ -9,8 +9,7 @@ Three tasks (``--template``):
   ``--labels posterior`` (default) the probabilities are each voxel's posterior under a CSF / grey /
   white Gaussian mixture of the T1's intensities with the maps as priors (:func:`tissue_posteriors`),
   so the grey / white border follows the image; ``--labels maps`` takes the maps as they are (an
-  average of many brains: its grey matter ribbon is wider than the image's, by one 2 mm voxel at the
-  white matter border).
+  average of many brains, whose grey matter ribbon is wider than the image's).
 * ``colin27``: cerebral and cerebellar grey matter of the Colin27 T1 (MNI single subject), the AAL
   atlas drawn on it merged into two classes (AAL regions 1-90 cerebrum, 91-116 cerebellum).
   Both files ship in Debian's mricron-data package (``apt-get install mricron-data``; the files are
