@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from speed import current_rss_mb, peak_rss_mb, reset_peak_rss, run_job
+from speed import answered_job, current_rss_mb, peak_rss_mb, reset_peak_rss, run_job
 
 from veloxseg.io import atomic_file
 
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if answered_job(args, worker):
         return
     rows = []
     for model in args.models:

@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -150,6 +151,16 @@ def run_job(job: dict, pythonpath: Path | None = None, script: str = __file__) -
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def answered_job(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bool:
+    """The worker side of :func:`run_job`: when the script was started with ``--worker JOB`` (a parser
+    argument every script that :func:`run_job` runs declares), print ``worker(JOB)`` as the JSON line
+    :func:`run_job` reads and return True; else False."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))))
+    return True
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -163,8 +174,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "speed")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if answered_job(args, worker):
         return
 
     rows = []
