@@ -81,12 +81,15 @@ def dice(prediction: np.ndarray, label: np.ndarray, value: int) -> float:
     return float(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
 
 
-def score(model_name: str, scans: dict[float, Path]) -> dict[str, dict[str, float]]:
-    """resolution -> {class: Dice, "mean": ...} of ``model_name`` (registry name: its default tag)."""
+def score(
+    model_name: str, scans: dict[float, Path], mirror_axes: Sequence[int] = ()
+) -> dict[str, dict[str, float]]:
+    """resolution -> {class: Dice, "mean": ...} of ``model_name`` (registry name: its default tag), segmented
+    with test-time mirroring along ``mirror_axes`` (``veloxseg predict --tta``: all three)."""
     model = veloxseg.create_model(model_name, pretrained=True).eval()
     rows = {}
     for mm, path in scans.items():
-        prediction = np.asarray(predict(model, path).dataobj)
+        prediction = np.asarray(predict(model, path, mirror_axes=mirror_axes).dataobj)
         label = np.asarray(nib.load(str(path).replace(".nii.gz", "_labels.nii.gz")).dataobj)
         row = {name: dice(prediction, label, value) for value, name in enumerate(CLASSES, start=1)}
         rows[f"{mm:g}"] = {**row, "mean": float(np.mean(list(row.values())))}
@@ -100,10 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/veloxseg-brain-generalisation"))
     parser.add_argument("--mricron-dir", type=Path, default=MRICRON_DIR)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    parser.add_argument("--tta", action="store_true", help="test-time mirroring, as veloxseg predict --tta")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     scans = heldout_scans(args.resolutions, args.work_dir, args.mricron_dir)
-    results = {name: score(name, scans) for name in args.models}
+    results = {name: score(name, scans, (0, 1, 2) if args.tta else ()) for name in args.models}
     lines = [
         "| model | " + " | ".join(f"{mm:g} mm (grey / white)" for mm in args.resolutions) + " |",
         "| --- |" + " --- |" * len(args.resolutions),

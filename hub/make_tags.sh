@@ -86,6 +86,8 @@ tags)
 heldout)  # the tissue tags on Colin27 (seen by no tag): then `tags` again records the numbers in them
     $PY benchmarks/brain_generalisation.py --models veloxseg_small veloxseg_small_hr --resolutions 1 1.5 2 3 \
         --out benchmarks/results/brain-generalisation
+    $PY benchmarks/brain_generalisation.py --models veloxseg_small veloxseg_small_hr --resolutions 1 1.5 2 3 --tta \
+        --out benchmarks/results/brain-generalisation-tta
     for variant in veloxseg_small veloxseg_small_hr; do
         $PY benchmarks/finetune.py --data "$DATA/colin27" --variant $variant --starts scratch mni152_tissue --seed 0 1 2 \
             --out benchmarks/results/finetune-colin27-$variant

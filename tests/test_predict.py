@@ -12,7 +12,7 @@ from nibabel.testing import data_path
 import veloxseg
 from veloxseg.cli import main
 from veloxseg.metadata import ChannelInfo, ModelMetadata
-from veloxseg.predict import predict
+from veloxseg.predict import mirrored, predict
 
 from .conftest import SMALL_ROI, tiny_model
 
@@ -314,3 +314,35 @@ def test_veloxseg_predict_stays_the_function_after_the_submodule_is_imported(mod
     first = np.asarray(veloxseg.predict(model, case_files).dataobj)
     again = np.asarray(veloxseg.predict(model, case_files).dataobj)
     assert first.shape == nib.load(case_files[0]).shape and np.array_equal(first, again)
+
+
+def test_mirroring_averages_the_flipped_windows_back_in_place():
+    ramp = torch.arange(4.0).view(1, 1, 4, 1, 1)  # a predictor that knows where it is along the first axis
+    windows = torch.randn(2, 1, 4, 3, 5)
+    mirrored_once = mirrored(lambda w: w + ramp, (0,))(windows)
+    torch.testing.assert_close(mirrored_once, windows + (ramp + ramp.flip(2)) / 2)
+    equivariant = mirrored(lambda w: 3 * w, (0, 1, 2))  # flips change nothing for a voxel-wise predictor
+    torch.testing.assert_close(equivariant(windows), 3 * windows)
+    assert mirrored(torch.relu, ()) is torch.relu
+    for bad in [(3,), (0, 0), (-1,)]:
+        with pytest.raises(ValueError, match="mirror_axes"):
+            mirrored(torch.relu, bad)
+
+
+def test_tta_runs_every_mirror_in_cli_and_api(model, model_dir, case_files, tmp_path, monkeypatch):
+    calls = []
+    forward = veloxseg.VeloxSeg.forward
+    monkeypatch.setattr(veloxseg.VeloxSeg, "forward", lambda self, x, *a, **k: calls.append(x) or forward(self, x, *a, **k))
+    out = tmp_path / "seg.nii.gz"
+    assert main(["predict", "--model", f"local-dir:{model_dir}", "-i", *map(str, case_files), "-o", str(out), "--tta"]) == 0
+    windows = len(calls)
+    assert windows % 8 == 0 and windows > 0
+    calls.clear()
+    api = predict(model, case_files, mirror_axes=(0, 1, 2))
+    assert len(calls) == windows, "the API and the CLI mirror alike"
+    calls.clear()
+    plain = predict(model, case_files)
+    assert len(calls) == windows // 8
+    assert api.shape == plain.shape == nib.load(out).shape
+    with pytest.raises(ValueError, match="mirror_axes"):
+        predict(model, case_files, mirror_axes=(1, 5))

@@ -149,6 +149,15 @@ def test_tissue_tags_show_their_numbers_on_a_brain_of_another_source():
         assert on_colin27 == {k.removeprefix("colin27_") for k in metrics if k.startswith("colin27_")}, name
 
 
+def test_unseen_source_names_the_mirrored_numbers_apart():
+    from veloxseg.provenance import unseen_source
+
+    plain = {"colin27_dice_1mm": 0.71, "colin27_dice_1_5mm": 0.73, "colin27_dice_3mm": 0.72}
+    assert unseen_source(plain) == ["unseen Colin27 T1 0.710-0.730 at 1/1.5/3 mm"]
+    mirrored = plain | {"colin27_tta_dice_1mm": 0.75, "colin27_tta_dice_3mm": 0.74}
+    assert unseen_source(mirrored) == ["unseen Colin27 T1 0.710-0.730 at 1/1.5/3 mm (with --tta 0.740-0.750)"]
+
+
 def test_every_tag_file_and_table_is_made_from_the_tags_metadata(tmp_path):
     tags_table = load_script(ROOT / "hub" / "tags_table.py")
     assert tags_table.check() == []  # cards, NOTICEs, config.json descriptions, hashes, tags.md, MODEL_CARD.md

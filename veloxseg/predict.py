@@ -17,12 +17,13 @@ import argparse
 import dataclasses
 import functools
 import glob
+import itertools
 import os
 import re
 import sys
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ def predict_probabilities(
     device: str | torch.device | None = None,
     metadata: ModelMetadata | None = None,
     present: Sequence[int] | None = None,
+    mirror_axes: Sequence[int] = (),
 ) -> torch.Tensor:
     """Softmax class probabilities (n_classes, X, Y, Z) on the scan's own voxel grid.
 
@@ -130,7 +132,8 @@ def predict_probabilities(
     Runs on ``device`` (default: where the model's parameters are); the whole-scan arrays stay on
     the CPU. The model is put in eval mode for the call and restored afterwards. ``present``: the
     modality groups the scan holds, its channels theirs in order (None: every group; see
-    :func:`case_channels`).
+    :func:`case_channels`). ``mirror_axes``: test-time mirroring along these spatial axes (0, 1, 2 of the
+    model's grid), :func:`mirrored`; () segments each window once.
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -151,7 +154,7 @@ def predict_probabilities(
             x,
             roi_size=model.config.roi_size,
             sw_batch_size=sw_batch_size,
-            predictor=model if present is None else functools.partial(model, present=present),
+            predictor=mirrored(model if present is None else functools.partial(model, present=present), mirror_axes),
             overlap=overlap,
             mode="gaussian",
             sw_device=device or next(model.parameters()).device,
@@ -161,6 +164,28 @@ def predict_probabilities(
         model.train(was_training)
     probs = MetaTensor(logits[0].softmax(0), affine=image.affine, applied_operations=image.applied_operations)
     return preprocess.inverse({IMAGE: probs})[IMAGE].as_tensor()
+
+
+def mirrored(
+    predictor: Callable[[torch.Tensor], torch.Tensor], axes: Sequence[int]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predictor`` (windows (B, C, D, H, W) -> logits (B, K, D, H, W)) averaged over every combination of
+    flips along the spatial ``axes`` (2 ** len(axes) passes), each output flipped back: nnU-Net's test-time
+    mirroring, for models trained with random flips along those axes (the trainer flips along all three).
+    Written here because MONAI's TestTimeAugmentation draws random transforms to estimate uncertainty."""
+    if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirror_axes must be distinct spatial axes among 0, 1, 2, got {tuple(axes)}")
+    flips = [tuple(2 + a for a in combo) for r in range(len(axes) + 1) for combo in itertools.combinations(axes, r)]
+    if len(flips) == 1:
+        return predictor
+
+    def average(windows: torch.Tensor) -> torch.Tensor:
+        total = predictor(windows)
+        for dims in flips[1:]:
+            total = total + predictor(windows.flip(dims)).flip(dims)
+        return total / len(flips)
+
+    return average
 
 
 def _check_present(model: SegModel, present: Sequence[int] | None) -> None:
@@ -272,6 +297,7 @@ def predict(
     save_probabilities: bool = False,
     overwrite: bool = False,
     present: Sequence[str | int] | None = None,
+    mirror_axes: Sequence[int] = (),
 ) -> nib.Nifti1Image:
     """Segment one case and return its label map (X, Y, Z) with the input's shape and affine.
 
@@ -281,6 +307,7 @@ def predict(
     output: where to write the label map (a .nii/.nii.gz file); nothing is written without it.
     save_probabilities: also write the (X, Y, Z, n_classes) float32 probabilities beside it, as
         ``<name>_probabilities.nii.gz``.
+    mirror_axes: test-time mirroring (:func:`mirrored`), e.g. (0, 1, 2): 2 ** 3 passes per window.
     Every check (input, channels, output paths) runs before anything is computed or written; the
     files are written atomically and an existing one is only replaced with ``overwrite``.
     """
@@ -293,8 +320,9 @@ def predict(
     elif save_probabilities:
         raise ValueError("save_probabilities needs an output path")
     probs = predict_probabilities(
-        model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device, present=groups
-    )
+        model, scan, overlap=overlap, sw_batch_size=sw_batch_size, device=device, present=groups,
+        mirror_axes=mirror_axes,
+    )  # fmt: skip
     _check_finite(probs, scan)
     label_dtype = np.uint8 if probs.shape[0] <= 256 else np.int16
     labels = _nifti(probs.argmax(0).numpy().astype(label_dtype), scan)
@@ -358,6 +386,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )  # fmt: skip
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    parser.add_argument(
+        "--tta", action="store_true",
+        help="test-time mirroring along all three axes, as nnU-Net's default (8 passes per window: 8x the time)",
+    )  # fmt: skip
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda when available), cpu, cuda:0, ...")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
@@ -407,6 +439,7 @@ def run_predict(args: argparse.Namespace) -> int:
         predict(
             model, files, targets[case], overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=device,
             save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+            mirror_axes=(0, 1, 2) if args.tta else (),
         )  # fmt: skip
     print(f"wrote {len(cases)} label map(s) to {args.output}")
     return 0

@@ -61,20 +61,26 @@ def held_out(metrics: dict[str, float]) -> str:
 
 def unseen_source(metrics: dict[str, float]) -> list[str]:
     """The tissue tags' numbers on Colin27, a T1 brain of another source that no tag trains on: Dice
-    without fine-tuning at each resolution (``colin27_dice_<mm>mm``, benchmarks/brain_generalisation.py)
-    and after fine-tuning against scratch (``colin27_finetune_dice`` / ``colin27_scratch_dice``,
-    benchmarks/finetune.py)."""
-    by_mm = {float(name[len("colin27_dice_") : -2].replace("_", ".")): value for name, value in metrics.items()
-             if name.startswith("colin27_dice_") and name.endswith("mm")}  # fmt: skip
+    without fine-tuning at each resolution (``colin27_dice_<mm>mm``, benchmarks/brain_generalisation.py;
+    ``colin27_tta_dice_<mm>mm`` with its ``--tta``, as ``veloxseg predict --tta``) and after fine-tuning
+    against scratch (``colin27_finetune_dice`` / ``colin27_scratch_dice``, benchmarks/finetune.py)."""
+    by_mm, tta_by_mm = _by_resolution(metrics, "colin27_dice_"), _by_resolution(metrics, "colin27_tta_dice_")
     words = []
     if by_mm:
         resolutions = "/".join(f"{mm:g}" for mm in sorted(by_mm))
-        words.append(f"unseen Colin27 T1 {min(by_mm.values()):.3f}-{max(by_mm.values()):.3f} at {resolutions} mm")
+        tta = f" (with --tta {min(tta_by_mm.values()):.3f}-{max(tta_by_mm.values()):.3f})" if tta_by_mm else ""
+        words.append(f"unseen Colin27 T1 {min(by_mm.values()):.3f}-{max(by_mm.values()):.3f} at {resolutions} mm{tta}")
     if "colin27_finetune_dice" in metrics and "colin27_scratch_dice" in metrics:
         words.append(
             f"fine-tuned on it {metrics['colin27_finetune_dice']:.3f} against scratch {metrics['colin27_scratch_dice']:.3f}"
         )
     return words
+
+
+def _by_resolution(metrics: dict[str, float], prefix: str) -> dict[float, float]:
+    """{resolution in mm: value} of the metrics named ``<prefix><mm>mm`` (a point in mm written as _)."""
+    return {float(name[len(prefix) : -2].replace("_", ".")): value for name, value in metrics.items()
+            if name.startswith(prefix) and name.endswith("mm")}  # fmt: skip
 
 
 def description(metadata: ModelMetadata) -> str:
