@@ -120,7 +120,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "ad87f0c5a45572409e5d5e956f1638ca54035de19a658e8f1513cfdc4ad7de02",
+            "config.json": "f1a0ddb3002bf74f77d07fbca3cf0d4862fe1a5086d2dd3faa2730cc21ffa3a3",
             "model.safetensors": "3cae9d5d3c80c5db5e404277fbfc208a24a91ecd6414f9ff55f16f8f76f1c3ae",
         },
     ),
@@ -150,7 +150,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "9467eabcee4437e2e4f18816d17c8732b7e66e37bf1440df14cc2a07a3af8592",
+            "config.json": "c109ce04436b51b6eadbc330559be8f70d419e19619c588b2b6625923b59211a",
             "model.safetensors": "c5b40741cd92e63a88dfea7e03e36393e1ecd27dbf8a4bad6867ed54caf0d77f",
         },
     ),
