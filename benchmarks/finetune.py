@@ -38,7 +38,11 @@ from veloxseg.training import TrainConfig, train
 from veloxseg.training.validate import score_test_cases
 
 # The dataset.json name of the task each tag was trained on; those pairs are not transfer and are skipped.
-TRAINED_ON = {"petct_lesions": "VeloxSegSyntheticPETCT", "mni152_tissue": "MNI152BrainTissue"}
+TRAINED_ON = {
+    "petct_lesions": "VeloxSegSyntheticPETCT",
+    "petct_lesions_anymod": "VeloxSegSyntheticPETCT",
+    "mni152_tissue": "MNI152BrainTissue",
+}
 
 
 def task_name(data: Path) -> str:

@@ -18,10 +18,13 @@ DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
 
 # 64^3 ROI throughout: at 96^3 a step of veloxseg_small costs about 3 CPU s here, of base 8 s.
 # Every run trains at its data's spacing fingerprint (the trainer's default), recorded in the tag.
-# PET/CT: modality dropout, so one tag segments PET/CT, PET alone or CT alone.
+# PET/CT: each variant has two lesion tags, one trained on PET/CT as it comes (the best on PET/CT) and one with
+# modality dropout (_anymod: it segments PET/CT, PET alone or CT alone, a little worse on PET/CT:
+# benchmarks/results/missing_modality-petct.md), with the same budget.
 # MNI152: cases synthesised from the template's tissue maps and SynthSeg-style domain randomisation, so the
 # tissue tags work on T1 brains of other sources.
-PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0 --modality-dropout 0.5"
+PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0"
+ANYMOD="$PETCT --modality-dropout 0.5"
 MNI152="--data $DATA/mni152 --roi 64 --checkpoint-every 100 --seed 0 --domain-randomisation"
 SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --roi 64 --checkpoint-every 100 --seed 0"
 
@@ -52,22 +55,27 @@ train)
     mkdir -p "$RUNS"
     {
         run veloxseg_small.petct --model veloxseg_small $PETCT --max-steps 1500 --val-every 500
+        run veloxseg_small.petct_anymod --model veloxseg_small $ANYMOD --max-steps 1500 --val-every 500
         run veloxseg_small.mni152 --model veloxseg_small $MNI152 --max-steps 4500 --val-every 1500
         run veloxseg_small.ssl --model veloxseg_small $SSL --max-steps 1500 --val-every 500
     } &
     {
         run veloxseg_tiny.ssl --model veloxseg_tiny $SSL --max-steps 600 --val-every 300
         run veloxseg_base.petct --model veloxseg_base $PETCT --max-steps 600 --val-every 300
+        run veloxseg_base.petct_anymod --model veloxseg_base $ANYMOD --max-steps 600 --val-every 300
         run veloxseg_base.ssl --model veloxseg_base $SSL --max-steps 500 --val-every 500
         run veloxseg_small_hr.petct --model veloxseg_small_hr $PETCT --max-steps 1200 --val-every 400
+        run veloxseg_small_hr.petct_anymod --model veloxseg_small_hr $ANYMOD --max-steps 1200 --val-every 400
         run veloxseg_small_hr.mni152 --model veloxseg_small_hr $MNI152 --max-steps 4500 --val-every 1500
         run veloxseg_small_hr.ssl --model veloxseg_small_hr $SSL --max-steps 1000 --val-every 500
         run veloxseg_tiny.petct --model veloxseg_tiny $PETCT --max-steps 2000 --val-every 500
+        run veloxseg_tiny.petct_anymod --model veloxseg_tiny $ANYMOD --max-steps 2000 --val-every 500
     } &
     wait
     ;;
 tags)
-    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone."
+    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape. It needs both: for PET or CT alone take the _anymod tag."
+    anymod="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone (on PET/CT the petct_lesions tag is more accurate)."
     mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on cases synthesised from the MNI152 2009a tissue maps (random tissue borders, intensities, blur, partial volume) with SynthSeg-style domain randomisation in training, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
     petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
@@ -76,6 +84,7 @@ tags)
     ssl_data=(--test-data "$DATA/colin27" --notice "$DATA/ssl/NOTICE.txt" --data-command "python examples/prepare_ssl_corpus.py $DATA/ssl --seed 0")
     for variant in veloxseg_tiny veloxseg_small veloxseg_base veloxseg_small_hr; do
         tag $variant.petct $variant.petct_lesions "$petct" "${petct_data[@]}"
+        tag $variant.petct_anymod $variant.petct_lesions_anymod "$anymod" "${petct_data[@]}"
         tag $variant.ssl $variant.ssl_generalist "$ssl" "${ssl_data[@]}"
     done
     for variant in veloxseg_small veloxseg_small_hr; do  # their Colin27 numbers once `heldout` has run

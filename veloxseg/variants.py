@@ -108,7 +108,13 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "4821ed13b019c8ab49d2b5c63750872c6dbb19893b3329687ff41d89836d85cf",
+            "config.json": "cb8cb99682d1244406ff6cafe0002f1ebf7f5d20ba6ec82b6c55a03384e38df8",
+            "model.safetensors": "5c9fee2a39a3e80c95b4b2d20228763a22e2958b36633786f616dd9a41305c52",
+        },
+    ),
+    "veloxseg_tiny.petct_lesions_anymod": dict(
+        sha256={
+            "config.json": "175588cd28ba622d9003a7106972a32b0f7770037b94069dcae0ccee264e0a26",
             "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
@@ -126,7 +132,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "f35990cd32915e681e249789a3c503f931ce0d87bc9acf3f31d1c5993617013d",
+            "config.json": "7c97faf274df5764fa991bd0eef6a5c04112506f41372f04bb8bf7b71fa0a7b5",
+            "model.safetensors": "57c68a37b95d00aef087003af613d152d545b621fc73ce26ba68116c445c629e",
+        },
+    ),
+    "veloxseg_small.petct_lesions_anymod": dict(
+        sha256={
+            "config.json": "a59f83ae2d7ac5b3ec14448f022ec584f199daf850c96d797f3efc52b5ca702d",
             "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
@@ -138,7 +150,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "7f155b96bb018e9be73b0a2be5fc7de81e9c38d30afa3d9a3949fde6180e6bb9",
+            "config.json": "9981d4bd76f3dfe1a660747efe5cd2b33fae6d54f2c6b5844823248c5c5213cf",
+            "model.safetensors": "7ec5368d28412615682621b952e64ee1e8cf9ac27628d36543c89fb8c6f9cf80",
+        },
+    ),
+    "veloxseg_base.petct_lesions_anymod": dict(
+        sha256={
+            "config.json": "c6333ed80ecb5c113c85a27708322b92b8c2f267ba144b6e863cdd7c18e3a1ea",
             "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
@@ -156,7 +174,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "da5850d59810c28ef3e140358d521ba957f5f3f37e1a05c3497db69df6a4c271",
+            "config.json": "8b53ccc309839b23efd700ee46dc9d32f071215a33089f1f3ed46e7b7b6c2da3",
+            "model.safetensors": "2c8d25b205e5728baeaf97f90528bca06204b0a7393f4227392ac902167275df",
+        },
+    ),
+    "veloxseg_small_hr.petct_lesions_anymod": dict(
+        sha256={
+            "config.json": "be9cfe99b5da5779fee3531af810bd8428aec933693ae52df988753823fc99a9",
             "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
