@@ -268,8 +268,9 @@ def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Pat
     recorded = json.loads((result.output_dir / "train_config.json").read_text())
     assert recorded["modality_dropout"] == 0.5 and recorded["modality_dropout_mode"] == "per-group"
     saved = json.loads((result.output_dir / "config.json").read_text())["pretrained_cfg"]["veloxseg"]
-    assert saved["modality_dropout"] == 0.5
-    assert "Modality dropout: 0.5 of the training patches" in (result.output_dir / "README.md").read_text()
+    assert saved["modality_dropout"] == 0.5 and saved["modality_dropout_mode"] == "per-group"
+    card = (result.output_dir / "README.md").read_text()
+    assert "Trained with modality dropout 0.5 (per-group): segments any non-empty subset of CT, PET" in card
     one_channel = tmp_path / "one"
     shutil.copytree(demo_data, one_channel)
     meta = json.loads((one_channel / "dataset.json").read_text())
