@@ -48,11 +48,10 @@ def train_step(
     some of their modality groups (never all), drawn with that probability the way ``modality_dropout_mode``
     says (:func:`veloxseg.modalities.random_modality_mask`); the losses still see the whole image, so the
     teachers of a dropped group (paper recipe) reconstruct it from the groups that remain; with
-    ``modality_consistency`` the loss adds that times :func:`modality_consistency_term` (as "consistency"). Under
-    gradient accumulation the optimiser and the schedule step only when ``accelerator.sync_gradients``
-    (the last batch of an accumulation). A step whose gradient norm is NaN or infinite (a NaN loss
-    included) leaves the weights as they were, as AMP's gradient scaler does; the caller decides how
-    many such steps it tolerates.
+    ``modality_consistency`` the loss adds that times :func:`modality_consistency_term` (as "consistency").
+    Under gradient accumulation the optimiser and the schedule step only when ``accelerator.sync_gradients``
+    (the last batch of an accumulation). A step whose gradient norm is NaN or infinite (a NaN loss included)
+    leaves the weights as they were, as AMP's gradient scaler does; the caller decides how many it tolerates.
     """
     image, label = plain(batch["image"]), plain(batch["label"])
     grad_norm = None
