@@ -66,6 +66,7 @@ from veloxseg.training import (
     build_optimizer,
     build_scheduler,
     class_names,
+    modality_dropout_at,
     resolve,
     train_step,
     training_metadata,
@@ -239,9 +240,11 @@ def train_setup(
     for batch in batches(train_loader, train_set, accelerator):
         synchronize(accelerator.device)
         step_start = time.thread_time()
+        progress = budget.spent() if budget else len(losses) / config.max_steps
         terms = train_step(
             model, batch, loss_fn, optimizer, scheduler, accelerator, max_grad_norm=config.max_grad_norm,
-            modality_dropout=config.modality_dropout, modality_dropout_mode=config.modality_dropout_mode,
+            modality_dropout=modality_dropout_at(config.modality_dropout, config.modality_dropout_warmup, progress),
+            modality_dropout_mode=config.modality_dropout_mode, modality_consistency=config.modality_consistency,
         )  # fmt: skip
         synchronize(accelerator.device)
         step_times.append(time.thread_time() - step_start)

@@ -19,10 +19,12 @@ cases. The model trainer's datasets have one modality group per channel, so a su
 subset of groups. Results: ``OUT.json`` and ``OUT.md`` after every training run. ``--methods`` runs some
 of the three; with ``--add`` their rows join those of OUT.json (made with the same settings; the rows of
 an arm run again are replaced), so that another modality dropout is measured without training (b) and (c)
-again:
+again; with ``--fill`` only the trainings whose rows OUT.json lacks are run (a run cut short, completed):
 
     python benchmarks/missing_modality.py --data DIR --minutes 2 --seed 0 1 2 --methods dropout \
         --modality-dropout-mode per-group --add --out results/missing_modality-DIR
+    python benchmarks/missing_modality.py --data DIR --minutes 2 --seed 0 1 2 --methods dedicated \
+        --fill --out results/missing_modality-DIR
 """
 
 import argparse
@@ -59,6 +61,7 @@ from veloxseg.modalities import MODALITY_DROPOUT_MODES
 from veloxseg.training import TrainConfig
 
 METHODS = ("dropout", "zero-filled", "dedicated")
+DROPOUT_EXTRAS = {"modality_dropout_warmup": "warm-up", "modality_consistency": "consistency"}  # TrainConfig: name
 SCORE_KEYS = ("dice", "dice_mean", "hd95_mm", "test_s")  # the keys of accuracy.scores
 
 
@@ -98,19 +101,30 @@ def subset_spec(spec: DatasetSpec, kept: tuple[int, ...]) -> DatasetSpec:
 
 class Results:
     """The rows of a benchmark run, written to ``out``.json and .md after each training; with ``add``, joined
-    to the rows of the arms (:func:`arm`) this run does not make, read from ``out``.json."""
+    to the rows of the arms (:func:`arm`) this run does not make, read from ``out``.json; with ``fill``, to
+    all its rows (this run makes only those it lacks: see :meth:`has`)."""
 
-    def __init__(self, out: Path | None, run: dict[str, Any], made: dict[str, Any], add: bool) -> None:
+    def __init__(self, out: Path | None, run: dict[str, Any], made: dict[str, Any], add: bool, fill: bool) -> None:
         self.out, self.run, self.made, self.start = out, run, made, time.perf_counter()
         self.rows: list[dict[str, Any]] = []
         self.earlier: dict[str, Any] = {"commands": [], "rows": []}
-        if add:
+        if add or fill:
             if out is None:
-                raise ValueError("add joins the rows of an earlier run: it needs out")
-            self.earlier = earlier_results(out, run, made["arms"])
+                raise ValueError("add and fill join the rows of an earlier run: they need out")
+            self.earlier = earlier_results(out, run, () if fill else made["arms"])
+        self.fill = fill
+
+    def has(self, column: str, seed: int, subset: list[str]) -> bool:
+        """Whether, with ``fill``, the earlier results hold the row of arm ``column``, ``seed`` and ``subset``
+        (its training is then skipped; without ``fill`` nothing is)."""
+        return self.fill and any(
+            (arm(r), r["seed"], r["subset"]) == (column, seed, subset) for r in self.earlier["rows"]
+        )
 
     def record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if self.fill:
+            self.made.setdefault("filled", []).append(f"{arm(row)} {'+'.join(row['subset'])} seed {row['seed']}")
         print(f"{arm(row)} seed {row['seed']} on {'+'.join(row['subset'])}: Dice {row['dice_mean']:.3f} "
               f"after {row['steps']} steps", flush=True)  # fmt: skip
 
@@ -123,10 +137,12 @@ class Results:
 
 
 def arm(row: dict[str, Any]) -> str:
-    """A row's column: its method, for (a) with its modality dropout ("dropout uniform 0.5")."""
+    """A row's column: its method, for (a) with its modality dropout ("dropout uniform 0.5", and the warm-up
+    and consistency weight when it has them: "dropout uniform 0.5 warm-up 0.3 consistency 1")."""
     if row["method"] != "dropout":
         return row["method"]
-    return f"dropout {row['modality_dropout_mode']} {row['modality_dropout']:g}"
+    extras = "".join(f" {name} {row[key]:g}" for key, name in DROPOUT_EXTRAS.items() if row.get(key))
+    return f"dropout {row['modality_dropout_mode']} {row['modality_dropout']:g}{extras}"
 
 
 def earlier_results(out: Path, run: dict[str, Any], arms: Sequence[str]) -> dict[str, Any]:
@@ -147,12 +163,14 @@ def earlier_results(out: Path, run: dict[str, Any], arms: Sequence[str]) -> dict
 def run_task(
     name: str, data: Path | None, dropout: float, seeds: list[int], minutes: float | None, steps: int | None,
     out: Path | None = None, command: str | None = None, roi: tuple[int, ...] | None = None,
-    mode: str = "uniform", methods: Sequence[str] = METHODS, add: bool = False, **settings: Any,
+    mode: str = "uniform", methods: Sequence[str] = METHODS, add: bool = False, fill: bool = False,
+    **settings: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Train and score ``methods`` of (a) (with modality dropout ``dropout`` drawn as ``mode``), (b) and (c)
     for each seed on the task ``data`` (None: the demo data); one row per method, subset and seed. ``roi``:
     the patch size (default 64^3); ``settings``: further ``TrainConfig`` fields. With ``out`` the results so
-    far are written after every training; with ``add`` joined to the other arms' rows in ``out``.json."""
+    far are written after every training; with ``add`` joined to the other arms' rows in ``out``.json; with
+    ``fill`` to all its rows, training only for the rows it lacks."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {list(methods)}")
@@ -163,8 +181,9 @@ def run_task(
     run = {**run_info(spec, base, minutes, command, seeds), "network": name}
     made = {key: run.pop(key) for key in ("command", "load_average_start")}
     dropout_row = {"method": "dropout", "modality_dropout": dropout, "modality_dropout_mode": mode}
+    dropout_row.update({key: settings[key] for key in DROPOUT_EXTRAS if settings.get(key)})
     made["arms"] = [arm(dropout_row) if m == "dropout" else m for m in METHODS if m in methods]
-    results = Results(out, run, made, add)
+    results = Results(out, run, made, add, fill)
     for seed in seeds:
         task = Task(name, spec, dataclasses.replace(base, seed=seed), minutes, results)
         if "dropout" in methods:
@@ -187,6 +206,8 @@ class Task:
 
     def dropout(self, row: dict[str, Any]) -> None:
         """(a): trained with ``row``'s modality dropout, scored on every subset."""
+        if all(self._has(arm(row), kept) for kept in self.subsets):
+            return
         trained, config = self._train(self.spec, row["modality_dropout"])
         for kept in self.subsets:
             self.results.record({**row, **self._score(trained, config, kept, OnSubset(trained.model, kept, False))})
@@ -194,21 +215,28 @@ class Task:
 
     def plain(self, zero_filled: bool, dedicated: bool) -> None:
         """The model trained without modality dropout: with ``zero_filled`` (b) on every subset, with
-        ``dedicated`` (c) on every channel (the same model, scored once)."""
+        ``dedicated`` (c) on every channel (the same model, scored once). Rows the results have are skipped."""
+        wanted = [("zero-filled", kept) for kept in self.subsets if zero_filled]
+        wanted += [("dedicated", self.subsets[0])] if dedicated else []
+        wanted = [(column, kept) for column, kept in wanted if not self._has(column, kept)]
+        if not wanted:
+            return
         trained, config = self._train(self.spec, 0.0)
-        subsets = self.subsets if zero_filled else self.subsets[:1]
-        scored = [self._score(trained, config, kept, OnSubset(trained.model, kept, True)) for kept in subsets]
-        for result in scored if zero_filled else []:
-            self.results.record({"method": "zero-filled", **result})
-        if dedicated:
-            self.results.record({"method": "dedicated", **scored[0]})
+        scored = {kept: self._score(trained, config, kept, OnSubset(trained.model, kept, True)) for _, kept in wanted}
+        for column, kept in wanted:
+            self.results.record({"method": column, **scored[kept]})
         self.results.write()
 
     def dedicated(self, kept: tuple[int, ...]) -> None:
         """(c): trained and scored on the channels ``kept`` alone."""
+        if self._has("dedicated", kept):
+            return
         trained, config = self._train(subset_spec(self.spec, kept), 0.0)
         self.results.record({"method": "dedicated", **self._score(trained, config, kept)})
         self.results.write()
+
+    def _has(self, column: str, kept: tuple[int, ...]) -> bool:
+        return self.results.has(column, self.base.seed, [self.spec.channel_names[i] for i in kept])
 
     def _train(self, spec: DatasetSpec, dropout: float) -> tuple[Trained, TrainConfig]:
         config = setup_config(self.name, dataclasses.replace(self.base, modality_dropout=dropout))
@@ -244,7 +272,8 @@ def markdown(results: dict[str, Any]) -> str:
     classes = list(rows[0]["dice"])
     commands = table_lines(
         ["arms", "command", "load average start - end", "wall time"],
-        [[", ".join(c["arms"]), f"`{c['command'] or '(not run from the command line)'}`",
+        [[", ".join(c["arms"]) + (f" (refilled: {', '.join(c['filled'])})" if c.get("filled") else ""),
+          f"`{c['command'] or '(not run from the command line)'}`",
           f"{c['load_average_start']:.1f} - {c['load_average_end']:.1f}", f"{c['wall_min']:.0f} min"]
          for c in results["commands"]],
     )  # fmt: skip
@@ -299,8 +328,13 @@ def main() -> None:
     parser.add_argument("--modality-dropout", type=float, default=0.5, help="(a)'s P (default %(default)s)")
     parser.add_argument("--modality-dropout-mode", default="uniform", choices=MODALITY_DROPOUT_MODES,
                         help="how (a)'s groups are dropped, the trainer's flag (default %(default)s)")  # fmt: skip
+    parser.add_argument("--modality-dropout-warmup", type=float, default=0.0,
+                        help="(a)'s share of the budget on every group first, the trainer's flag")
+    parser.add_argument("--modality-consistency", type=float, default=0.0,
+                        help="(a)'s self-distillation weight, the trainer's flag (default %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="arms run (default: all)")
     parser.add_argument("--add", action="store_true", help="join the rows of OUT.json (other arms, same settings)")
+    parser.add_argument("--fill", action="store_true", help="join all rows of OUT.json, train only those it lacks")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], dest="seeds", help="seeds (default: 0)")
     parser.add_argument("--out", type=Path, help="output path without suffix (default: results/missing_modality-DATA)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
@@ -310,7 +344,8 @@ def main() -> None:
         out = args.out or HERE / "results" / f"missing_modality-{'demo' if data is None else data.name}"
         run_task(
             args.model, data, args.modality_dropout, args.seeds, args.minutes, args.steps, out, command,
-            mode=args.modality_dropout_mode, methods=args.methods, add=args.add, cpu=args.cpu,
+            mode=args.modality_dropout_mode, methods=args.methods, add=args.add, fill=args.fill, cpu=args.cpu,
+            modality_dropout_warmup=args.modality_dropout_warmup, modality_consistency=args.modality_consistency,
         )  # fmt: skip
 
 

@@ -57,6 +57,29 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
         missing_modality.run_task("veloxseg_tiny", data, 0.5, [0], None, 2, methods=["dedicate"])
 
 
+def test_fill_trains_only_the_missing_rows(missing_modality, tmp_path: Path) -> None:
+    from veloxseg.data.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "demo", num_train=4, num_test=1, shape=(32, 32, 32))
+    out = tmp_path / "missing"
+    settings = {"roi": (64, 32, 32), "cpu": True, "methods": ["zero-filled", "dedicated"]}
+    rows = missing_modality.run_task("veloxseg_tiny", data, 0.5, [0], None, 2, out=out, command="first", **settings)
+    saved_path = out.with_name("missing.json")
+    saved = json.loads(saved_path.read_text())
+    cut = [r for r in saved["rows"] if (r["method"], r["subset"]) != ("dedicated", ["PET"])]
+    saved_path.write_text(json.dumps({**saved, "rows": cut}))  # a run cut short before its last training
+
+    settings["methods"] = ["dedicated"]
+    fill = {"out": out, "command": "fill", "fill": True, **settings}
+    filled = missing_modality.run_task("veloxseg_tiny", data, 0.5, [0], None, 2, **fill)
+    assert [(r["method"], r["subset"]) for r in filled] == [("dedicated", ["PET"])]  # nothing else trained
+    saved = json.loads(saved_path.read_text())
+    assert saved["rows"] == cut + filled and len(saved["rows"]) == len(rows)
+    assert [c["command"] for c in saved["commands"]] == ["first", "fill"]
+    assert "dedicated (refilled: dedicated PET seed 0) | `fill`" in out.with_name("missing.md").read_text()
+    assert missing_modality.run_task("veloxseg_tiny", data, 0.5, [0], None, 2, **fill) == []
+
+
 def test_zero_filling_and_leaving_out(missing_modality) -> None:
     import veloxseg
 

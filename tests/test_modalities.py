@@ -156,3 +156,26 @@ def test_per_group_modality_dropout_drops_each_group_on_its_own_coin():
     assert random_modality_mask(50, 4, 0.0, generator, mode="per-group").all()
     with pytest.raises(ValueError, match="mode must be one of .*'uniform', 'per-group'.*got 'per_group'"):
         random_modality_mask(2, 3, 0.5, mode="per_group")
+
+
+def test_modality_dropout_travels_in_the_metadata_and_on_the_card(model):
+    """P and mode in the metadata, on the card with the groups; a file without the mode (older) still loads
+    and says so; a file without modality dropout says nothing of subsets."""
+    from veloxseg.card import model_card
+
+    metadata = veloxseg.metadata.model_metadata(model)
+    assert metadata.modality_dropout_mode == "" and metadata.subset_training() == ""  # older file: none recorded
+    assert "Trained with modality dropout" not in str(model_card(model, metadata, "veloxseg_tiny"))
+    grouped = ModelMetadata.from_dict(
+        {**metadata.to_dict(), "modality_dropout": 0.5, "modality_dropout_mode": "per-group"}
+    )
+    assert ModelMetadata.from_dict(grouped.to_dict()) == grouped
+    card = str(model_card(model, grouped, "veloxseg_tiny"))
+    assert "Trained with modality dropout 0.5 (per-group): segments any non-empty subset of T1, T2, FLAIR" in card
+    assert "Per-group: each modality group" in card
+    older = ModelMetadata.from_dict({**metadata.to_dict(), "modality_dropout": 0.5})
+    assert "Trained with modality dropout 0.5 (mode not recorded): segments" in str(model_card(model, older, "x"))
+    with pytest.raises(ValueError, match="modality_dropout_mode must be one of .* got 'per_group'"):
+        ModelMetadata.from_dict({**metadata.to_dict(), "modality_dropout_mode": "per_group"})
+    with pytest.raises(ValueError, match="modality_dropout must be a share in \\[0, 1\\], got 2"):
+        ModelMetadata.from_dict({**metadata.to_dict(), "modality_dropout": 2})

@@ -1,6 +1,7 @@
 """Whole-scan inference on nibabel's real test scans (oblique and anisotropic affines): geometry kept,
 mapping back follows the anatomy, CLI == Python API, and every bad input rejected with nothing written."""
 
+import dataclasses
 from pathlib import Path
 
 import nibabel as nib
@@ -222,8 +223,20 @@ def test_a_case_with_some_channels_runs_on_their_groups(model, model_dir, case_f
     for inputs, output in cases:
         command = ["predict", "--model", f"local-dir:{model_dir}", "-i", str(inputs), "-o", str(output), "--overwrite"]
         assert main(command) == 0
-        assert "scan: segmented from T2 only" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "scan: segmented from T2 only" in err and "the model was not trained on subsets" in err
         assert np.array_equal(labels_of(out / "scan.nii.gz"), np.asarray(expected.dataobj))
+
+
+def test_a_model_trained_on_subsets_is_said_so_and_not_warned_about(case_files, recwarn):
+    """The metadata's modality dropout decides: no warning on a subset, and the CLI's line names it."""
+    trained = dataclasses.replace(metadata(), modality_dropout=0.5, modality_dropout_mode="uniform")
+    predict(tiny_model(trained), [case_files[1]])
+    assert not [w for w in recwarn if "modality dropout" in str(w.message)]
+    assert veloxseg.predict._subset_note(trained, [1]) == (
+        "segmented from T2 only (the other modality groups are missing; the model was trained with modality "
+        "dropout 0.5 (uniform))"
+    )
 
 
 def test_a_file_that_names_no_channel_is_refused(model, case_files):

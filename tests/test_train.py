@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 import veloxseg
 import veloxseg.hub
 import veloxseg.training.data
+import veloxseg.training.loop
 from veloxseg.data import DatasetError, make_demo_dataset
 from veloxseg.losses import VeloxSegLoss
 from veloxseg.model import VeloxSegOutput
@@ -32,13 +35,14 @@ from veloxseg.training import (
     build_model,
     build_optimizer,
     build_scheduler,
+    modality_dropout_at,
     resolve,
     scaled_windows,
     train,
     train_step,
 )
 from veloxseg.training.checkpoints import TRAINER_STATE, latest_checkpoint
-from veloxseg.training.step import mask_random_patches
+from veloxseg.training.step import mask_random_patches, modality_consistency_term
 
 from .conftest import SMALL_ROI
 
@@ -260,6 +264,60 @@ def test_train_step_drops_modality_groups_per_sample() -> None:
     assert seen[-1] is None  # without the flag: the plain network (no mask passed)
 
 
+def test_modality_consistency_distils_the_full_view_into_the_dropped_ones() -> None:
+    """The consistency term: 0 without a dropped sample, > 0 with one, and its gradient reaches the model
+    through the dropped view only (the full view is a teacher without gradient); train_step adds it."""
+    torch.manual_seed(0)
+    no_dropout = dict(attn_drop=0.0, proj_drop=0.0, conv_drop=0.0, drop_path_rate=0.0)
+    model = veloxseg.create_model("veloxseg_tiny", group_channels=[1, 1], **no_dropout, **SMALL_ROI).train()
+    x = torch.randn(2, 2, 64, 64, 64)
+    mask = torch.tensor([[True, True], [True, False]])
+    logits = model(x, present=mask).logits[0]
+    assert modality_consistency_term(model, x, logits, torch.ones(2, 2, dtype=torch.bool)) == 0
+    term = modality_consistency_term(model, x, logits, mask)
+    assert term > 0 and term.requires_grad
+    (grad,) = torch.autograd.grad(term, logits)
+    assert grad[0].abs().sum() == 0 and grad[1].abs().sum() > 0  # only the sample that lost a group
+    teacher = model(x[1:]).logits[0].log_softmax(1)
+    expected = (teacher.exp() * (teacher - logits[1:].log_softmax(1))).sum(1).mean()
+    torch.testing.assert_close(term, expected)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, total_iters=4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {"image": x, "label": (torch.rand(2, 1, 64, 64, 64) > 0.9).float()}
+    step = dict(modality_dropout=1.0, modality_consistency=2.0)
+    seg_only = VeloxSegLoss(rc_weight=0.0, sdkt_weight=0.0)
+    terms = train_step(model, batch, seg_only, optimizer, scheduler, accelerator, **step)
+    torch.testing.assert_close(terms["loss"], terms["seg"] + 2.0 * terms["consistency"])
+    assert terms["consistency"] > 0
+    assert "consistency" not in train_step(model, batch, VeloxSegLoss(), optimizer, scheduler, accelerator)
+
+
+def test_modality_dropout_starts_after_its_warmup(demo_data: Path, tmp_path: Path) -> None:
+    """--modality-dropout-warmup: the first share of the steps trains on every group, the rest with dropout."""
+    assert [modality_dropout_at(0.5, 0.25, p) for p in (0.0, 0.2, 0.25, 0.9)] == [0.0, 0.0, 0.5, 0.5]
+    assert modality_dropout_at(0.5, 0.0, 0.0) == 0.5
+    seen = []
+    original = veloxseg.training.loop.train_step
+
+    def spy(*args: Any) -> dict[str, torch.Tensor]:
+        seen.append(args[9])  # modality_dropout
+        return original(*args)
+
+    with mock.patch.object(veloxseg.training.loop, "train_step", spy):
+        run(
+            data=str(demo_data), output_dir=str(tmp_path / "warm"), max_steps=4, modality_dropout=0.5,
+            modality_dropout_warmup=0.5, modality_consistency=1.0,
+        )  # fmt: skip
+    assert seen == [0.0, 0.0, 0.5, 0.5]
+    recorded = json.loads((tmp_path / "warm" / "train_config.json").read_text())
+    assert recorded["modality_dropout_warmup"] == 0.5 and recorded["modality_consistency"] == 1.0
+
+
 def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Path, tmp_path: Path) -> None:
     result = run(
         data=str(demo_data), output_dir=str(tmp_path / "anymod"), max_steps=2, modality_dropout=0.5,
@@ -268,8 +326,9 @@ def test_modality_dropout_is_recorded_and_refused_for_one_channel(demo_data: Pat
     recorded = json.loads((result.output_dir / "train_config.json").read_text())
     assert recorded["modality_dropout"] == 0.5 and recorded["modality_dropout_mode"] == "per-group"
     saved = json.loads((result.output_dir / "config.json").read_text())["pretrained_cfg"]["veloxseg"]
-    assert saved["modality_dropout"] == 0.5
-    assert "Modality dropout: 0.5 of the training patches" in (result.output_dir / "README.md").read_text()
+    assert saved["modality_dropout"] == 0.5 and saved["modality_dropout_mode"] == "per-group"
+    card = (result.output_dir / "README.md").read_text()
+    assert "Trained with modality dropout 0.5 (per-group): segments any non-empty subset of CT, PET" in card
     one_channel = tmp_path / "one"
     shutil.copytree(demo_data, one_channel)
     meta = json.loads((one_channel / "dataset.json").read_text())
@@ -574,6 +633,8 @@ def test_bad_datasets_are_rejected_before_training(demo_data: Path, tmp_path: Pa
         (dict(hf_dataset="some/dataset", data="some/folder"), "not both"),
         (dict(modality_dropout=1.5), r"modality_dropout must be in \[0, 1\]"),
         (dict(modality_dropout_mode="per_group"), "modality_dropout_mode 'per_group'; use one of uniform, per-group"),
+        (dict(modality_dropout_warmup=1.0), r"modality_dropout_warmup must be in \[0, 1\), got 1.0"),
+        (dict(modality_consistency=-1.0), "modality_consistency must be >= 0, got -1.0"),
     ],
 )
 def test_bad_settings_are_rejected(tmp_path: Path, settings: dict, message: str) -> None:

@@ -168,6 +168,22 @@ def _labels_in_order(metadata: ModelMetadata) -> list[tuple[str, int]]:
     return sorted(metadata.labels.items(), key=lambda kv: kv[1])
 
 
+MODALITY_DROPOUT_MEANINGS = {
+    "uniform": "Uniform: that share of the training patches lost one of the non-empty proper subsets of the "
+    "modality groups, each equally likely.",
+    "per-group": "Per-group: each modality group of each training patch was lost on its own coin of that "
+    "probability (a patch left with none kept one).",
+}
+
+
+def _group_names(metadata: ModelMetadata) -> str:
+    """The modality groups, comma-separated, each named by its channels ("T1w+T2w" for a two-channel group)."""
+    groups: dict[int, list[str]] = {}
+    for channel in metadata.channels:
+        groups.setdefault(channel.group, []).append(channel.name)
+    return ", ".join("+".join(names) for names in groups.values())
+
+
 def _channel_names(metadata: ModelMetadata) -> str:
     """The input channels' names, comma-separated, in input order."""
     return ", ".join(c.name for c in metadata.channels)
@@ -221,11 +237,12 @@ def _preprocessing_fields(metadata: ModelMetadata) -> dict[str, str]:
 
 def _training_fields(metadata: ModelMetadata) -> dict[str, str]:
     """The Training section's fields: data, base model, datasets, modality dropout and command."""
+    trained = metadata.subset_training()
     subsets = (
-        f"\n\nModality dropout: {metadata.modality_dropout:g} of the training patches lost a random subset of their "
-        f"modality groups, so the model segments from any non-empty subset of {_channel_names(metadata)}: "
-        f"`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files."
-        if metadata.modality_dropout
+        f"\n\nTrained with {trained}: segments any non-empty subset of {_group_names(metadata)} "
+        f"(`model(x, present=[...])`, or `veloxseg predict` with only some of the channel files). "
+        f"{MODALITY_DROPOUT_MEANINGS.get(metadata.modality_dropout_mode, '')}".rstrip()
+        if trained
         else ""
     )
     return {

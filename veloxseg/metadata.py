@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import json_ready
+from .modalities import MODALITY_DROPOUT_MODES
 
 NORMALISATIONS = ("ct", "zscore", "foreground_zscore", "none")
 AXIS_CODES = ("LR", "PA", "IS")  # one letter of each pair, in any order: "RAS", "LPS", ...
@@ -74,9 +75,11 @@ class ModelMetadata:
     metrics: dict[str, float] = field(default_factory=dict)  # name -> value on the held-out data
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids or dataset names (model card)
     training_command: str = ""  # the command that trained the weights (model card)
-    # share of training patches that lost a random subset of their modality groups (--modality-dropout);
-    # such a model was trained to run on any subset: model(x, present=[...])
+    # share of training patches that lost a random subset of their modality groups (--modality-dropout) and how
+    # the groups lost were drawn (--modality-dropout-mode; "": not recorded, files written before it was); a
+    # model with modality_dropout > 0 was trained to run on any subset: model(x, present=[...])
     modality_dropout: float = 0.0
+    modality_dropout_mode: str = ""
     # Provenance (veloxseg.provenance): the weights these were fine-tuned from, the notice their data asks to keep
     # with every copy (written as NOTICE beside the weights), and the cases each split's metrics cover.
     base_model: str = ""  # Hub repo id ("veloxseg/veloxseg_small.mni152_tissue") or "local-dir:PATH"; "": none
@@ -85,7 +88,7 @@ class ModelMetadata:
     publication: dict[str, Any] = field(default_factory=dict)  # a published tag's facts (provenance.Publication)
 
     def __post_init__(self) -> None:
-        """Raise ValueError naming the field when spacing or orientation cannot be applied to a scan."""
+        """Raise ValueError naming the field when spacing, orientation or modality dropout make no sense."""
         if self.spacing is not None:
             self.spacing = check_spacing(self.spacing, "metadata spacing")
         codes = self.orientation if isinstance(self.orientation, str) else ""
@@ -95,6 +98,21 @@ class ModelMetadata:
                 f"metadata orientation must be three axis codes, one of each of L/R, P/A, I/S (e.g. 'RAS'), "
                 f"got {self.orientation!r}"
             )
+        if not (_is_number(self.modality_dropout) and 0 <= self.modality_dropout <= 1):
+            raise ValueError(f"metadata modality_dropout must be a share in [0, 1], got {self.modality_dropout!r}")
+        if self.modality_dropout_mode not in ("", *MODALITY_DROPOUT_MODES):
+            raise ValueError(
+                f"metadata modality_dropout_mode must be one of {MODALITY_DROPOUT_MODES} (or '': not recorded), "
+                f"got {self.modality_dropout_mode!r}"
+            )
+
+    def subset_training(self) -> str:
+        """How the model learnt to run on a subset of its modality groups: "modality dropout 0.5 (uniform)"
+        ("(mode not recorded)" for files without the mode); "" when it was not trained on subsets (or the
+        file does not say: the same for metadata written before modality dropout existed)."""
+        if not self.modality_dropout:
+            return ""
+        return f"modality dropout {self.modality_dropout:g} ({self.modality_dropout_mode or 'mode not recorded'})"
 
     def to_dict(self) -> dict[str, Any]:
         return json_ready(asdict(self))

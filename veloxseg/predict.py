@@ -189,7 +189,8 @@ def mirrored(
 
 
 def _check_present(model: SegModel, present: Sequence[int] | None) -> None:
-    """Refuse a subset of groups for a compiled model; warn when the model never trained on subsets."""
+    """Refuse a subset of groups for a compiled model; warn when the model never trained on subsets (its
+    metadata records no modality dropout: :meth:`ModelMetadata.subset_training`)."""
     if present is None:
         return
     if isinstance(model, OptimizedVeloxSeg):
@@ -197,11 +198,20 @@ def _check_present(model: SegModel, present: Sequence[int] | None) -> None:
             "an optimized (compiled) model runs every modality group: segment a case with only some of them "
             "with the model itself (without --optimize)"
         )
-    if not model_metadata(model).modality_dropout:
+    if not model_metadata(model).subset_training():
         warnings.warn(
             "this model was trained without modality dropout: on a subset of its modality groups expect lower "
             "accuracy than on all (train with --modality-dropout for a model that expects missing groups)"
         )
+
+
+def _subset_note(metadata: ModelMetadata, groups: Sequence[int]) -> str:
+    """What ``veloxseg predict`` says of a case with only the modality ``groups``: the channels it segments
+    from, and whether the model was trained for that (with modality dropout)."""
+    used = ", ".join(c.name for c in present_metadata(metadata, groups).channels)
+    trained = metadata.subset_training()
+    how = f"trained with {trained}" if trained else "not trained on subsets: expect lower accuracy than on all"
+    return f"segmented from {used} only (the other modality groups are missing; the model was {how})"
 
 
 def present_metadata(metadata: ModelMetadata, present: Sequence[int] | None) -> ModelMetadata:
@@ -434,8 +444,7 @@ def run_predict(args: argparse.Namespace) -> int:
         model = optimize(model, batch_size=args.sw_batch_size)
     for case, (files, groups) in tqdm(present.items(), desc="predict", unit="case", disable=len(cases) == 1):
         if groups is not None:
-            used = ", ".join(c.name for c in present_metadata(model_metadata(model), groups).channels)
-            print(f"{case}: segmented from {used} only (the other modality groups are missing)", file=sys.stderr)
+            print(f"{case}: {_subset_note(model_metadata(model), groups)}", file=sys.stderr)
         predict(
             model, files, targets[case], overlap=args.overlap, sw_batch_size=args.sw_batch_size, device=device,
             save_probabilities=args.save_probabilities, overwrite=args.overwrite,

@@ -17,7 +17,7 @@ The parts, in the order ``train()`` (:mod:`.loop`) uses them:
 * :mod:`.recipe`: the ``default`` and ``paper`` recipes (loss weights, deep supervision, dropout, lr);
 * :mod:`.data`: the dataset, its metadata (the preprocessing saved with the model), datasets, loaders;
 * :mod:`.build`: Accelerator, model, optimiser and learning-rate schedule;
-* :mod:`.step`: :func:`train_step`, one forward, loss, backward and optimiser step;
+* :mod:`.step`: :func:`train_step`, one forward, loss, backward and optimiser step (and the modality dropout of a step);
 * :mod:`.validate`: Dice and HD95 on whole validation volumes;
 * :mod:`.checkpoints`: crash-safe checkpoints, resuming, the saved models;
 * :mod:`.metrics`: ``metrics.jsonl`` and the plots.
@@ -46,7 +46,7 @@ from .data import (
 )
 from .loop import TrainResult, train
 from .recipe import RECIPES, Recipe
-from .step import train_step
+from .step import modality_dropout_at, train_step
 from .validate import validate
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "build_scheduler",
     "class_names",
     "config_from_args",
+    "modality_dropout_at",
     "prepare_dataset",
     "resolve",
     "scaled_windows",

@@ -156,6 +156,16 @@ class TrainConfig:
         "left with none keeps one at random)",
         choices=MODALITY_DROPOUT_MODES,
     )
+    modality_dropout_warmup: float = option(
+        0.0,
+        "share of the training (of its steps, or of a CPU budget) run on every modality group before "
+        "--modality-dropout starts (e.g. 0.3)",
+    )
+    modality_consistency: float = option(
+        0.0,
+        "with --modality-dropout, weight of a self-distillation term: the KL divergence from the model's own "
+        "prediction on every group (a teacher without gradient) to its prediction on the patch's subset (e.g. 1.0)",
+    )
     license: str | None = option(
         None,
         "the trained model's license, a Hub license id (e.g. apache-2.0, cc-by-4.0); default: other (the terms of "
@@ -326,8 +336,8 @@ def _check_head(config: TrainConfig, new_model: bool, seg: float) -> None:
 
 
 def _check_regularisation_and_precision(config: TrainConfig) -> None:
-    """Raise ValueError for a modality dropout or mask ratio out of range, an unknown modality dropout mode, or
-    an unusable mixed precision."""
+    """Raise ValueError for a modality dropout, its warm-up or consistency weight or a mask ratio out of range,
+    an unknown modality dropout mode, or an unusable mixed precision."""
     if not 0.0 <= config.modality_dropout <= 1.0:
         raise ValueError(f"modality_dropout must be in [0, 1], got {config.modality_dropout}")
     if config.modality_dropout_mode not in MODALITY_DROPOUT_MODES:
@@ -335,6 +345,10 @@ def _check_regularisation_and_precision(config: TrainConfig) -> None:
             f"unknown modality_dropout_mode {config.modality_dropout_mode!r}; "
             f"use one of {', '.join(MODALITY_DROPOUT_MODES)}"
         )
+    if not 0.0 <= config.modality_dropout_warmup < 1.0:
+        raise ValueError(f"modality_dropout_warmup must be in [0, 1), got {config.modality_dropout_warmup}")
+    if config.modality_consistency < 0.0:
+        raise ValueError(f"modality_consistency must be >= 0, got {config.modality_consistency}")
     if not 0.0 <= config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {config.mask_ratio}")
     if config.mixed_precision not in (None, "no", "bf16", "fp16"):

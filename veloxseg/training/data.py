@@ -145,6 +145,7 @@ def training_metadata(config: TrainConfig, spec: DatasetSpec, num_train: int, nu
         datasets=[name],
         training_command=config.command,
         modality_dropout=config.modality_dropout,
+        modality_dropout_mode=config.modality_dropout_mode if config.modality_dropout else "",
     )
 
 

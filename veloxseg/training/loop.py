@@ -35,7 +35,7 @@ from .data import (
 )
 from .metrics import MetricsLog, TrainingMeter, plot_curves, plot_validation_slice
 from .run_folder import TRAIN_CONFIG, check_resume, check_run_paths, run_lock
-from .step import train_step
+from .step import modality_dropout_at, train_step
 from .validate import validate
 
 
@@ -164,9 +164,12 @@ def _training_loop(run: _Run) -> None:
         run.train_loader, run.train_set, accelerator, run.state["step"], config.grad_accum
     )
     for batch in remaining:
+        dropout = modality_dropout_at(
+            config.modality_dropout, config.modality_dropout_warmup, run.state["step"] / run.total_steps
+        )
         terms = train_step(
             run.model, batch, run.loss_fn, run.optimizer, run.scheduler, accelerator, config.mask_ratio,
-            config.mask_patch, config.max_grad_norm, config.modality_dropout, config.modality_dropout_mode,
+            config.mask_patch, config.max_grad_norm, dropout, config.modality_dropout_mode, config.modality_consistency,
         )  # fmt: skip
         grad_norm = terms.pop("grad_norm", None)
         meter.add(terms, batch["image"].shape[0] * accelerator.num_processes, config.grad_accum)
