@@ -359,3 +359,17 @@ def test_tta_runs_every_mirror_in_cli_and_api(model, model_dir, case_files, tmp_
     assert api.shape == plain.shape == nib.load(out).shape
     with pytest.raises(ValueError, match="mirror_axes"):
         predict(model, case_files, mirror_axes=(1, 5))
+
+
+def test_a_published_tag_without_dropout_names_its_anymod_twin(model, case_files, monkeypatch):
+    from veloxseg.variants import PUBLISHED
+
+    twins = [name.removesuffix("_anymod") for name in PUBLISHED if name.endswith("_anymod")]
+    assert twins and all(twin in PUBLISHED for twin in twins)  # every _anymod tag has its full-modality twin
+    architecture, tag = twins[0].split(".")
+    monkeypatch.setattr(model, "pretrained_cfg", {"architecture": architecture, "tag": tag}, raising=False)
+    with pytest.warns(UserWarning, match=f"the tag {twins[0]}_anymod was trained for them"):
+        predict(model, [case_files[1]])
+    monkeypatch.setattr(model, "pretrained_cfg", {"architecture": architecture, "tag": "ssl_generalist"})
+    with pytest.warns(UserWarning, match="train with --modality-dropout"):
+        predict(model, [case_files[1]])

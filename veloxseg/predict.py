@@ -45,6 +45,7 @@ from .modalities import channel_of_file, groups_of_channels
 from .model import VeloxSeg
 from .nifti import NIFTI_SUFFIXES, READ_ERRORS, nifti_stem, nonfinite_problem, nonfinite_voxels
 from .optimize import OptimizedVeloxSeg, optimize
+from .variants import PUBLISHED
 
 ImageInput = str | os.PathLike | nib.spatialimages.SpatialImage
 CaseInput = ImageInput | Sequence[ImageInput] | dict[str | int, ImageInput]
@@ -201,8 +202,17 @@ def _check_present(model: SegModel, present: Sequence[int] | None) -> None:
     if not model_metadata(model).subset_training():
         warnings.warn(
             "this model was trained without modality dropout: on a subset of its modality groups expect lower "
-            "accuracy than on all (train with --modality-dropout for a model that expects missing groups)"
+            f"accuracy than on all ({_subset_model_advice(model)})"
         )
+
+
+def _subset_model_advice(model: SegModel) -> str:
+    """Where a model for missing modality groups is: a published tag's ``_anymod`` twin, else the trainer."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    twin = f"{cfg.get('architecture')}.{cfg.get('tag')}_anymod"
+    if twin in PUBLISHED:
+        return f"the tag {twin} was trained for them: create_model({twin!r}, pretrained=True)"
+    return "train with --modality-dropout for a model that expects missing groups"
 
 
 def _subset_note(metadata: ModelMetadata, groups: Sequence[int]) -> str:

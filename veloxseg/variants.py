@@ -108,85 +108,85 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "cb8cb99682d1244406ff6cafe0002f1ebf7f5d20ba6ec82b6c55a03384e38df8",
+            "config.json": "1eeb90d65d595272e048923af91160c50152fef6d1d27bbcf54f9ea46a72bd70",
             "model.safetensors": "5c9fee2a39a3e80c95b4b2d20228763a22e2958b36633786f616dd9a41305c52",
         },
     ),
     "veloxseg_tiny.petct_lesions_anymod": dict(
         sha256={
-            "config.json": "175588cd28ba622d9003a7106972a32b0f7770037b94069dcae0ccee264e0a26",
+            "config.json": "78ab713415ccb89932bbe8f3be31508dc0a165b5600a5f008ae8a2c16d2fcc67",
             "model.safetensors": "8ee96c132d727e761aaaa84ad92312e1bcf846b53ef299d62d44b3fb6c1c51d0",
         },
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "d71d13444224b502a541db9ae5dd085e9d2690254603a57030d23441d6a1d839",
+            "config.json": "5b8393a46451f4d1cc89cb8c6f6d546ac7dc4d67b1912fb58b538913aca9e960",
             "model.safetensors": "d6bfeb364cb1051d02ff7490e73c67758e7bbbb878d7755afef076ddb8c46688",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "f1a0ddb3002bf74f77d07fbca3cf0d4862fe1a5086d2dd3faa2730cc21ffa3a3",
+            "config.json": "e921bdb82b50cc122349cb2b158f12e80212902348000d514a3f4faf9c666844",
             "model.safetensors": "3cae9d5d3c80c5db5e404277fbfc208a24a91ecd6414f9ff55f16f8f76f1c3ae",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "7c97faf274df5764fa991bd0eef6a5c04112506f41372f04bb8bf7b71fa0a7b5",
+            "config.json": "6ff39c3af6758e870944bfdb56afc7516520f8a060914481e838ed64a3ff096d",
             "model.safetensors": "57c68a37b95d00aef087003af613d152d545b621fc73ce26ba68116c445c629e",
         },
     ),
     "veloxseg_small.petct_lesions_anymod": dict(
         sha256={
-            "config.json": "a59f83ae2d7ac5b3ec14448f022ec584f199daf850c96d797f3efc52b5ca702d",
+            "config.json": "c6d98d5e36e4aba7628fb3ddb34be64187ace3f465965e488dd9be6bc3b63f23",
             "model.safetensors": "5af099bc120a3fdbab9c30740aa6c80b9292ea3be5639d673a360293440bd08a",
         },
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "190441295459ae0f65384a49d2f54644ad43e4925dc0947d8b77e927e59af63d",
+            "config.json": "501a8d41a1e66dfd76734a02aa87c7709d62b41aff682855ea1721e26f6b8cfa",
             "model.safetensors": "b579f55805dd2d08fa5dfe230964badbd0088ffc590d7cc1b1005aec158d089d",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "9981d4bd76f3dfe1a660747efe5cd2b33fae6d54f2c6b5844823248c5c5213cf",
+            "config.json": "76f145f86c03c41b892d410f127446e974ed50d3c6544b37dba92169d7714661",
             "model.safetensors": "7ec5368d28412615682621b952e64ee1e8cf9ac27628d36543c89fb8c6f9cf80",
         },
     ),
     "veloxseg_base.petct_lesions_anymod": dict(
         sha256={
-            "config.json": "c6333ed80ecb5c113c85a27708322b92b8c2f267ba144b6e863cdd7c18e3a1ea",
+            "config.json": "aff674af1dbc524cd409d42536ca413dd347407403757b10cbec362146a1738a",
             "model.safetensors": "d3ec238ed802e3879d3c10a1036fb389f1019401073508beeeab7e76ca06e889",
         },
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "6480cac662e29b0edb82668933b7191755f31abccd60f1b3147d01c5f99f736e",
+            "config.json": "df9e6efdb477c0a0e3b390b8334ad89cec8ded8fd85de6efcbb8542e150895d1",
             "model.safetensors": "7449950de615389b801ea206f0109c216cead6b96e6ed54ed5fdc74e34437028",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "c109ce04436b51b6eadbc330559be8f70d419e19619c588b2b6625923b59211a",
+            "config.json": "df7a5da5e30e5dcb288327f50b9862f39aa0ddc61ef8801173ad794a638bc1c9",
             "model.safetensors": "c5b40741cd92e63a88dfea7e03e36393e1ecd27dbf8a4bad6867ed54caf0d77f",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "8b53ccc309839b23efd700ee46dc9d32f071215a33089f1f3ed46e7b7b6c2da3",
+            "config.json": "0a54b889f29501e0a97113bd78c74ccfeb940a06fb752bee2fd4a3c7b2b8106b",
             "model.safetensors": "2c8d25b205e5728baeaf97f90528bca06204b0a7393f4227392ac902167275df",
         },
     ),
     "veloxseg_small_hr.petct_lesions_anymod": dict(
         sha256={
-            "config.json": "be9cfe99b5da5779fee3531af810bd8428aec933693ae52df988753823fc99a9",
+            "config.json": "77a51d129adbb52482839a0b1e7965275cb660239dc7984f1f069a46fafc8b72",
             "model.safetensors": "2dc74b575766704b3758f307d63c97a87840bfa59d2184399179c579ea2c5c24",
         },
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "84022dcda49d280906033919be9a43f27225e7ab2b900bafe44c661f1c904ecf",
+            "config.json": "998f785c2bb9134141b8add1a3e17279ee588ff369dd8e34ccc530bf3f3ef48f",
             "model.safetensors": "9522a49eaf64524d31c109be207da82b2e56ee05197e6ee1fed7fcd510e4a4d1",
         },
     ),
