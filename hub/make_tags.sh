@@ -74,7 +74,7 @@ train)
     wait
     ;;
 tags)
-    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape. It needs both: for PET or CT alone take the _anymod tag."
+    petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape. It needs both: for PET or CT alone use its twin trained with modality dropout, petct_lesions_anymod."
     anymod="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone (on PET/CT the petct_lesions tag is more accurate)."
     mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on cases synthesised from the MNI152 2009a tissue maps (random tissue borders, intensities, blur, partial volume) with SynthSeg-style domain randomisation in training, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."

@@ -108,7 +108,7 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "1eeb90d65d595272e048923af91160c50152fef6d1d27bbcf54f9ea46a72bd70",
+            "config.json": "7414980d51edd760407a6cba4e5a12e6aa116451f7c5dc8d2a64e5070025ffb2",
             "model.safetensors": "5c9fee2a39a3e80c95b4b2d20228763a22e2958b36633786f616dd9a41305c52",
         },
     ),
@@ -132,7 +132,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "6ff39c3af6758e870944bfdb56afc7516520f8a060914481e838ed64a3ff096d",
+            "config.json": "728ad251624c8af7501fbe8e027f968466114cc56455586e194072d6154d4868",
             "model.safetensors": "57c68a37b95d00aef087003af613d152d545b621fc73ce26ba68116c445c629e",
         },
     ),
@@ -150,7 +150,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "76f145f86c03c41b892d410f127446e974ed50d3c6544b37dba92169d7714661",
+            "config.json": "d212f289ca9362ce3ac3fd246d2129e943e56ee00b1c09e8a90da7c9961f135a",
             "model.safetensors": "7ec5368d28412615682621b952e64ee1e8cf9ac27628d36543c89fb8c6f9cf80",
         },
     ),
@@ -174,7 +174,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "0a54b889f29501e0a97113bd78c74ccfeb940a06fb752bee2fd4a3c7b2b8106b",
+            "config.json": "568e2ef29ea41a9065483bb357d4c99c7127e25614304b64dfbf5e38d54e06e8",
             "model.safetensors": "2c8d25b205e5728baeaf97f90528bca06204b0a7393f4227392ac902167275df",
         },
     ),
