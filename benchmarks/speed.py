@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per cell (3 for models over 1 s)")
     parser.add_argument("--baseline-commit", default=None, help="commit of the straightforward implementation")
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/speed (none for --authors-ab)")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/speed (for --authors-ab: no file)")
     parser.add_argument("--authors-ab", metavar="COMMIT", help="eval A/B against the package at COMMIT (see above)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2], help="batch sizes of --authors-ab")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of --authors-ab")
