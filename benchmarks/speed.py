@@ -10,9 +10,19 @@ forward + backward in training mode with teachers and deep supervision (VeloxSeg
 (acdbd44: the first faithful network, a straightforward implementation) in the same run, for the ratio
 that matters. ``veloxseg_small+optimize`` is ``veloxseg.optimize(veloxseg_small)``, compiled in its worker.
 Ratios are to veloxseg_small in the same run; absolute numbers depend on the machine and its load.
+
+    python benchmarks/speed.py --authors-ab acdbd44 --batches 1 2 --rounds 15 --out benchmarks/results/eval-batch1
+
+``--authors-ab COMMIT`` is issue 34's eval check instead: in this one process, the package at COMMIT (acdbd44:
+the first faithful network, bit-exact to the authors' code) loaded as a second package, this tree's eager
+model and ``veloxseg.optimize`` copies compiled for each of ``--batches``, all three with the authors'
+weights (``../shared/reference``), their outputs checked against the authors' (relative error per sample
+under 1e-5), then forwards interleaved round by round, process CPU time, at the current thread count.
 """
 
 import argparse
+import functools
+import importlib
 import json
 import os
 import platform
@@ -22,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -33,6 +44,7 @@ ROOT = HERE.parent
 VELOXSEG = ["veloxseg_tiny", "veloxseg_small", "veloxseg_base", "veloxseg_small_hr"]
 OPTIMIZED = "veloxseg_small+optimize"  # veloxseg.optimize(veloxseg_small): compiled once per worker
 MONAI = ["SegResNet", "UNet", "UNETR", "DynUNet", "MedNeXt-S", "SwinUNETR"]
+REFERENCE = ROOT.parent / "shared" / "reference" / "reference_autopetii.safetensors"
 
 
 def build(name: str) -> torch.nn.Module:
@@ -161,6 +173,90 @@ def answered_job(args: argparse.Namespace, worker: Callable[[dict], dict]) -> bo
     return True
 
 
+def authors_package(commit: str, into: Path) -> types.ModuleType:
+    """``veloxseg/`` at ``commit`` imported as the package ``veloxseg_at_<sha>`` (its imports are relative),
+    beside this tree's ``veloxseg`` in the same process; returns its ``convert`` module."""
+    sha = checkout(commit, into)
+    package = types.ModuleType(f"veloxseg_at_{sha[:8]}")
+    package.__path__ = [str(into / "veloxseg")]
+    sys.modules[package.__name__] = package
+    return importlib.import_module(f"{package.__name__}.convert")
+
+
+def reference_run() -> tuple[dict[str, torch.Tensor], str, torch.Tensor]:
+    """The authors' state dict, config (JSON) and (2, 2, 96, 96, 96) input from the reference vectors."""
+    from safetensors import safe_open
+
+    with safe_open(REFERENCE, "pt") as f:
+        tensors, config = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()["config"]
+    weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
+    return weights, config, tensors["input"]
+
+
+def relative_errors(ours: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """Per sample ||ours - ref|| / ||ref||."""
+    return [(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item() for a, b in zip(ours, ref)]
+
+
+def ab_models(commit: str, into: Path, batches: list[int]) -> tuple[dict[str, Callable], float]:
+    """(the forwards to time, named "<implementation> b<batch>", and the largest relative error to the
+    authors' outputs); raises AssertionError when one is 1e-5 or more."""
+    import veloxseg
+
+    weights, config, x = reference_run()
+    authors = authors_package(commit, into).load_reference(weights, config).eval()
+    eager = veloxseg.load_reference(weights, config).eval()
+    runs, worst = {}, 0.0
+    for batch in batches:
+        inputs = x[torch.arange(batch) % 2].contiguous()  # sample 1 is the reference's small-amplitude one
+        models = {"authors": authors, "eager": eager, "optimize": veloxseg.optimize(eager, batch_size=batch)}
+        with torch.inference_mode():
+            expected = authors(inputs)
+            for name, model in models.items():
+                worst = max(worst, *relative_errors(model(inputs), expected))
+                runs[f"{name} b{batch}"] = functools.partial(model, inputs)
+    assert worst < 1e-5, f"outputs differ from the authors' by {worst:.2e}"
+    return runs, worst
+
+
+def interleaved_cpu_times(runs: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
+    """Process CPU seconds of every run, one call each per round, runs in turn (after one untimed round)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            for name, run in runs.items():
+                start = time.process_time()
+                run()
+                if round_:
+                    times[name].append(time.process_time() - start)
+    return times
+
+
+def authors_ab(args: argparse.Namespace) -> None:
+    """``--authors-ab``: the ratio of this tree's eval forward to the authors' code at each batch size."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs, worst = ab_models(args.authors_ab, Path(tmp), args.batches)
+        times = interleaved_cpu_times(runs, args.rounds)
+    lines = ["| batch | implementation | median CPU ms | min | ratio to the authors' (medians) | (mins) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for name, values in times.items():
+        implementation, batch = name.split(" b")
+        authors = times[f"authors b{batch}"]
+        lines.append(
+            f"| {batch} | {implementation} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} "
+            f"| {statistics.median(values) / statistics.median(authors):.3f} | {min(values) / min(authors):.3f} |"
+        )
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {os.cpu_count()} cores"
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:])
+    text = (f"Machine: {machine}, {torch.get_num_threads()} thread(s), {args.rounds} interleaved rounds. "
+            f"Command: `{command}`\n\nLargest relative error to the authors' outputs: {worst:.1e}\n\n"
+            + "\n".join(lines) + "\n")  # fmt: skip
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"# Eval against the authors' code, one process\n\n{text}")
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -171,11 +267,18 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10, help="timed forwards per cell (3 for models over 1 s)")
     parser.add_argument("--baseline-commit", default=None, help="commit of the straightforward implementation")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "speed")
+    parser.add_argument("--out", type=Path, help="default benchmarks/results/speed (for --authors-ab: no file)")
+    parser.add_argument("--authors-ab", metavar="COMMIT", help="eval A/B against the package at COMMIT (see above)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2], help="batch sizes of --authors-ab")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds of --authors-ab")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if answered_job(args, worker):
         return
+    if args.authors_ab:
+        authors_ab(args)
+        return
+    args.out = args.out or HERE / "results" / "speed"
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

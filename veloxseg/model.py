@@ -374,8 +374,11 @@ class VeloxSeg(nn.Module):
     def check_finite(self, x: torch.Tensor, groups: Groups = None) -> None:
         """Raise ValueError naming the channels when ``x`` (B, C, D, H, W) holds a NaN or an infinity in a
         channel of a group it has (``groups`` as ``check_input`` returns it; a missing group's channels are
-        never read): one NaN voxel would make every logit NaN. Costs one ``isfinite`` pass when all is finite."""
-        if bool(torch.isfinite(x).all()):
+        never read): one NaN voxel would make every logit NaN. Costs one sum when all is finite."""
+        # A sum is finite only if every term is (NaN or inf terms make it NaN or inf); a finite but overflowing
+        # sum falls through to the exact check. ``isfinite(x).all()`` took 3.7 ms for 2 x 96^3 at one thread,
+        # the sum 0.09 ms.
+        if bool(torch.isfinite(x.sum())):
             return
         if groups is not None:  # (B, sum(group_channels), D, H, W), a missing group's channels 0
             x = with_missing_channels_zeroed(x, groups, self.config.group_channels)
