@@ -239,8 +239,9 @@ class PairedWindowAttention(nn.Module):
         no part, its tokens are neither keys nor queries.
 
         While training on the CPU (float32 or float64, eager, no attention dropout, windows of at most
-        ``TRAIN_KERNEL_MAX_TOKENS`` tokens) with the CPU kernels built, everything between the q/k/v and the output projections is :class:`_PairedWindows` (one op forward,
-        one backward); otherwise (eval and inference included) the PyTorch ops of :meth:`_attend`."""
+        ``TRAIN_KERNEL_MAX_TOKENS`` tokens) with the CPU kernels built, everything between the q/k/v and the
+        output projections is :class:`_PairedWindows` (one op forward, one backward); otherwise (eval and
+        inference included) the PyTorch ops of :meth:`_attend`."""
         groups = range(len(xs)) if groups is None else groups
         if self._train_kernel(xs[0]):
             projected = [self.qkv[group](self.norms[group](x)) for x, group in zip(xs, groups)]
