@@ -2,9 +2,10 @@
 
 For ``veloxseg.optimize``: ``torch.ops.veloxseg.window_attention`` and ``torch.ops.veloxseg.jlc_folded_branch``
 (inference only, no backward). For training: the two halves of the fused Dice + CE loss
-(``veloxseg.losses.dice_ce_loss``), the detail path's output step (``veloxseg.layers.detail.detail_logits``)
-and GELU after an instance norm (``veloxseg.layers.norm.gelu_instance_norm``), with their backward; all fall
-back to PyTorch ops without them: :func:`cpu_kernels_available`.
+(``veloxseg.losses.dice_ce_loss``), the detail path's output step (``veloxseg.layers.detail.detail_logits``),
+GELU after an instance norm (``veloxseg.layers.norm.gelu_instance_norm``) and the paired-window attention
+between its projections (``veloxseg.layers.pwa.PairedWindowAttention``), with their backward; all fall back to
+PyTorch ops without them: :func:`cpu_kernels_available`.
 Building needs a C++ compiler and ninja (as inductor needs the compiler) and takes about 15 s once on an
 idle machine; torch's extension cache (``TORCH_EXTENSIONS_DIR``) keeps the library after that.
 """
@@ -61,6 +62,10 @@ def load_cpu_kernels() -> None:
       2x pixel-shuffled; ``detail_logits_backward(grad, x, weight)``: its gradients in x, weight, bias, coarse.
     - ``norm_gelu(x, eps)``: x (B, C, N) -> (GELU of each row normalised to mean 0 and variance 1, mean (B, C),
       rstd (B, C)); ``norm_gelu_backward(grad, x, mean, rstd)``: its gradient in x.
+    - ``pwa_train(projected, table, index, resize, windows, pools, heads, qk_width, v_width, scale)``: a PWA
+      layer's max-pooled windows, attention with the relative position bias, and trilinear scatter back, on the
+      q/k/v projections (M, B, D, H, W, C) -> (M, B, D, H, W, S*h*c_v), plus what its backward needs;
+      ``pwa_train_backward(...)``: the gradients in the projections and the bias table.
     """
     from torch.utils.cpp_extension import load
 

@@ -9,9 +9,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .conv import PointwiseConv3d
+from .conv import PointwiseConv3d, eager
+from .cpu_kernels import cpu_kernels_available
 
 Size3 = tuple[int, int, int]
+
+# The training kernel (csrc/pwa_train.cpp) only for windows of at most this many tokens: forward + backward of
+# veloxseg_small_hr's layers at 2 x 64^3, one thread, kernel against PyTorch ops: 8 tokens 6.4 vs 11.2 ms
+# (level 1), 0.8 vs 1.6 (level 3), 0.7 vs 1.3 (level 4); 64 tokens 4.4 vs 3.6 ms (level 2: there the batched
+# GEMMs beat the kernel's loops). benchmarks/experiments/speed/pwa_micro.py
+TRAIN_KERNEL_MAX_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -229,8 +236,46 @@ class PairedWindowAttention(nn.Module):
 
     def forward(self, xs: list[torch.Tensor], groups: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``groups``: which modality groups ``xs`` hold (default all, in order); a missing group takes
-        no part, its tokens are neither keys nor queries."""
+        no part, its tokens are neither keys nor queries.
+
+        While training on the CPU (float32 or float64, eager, no attention dropout, windows of at most
+        ``TRAIN_KERNEL_MAX_TOKENS`` tokens) with the CPU kernels built, everything between the q/k/v and the
+        output projections is :class:`_PairedWindows` (one op forward, one backward); otherwise (eval and
+        inference included) the PyTorch ops of :meth:`_attend`."""
         groups = range(len(xs)) if groups is None else groups
+        if self._train_kernel(xs[0]):
+            projected = [self.qkv[group](self.norms[group](x)) for x, group in zip(xs, groups)]
+            stacked = projected[0].unsqueeze(0) if len(xs) == 1 else torch.stack(projected)
+            scattered = _PairedWindows.apply(stacked, self.relative_position_bias_table, self).unbind(0)
+        else:
+            scattered = self._attend(xs, groups)
+        return [x + self.proj_drop(self.projs[group](out)) for x, group, out in zip(xs, groups, scattered)]
+
+    def _train_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs on ``torch.ops.veloxseg.pwa_train`` (see :meth:`forward`)."""
+        return (
+            self.training
+            and math.prod(self.tokens) <= TRAIN_KERNEL_MAX_TOKENS
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and torch.is_grad_enabled()
+            and self.attn_drop == 0
+            and not torch.is_autocast_enabled("cpu")
+            and eager()
+            and cpu_kernels_available()
+        )
+
+    def kernel_geometry(self) -> tuple:
+        """The arguments of ``pwa_train`` after the table: position index, resize matrices, windows and pools
+        (3 sizes per scale), heads, head widths, score scale."""
+        windows = [size for scale in self.scales for size in scale.window]
+        pools = [size for scale in self.scales for size in scale.pool]
+        return (self.relative_position_index, self.resize_matrices, windows, pools, self.num_heads,
+                self.qk_head_dim, self.v_head_dim, self.qk_head_dim**-0.5)  # fmt: skip
+
+    def _attend(self, xs: list[torch.Tensor], groups: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """The attention as PyTorch ops (or the inference kernel set by ``veloxseg.optimize``): M groups
+        (B, D, H, W, A) -> M tensors (B, D, H, W, S*h*c_v), before the output projection."""
         grid: Size3 = tuple(xs[0].shape[1:4])
         # Modal interaction: the groups' tokens of a window attend to each other.
         q, k, v = self._gather(xs, groups)
@@ -246,10 +291,30 @@ class PairedWindowAttention(nn.Module):
         else:
             out = window_attention(q, k, v, bias, self.attn_drop if self.training else 0.0)
         out = out.unflatten(0, (xs[0].shape[0], -1))  # (B, N, h, M*L, c)
-        return [
-            x + self.proj_drop(self.projs[group](scattered))
-            for x, group, scattered in zip(xs, groups, self._scatter(out, grid))
-        ]
+        return self._scatter(out, grid).unbind(0)
+
+
+class _PairedWindows(torch.autograd.Function):
+    """A :class:`PairedWindowAttention` layer's windows, attention and scatter on the CPU kernels ``pwa_train`` /
+    ``pwa_train_backward``: projected (M, B, D, H, W, C) q/k/v of every group, table (R, h) -> (M, B, D, H, W,
+    S*h*c_v), as ``_scatter`` returns it. Saved for the backward: the pooled windows, their max-pool voxels and
+    the attention weights."""
+
+    @staticmethod
+    def forward(ctx, projected, table, layer):  # type: ignore[override]
+        geometry = layer.kernel_geometry()
+        out, tokens, argmax, probs = torch.ops.veloxseg.pwa_train(projected.contiguous(), table, *geometry)
+        ctx.save_for_backward(tokens, argmax, probs, table)
+        ctx.geometry, ctx.shape = geometry, list(projected.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        tokens, argmax, probs, table = ctx.saved_tensors
+        grad_projected, grad_table = torch.ops.veloxseg.pwa_train_backward(
+            grad.contiguous(), tokens, argmax, probs, table, *ctx.geometry, ctx.shape
+        )
+        return grad_projected, grad_table, None
 
 
 class FeedForward(nn.Sequential):
