@@ -127,6 +127,8 @@ def test_pwa_train_rejects_what_it_cannot_compute(kernel):
         kernel(projected[..., 1:].contiguous(), table, index, resize, windows, pools, *rest)
     with pytest.raises(RuntimeError, match="do not tile the grid"):
         kernel(projected[:, :, :, :, :6].contiguous(), table, index, resize, windows, pools, *rest)
+    with pytest.raises(RuntimeError, match="windows and pools must be positive"):
+        kernel(projected, table, index, resize, windows, [0] * len(pools), *rest)
     with pytest.raises(RuntimeError, match="index out of the table's range"):
         kernel(projected, table, index + 100, resize, windows, pools, *rest)
     with pytest.raises(RuntimeError, match="resize matrix 1"):

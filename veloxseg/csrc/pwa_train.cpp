@@ -35,6 +35,7 @@ struct Geometry {
   int64_t span() const { return groups * length; }
   int64_t out_channels() const { return scales * heads * v; }
   int64_t windows() const { return first.back(); }
+  std::vector<int64_t> out_sizes() const { return {groups, batch, grid[0], grid[1], grid[2], out_channels()}; }
   int64_t voxel(int64_t m, int64_t b, int64_t d, int64_t h, int64_t w) const {
     return (((m * batch + b) * grid[0] + d) * grid[1] + h) * grid[2] + w;
   }
@@ -45,6 +46,9 @@ Geometry make_geometry(at::IntArrayRef projected, const at::Tensor& table, const
   TORCH_CHECK(projected.size() == 6, "pwa_train: projected must be (M, B, D, H, W, C), got ", projected);
   TORCH_CHECK(windows.size() == pools.size() && !windows.empty() && windows.size() % 3 == 0,
               "pwa_train: windows and pools need 3 sizes per scale");
+  TORCH_CHECK(std::all_of(pools.begin(), pools.end(), [](int64_t p) { return p > 0; }) &&
+                  std::all_of(windows.begin(), windows.end(), [](int64_t w) { return w > 0; }),
+              "pwa_train: windows and pools must be positive");
   Geometry g;
   g.groups = projected[0], g.batch = projected[1], g.channels = projected[5];
   g.heads = heads, g.qk = qk, g.v = v, g.scales = static_cast<int64_t>(windows.size()) / 3;
@@ -60,7 +64,7 @@ Geometry make_geometry(at::IntArrayRef projected, const at::Tensor& table, const
     int64_t count = g.batch;
     for (int64_t a = 0; a < 3; ++a) {
       const int64_t w = windows[3 * j + a], p = pools[3 * j + a];
-      TORCH_CHECK(p > 0 && w % p == 0 && w / p == g.tokens[a] && w > 0 && g.grid[a] % w == 0,
+      TORCH_CHECK(w % p == 0 && w / p == g.tokens[a] && g.grid[a] % w == 0,
                   "pwa_train: scale ", j, "'s window and pool do not tile the grid into ", g.tokens[a], " tokens");
       count *= g.grid[a] / w;
     }
@@ -302,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwa_train(
   const Geometry g = make_geometry(projected.sizes(), table, index, windows, pools, heads, qk, v);
   check_resize(g, resize, projected.scalar_type());
   const int64_t n = g.windows(), span = g.span(), width = g.width();
-  at::Tensor out = at::empty({g.groups, g.batch, g.grid[0], g.grid[1], g.grid[2], g.out_channels()}, projected.options());
+  at::Tensor out = at::empty(g.out_sizes(), projected.options());
   at::Tensor tokens = at::empty({n, span, width}, projected.options());
   at::Tensor argmax = at::empty({n, span, width}, projected.options().dtype(at::kInt));
   at::Tensor probs = at::empty({n, heads, span, span}, projected.options());
@@ -427,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor> pwa_train_backward(
   check_resize(g, resize, tokens.scalar_type());
   const int64_t n = g.windows(), span = g.span(), width = g.width();
   TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == tokens.scalar_type() &&
-                  grad.sizes() == at::IntArrayRef({g.groups, g.batch, g.grid[0], g.grid[1], g.grid[2], g.out_channels()}),
+                  grad.sizes() == at::IntArrayRef(g.out_sizes()),
               "pwa_train_backward: grad must be contiguous, of the output's shape and dtype");
   TORCH_CHECK(tokens.sizes() == at::IntArrayRef({n, span, width}) && argmax.sizes() == tokens.sizes() &&
                   probs.sizes() == at::IntArrayRef({n, heads, span, span}) && tokens.is_contiguous() &&

@@ -70,8 +70,8 @@ def counting_backward(backward):
             seen.add(node)
             kind = next((k for first, last, k in spans if first < node._sequence_nr() < last), "other")
             nodes[kind] += 1
-            node.register_prehook(lambda grad, kind=kind: current.append(kind))
-            node.register_hook(lambda grad_in, grad_out: current.pop())
+            node.register_prehook(lambda grad, kind=kind: current.append(kind))  # returns None: grads unchanged
+            node.register_hook(lambda grad_in, grad_out: current.pop() and None)
             stack.extend(parent for parent, _ in node.next_functions)
         print("autograd nodes", dict(nodes), sum(nodes.values()))
         phase[0] = "backward"
