@@ -157,9 +157,9 @@ class TrainConfig:
         choices=MODALITY_DROPOUT_MODES,
     )
     modality_dropout_warmup: float = option(
-        0.0,
+        0.3,
         "share of the training (of its steps, or of a CPU budget) run on every modality group before "
-        "--modality-dropout starts (e.g. 0.3)",
+        "--modality-dropout starts; 0: from the first step (default 0.3, measured in docs/model-contract.md)",
     )
     modality_consistency: float = option(
         0.0,
