@@ -5,9 +5,9 @@
 
 For each seed, with the same training budget each (``--minutes`` of CPU time or ``--steps``):
 
-* (a) ``dropout``: one model trained on every channel with ``--modality-dropout P`` and
-  ``--modality-dropout-mode`` (the trainer's flags), scored on each subset with the other groups left
-  out (``model(x, present=...)``);
+* (a) ``dropout``: one model trained on every channel with ``--modality-dropout P``,
+  ``--modality-dropout-mode``, ``--modality-dropout-warmup`` and ``--modality-consistency`` (the trainer's
+  flags and defaults), scored on each subset with the other groups left out (``model(x, present=...)``);
 * (b) ``zero-filled``: one model trained on every channel without it, scored on each subset with the
   missing channels set to 0 (the mean intensity after normalisation): what a normal model gets;
 * (c) ``dedicated``: for each proper subset, a model trained on those channels alone; on the full set it
@@ -181,7 +181,7 @@ def run_task(
     run = {**run_info(spec, base, minutes, command, seeds), "network": name}
     made = {key: run.pop(key) for key in ("command", "load_average_start")}
     dropout_row = {"method": "dropout", "modality_dropout": dropout, "modality_dropout_mode": mode}
-    dropout_row.update({key: settings[key] for key in DROPOUT_EXTRAS if settings.get(key)})
+    dropout_row.update({key: getattr(base, key) for key in DROPOUT_EXTRAS if getattr(base, key)})
     made["arms"] = [arm(dropout_row) if m == "dropout" else m for m in METHODS if m in methods]
     results = Results(out, run, made, add, fill)
     for seed in seeds:
@@ -289,7 +289,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Network `{info['network']}`; (a) trained with modality dropout, the column naming how its groups were "
         f"dropped and P (uniform: a share P of the patches lost one of the non-empty proper subsets, each equally "
-        f"likely; per-group: each group was lost on its own coin of probability P, a patch left with none kept one), "
+        f"likely; per-group: each group was lost on its own coin of probability P, a patch left with none kept one; "
+        f"warm-up W: the first share W of the budget on every group; consistency C: C times the KL divergence from "
+        f"the model's prediction on every group to that on the patch's subset added to the loss), "
         f"(b) without, scored with the missing channels zero-filled, (c) trained on the channels given alone (on "
         f"all channels: (b)'s model). Data: `{Path(info['data']).name}`, {info['train_cases']} training cases, "
         f"{info['test_cases']} test cases (whole volumes). Every training run: {info['budget']} of batch "
@@ -328,9 +330,9 @@ def main() -> None:
     parser.add_argument("--modality-dropout", type=float, default=0.5, help="(a)'s P (default %(default)s)")
     parser.add_argument("--modality-dropout-mode", default="uniform", choices=MODALITY_DROPOUT_MODES,
                         help="how (a)'s groups are dropped, the trainer's flag (default %(default)s)")  # fmt: skip
-    parser.add_argument("--modality-dropout-warmup", type=float, default=0.0,
-                        help="(a)'s share of the budget on every group first, the trainer's flag")
-    parser.add_argument("--modality-consistency", type=float, default=0.0,
+    parser.add_argument("--modality-dropout-warmup", type=float, default=TrainConfig.modality_dropout_warmup,
+                        help="(a)'s share of the budget on every group first, the trainer's flag (default %(default)s)")
+    parser.add_argument("--modality-consistency", type=float, default=TrainConfig.modality_consistency,
                         help="(a)'s self-distillation weight, the trainer's flag (default %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="arms run (default: all)")
     parser.add_argument("--add", action="store_true", help="join the rows of OUT.json (other arms, same settings)")

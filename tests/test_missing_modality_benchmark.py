@@ -31,7 +31,9 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
     assert all(r["steps"] == 2 and 0.0 <= r["dice_mean"] <= 1.0 for r in rows)
     assert rows[6]["dice"] == rows[3]["dice"]  # on every channel the dedicated model is (b)'s
     saved = json.loads(out.with_name("missing.json").read_text())
-    assert saved["rows"] == rows and saved["commands"][0]["arms"] == ["dropout uniform 0.5", "zero-filled", "dedicated"]
+    assert saved["rows"] == rows and saved["commands"][0]["arms"] == [
+        "dropout uniform 0.5 warm-up 0.3", "zero-filled", "dedicated"  # the trainer's default warm-up
+    ]
     summary = out.with_name("missing.md").read_text().split("## Every run")[0]
     assert "| CT + PET |" in summary and "| PET |" in summary and "(c) dedicated" in summary
 
@@ -47,7 +49,8 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
     assert saved["rows"] == rows + added
     assert [c["command"] for c in saved["commands"]] == ["pytest", "pytest added"]
     summary = out.with_name("missing.md").read_text().split("## Every run")[0]
-    assert "| channels given | (a) dropout uniform 0.5 | (a) dropout per-group 0.25 | (b) zero-filled |" in summary
+    header = "| (a) dropout uniform 0.5 warm-up 0.3 | (a) dropout per-group 0.25 warm-up 0.3 | (b) zero-filled |"
+    assert f"| channels given {header}" in summary
     assert "`pytest added`" in summary
     with pytest.raises(ValueError, match="made with other settings \\(seeds"):
         missing_modality.run_task(
@@ -93,3 +96,12 @@ def test_zero_filling_and_leaving_out(missing_modality) -> None:
         assert torch.equal(missing_modality.OnSubset(model, (1,), zero_fill=True)(x), model(zeroed))
         assert torch.equal(missing_modality.OnSubset(model, (1,), zero_fill=False)(x), model(x, present=[1]))
     assert missing_modality.channel_subsets(3) == [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)]
+
+
+def test_an_arms_name_says_its_warmup_and_consistency(missing_modality) -> None:
+    row = {"method": "dropout", "modality_dropout": 0.5, "modality_dropout_mode": "uniform"}
+    assert missing_modality.arm(row) == "dropout uniform 0.5"  # rows from before these options
+    assert missing_modality.arm({**row, "modality_dropout_warmup": 0.3}) == "dropout uniform 0.5 warm-up 0.3"
+    both = {**row, "modality_dropout_warmup": 0.3, "modality_consistency": 1.0}
+    assert missing_modality.arm(both) == "dropout uniform 0.5 warm-up 0.3 consistency 1"
+    assert missing_modality.arm({**row, "method": "dedicated"}) == "dedicated"

@@ -165,6 +165,7 @@ def test_modality_dropout_travels_in_the_metadata_and_on_the_card(model):
 
     metadata = veloxseg.metadata.model_metadata(model)
     assert metadata.modality_dropout_mode == "" and metadata.subset_training() == ""  # older file: none recorded
+    assert "modality_dropout_mode" not in metadata.to_dict()  # and none written: config.json files stay as they are
     assert "Trained with modality dropout" not in str(model_card(model, metadata, "veloxseg_tiny"))
     grouped = ModelMetadata.from_dict(
         {**metadata.to_dict(), "modality_dropout": 0.5, "modality_dropout_mode": "per-group"}

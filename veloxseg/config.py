@@ -15,6 +15,9 @@ from typing import Any, Union, get_args, get_origin
 from .layers.pwa import WindowScale, window_scales
 
 NUM_LEVELS = 4
+# how --modality-dropout draws the groups a sample loses (veloxseg.modalities.random_modality_mask); here, beside
+# the config, so that the metadata can check a recorded mode without importing the modalities module
+MODALITY_DROPOUT_MODES = ("uniform", "per-group")
 
 
 def _tuple(value: Any) -> Any:

@@ -7,8 +7,7 @@ write it), by ``predict`` (to preprocess scans the way training did) and by the 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import json_ready
-from .modalities import MODALITY_DROPOUT_MODES
+from .config import MODALITY_DROPOUT_MODES, json_ready
 
 NORMALISATIONS = ("ct", "zscore", "foreground_zscore", "none")
 AXIS_CODES = ("LR", "PA", "IS")  # one letter of each pair, in any order: "RAS", "LPS", ...
@@ -115,7 +114,12 @@ class ModelMetadata:
         return f"modality dropout {self.modality_dropout:g} ({self.modality_dropout_mode or 'mode not recorded'})"
 
     def to_dict(self) -> dict[str, Any]:
-        return json_ready(asdict(self))
+        """The fields as JSON values; without ``modality_dropout_mode`` when it is not recorded (as files
+        written before it have it)."""
+        values = json_ready(asdict(self))
+        if not self.modality_dropout_mode:
+            del values["modality_dropout_mode"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelMetadata":

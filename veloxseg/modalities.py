@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .config import MODALITY_DROPOUT_MODES
+
 Present = Sequence[str | int] | str | int | torch.Tensor | None
 
 
@@ -103,7 +105,6 @@ def _named_groups(present: Sequence[str | int] | str | int, group_channel_names:
     return sorted(groups)
 
 
-MODALITY_DROPOUT_MODES = ("uniform", "per-group")  # how --modality-dropout draws the groups a sample loses
 
 
 def random_modality_mask(

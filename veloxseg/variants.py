@@ -108,7 +108,7 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "hub_models"
 PUBLISHED: dict[str, dict[str, Any]] = {
     "veloxseg_tiny.petct_lesions": dict(
         sha256={
-            "config.json": "7414980d51edd760407a6cba4e5a12e6aa116451f7c5dc8d2a64e5070025ffb2",
+            "config.json": "695345a4e4e540bfb5a6a132ebe7f56ff7274b06ecd2dd94f807975d74dcb0f6",
             "model.safetensors": "5c9fee2a39a3e80c95b4b2d20228763a22e2958b36633786f616dd9a41305c52",
         },
     ),
@@ -120,19 +120,19 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_tiny.ssl_generalist": dict(
         sha256={
-            "config.json": "5b8393a46451f4d1cc89cb8c6f6d546ac7dc4d67b1912fb58b538913aca9e960",
+            "config.json": "d71d13444224b502a541db9ae5dd085e9d2690254603a57030d23441d6a1d839",
             "model.safetensors": "d6bfeb364cb1051d02ff7490e73c67758e7bbbb878d7755afef076ddb8c46688",
         },
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "e921bdb82b50cc122349cb2b158f12e80212902348000d514a3f4faf9c666844",
+            "config.json": "f1a0ddb3002bf74f77d07fbca3cf0d4862fe1a5086d2dd3faa2730cc21ffa3a3",
             "model.safetensors": "3cae9d5d3c80c5db5e404277fbfc208a24a91ecd6414f9ff55f16f8f76f1c3ae",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
         sha256={
-            "config.json": "728ad251624c8af7501fbe8e027f968466114cc56455586e194072d6154d4868",
+            "config.json": "735a36a1e6e30b8875a69f73ada4e030ef03a86e2d41706c364f0b7de6d2287f",
             "model.safetensors": "57c68a37b95d00aef087003af613d152d545b621fc73ce26ba68116c445c629e",
         },
     ),
@@ -144,13 +144,13 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.ssl_generalist": dict(
         sha256={
-            "config.json": "501a8d41a1e66dfd76734a02aa87c7709d62b41aff682855ea1721e26f6b8cfa",
+            "config.json": "190441295459ae0f65384a49d2f54644ad43e4925dc0947d8b77e927e59af63d",
             "model.safetensors": "b579f55805dd2d08fa5dfe230964badbd0088ffc590d7cc1b1005aec158d089d",
         },
     ),
     "veloxseg_base.petct_lesions": dict(
         sha256={
-            "config.json": "d212f289ca9362ce3ac3fd246d2129e943e56ee00b1c09e8a90da7c9961f135a",
+            "config.json": "dfd060044e0c5d04ffc43781fafe7b4d083187768b10bf2558fee458a8e90b89",
             "model.safetensors": "7ec5368d28412615682621b952e64ee1e8cf9ac27628d36543c89fb8c6f9cf80",
         },
     ),
@@ -162,19 +162,19 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_base.ssl_generalist": dict(
         sha256={
-            "config.json": "df9e6efdb477c0a0e3b390b8334ad89cec8ded8fd85de6efcbb8542e150895d1",
+            "config.json": "6480cac662e29b0edb82668933b7191755f31abccd60f1b3147d01c5f99f736e",
             "model.safetensors": "7449950de615389b801ea206f0109c216cead6b96e6ed54ed5fdc74e34437028",
         },
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "df7a5da5e30e5dcb288327f50b9862f39aa0ddc61ef8801173ad794a638bc1c9",
+            "config.json": "c109ce04436b51b6eadbc330559be8f70d419e19619c588b2b6625923b59211a",
             "model.safetensors": "c5b40741cd92e63a88dfea7e03e36393e1ecd27dbf8a4bad6867ed54caf0d77f",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
         sha256={
-            "config.json": "568e2ef29ea41a9065483bb357d4c99c7127e25614304b64dfbf5e38d54e06e8",
+            "config.json": "66ca7937484f9519733f6754e78762ba3d36aecccecc2fd2a904a41d1287d01e",
             "model.safetensors": "2c8d25b205e5728baeaf97f90528bca06204b0a7393f4227392ac902167275df",
         },
     ),
@@ -186,7 +186,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.ssl_generalist": dict(
         sha256={
-            "config.json": "998f785c2bb9134141b8add1a3e17279ee588ff369dd8e34ccc530bf3f3ef48f",
+            "config.json": "84022dcda49d280906033919be9a43f27225e7ab2b900bafe44c661f1c904ecf",
             "model.safetensors": "9522a49eaf64524d31c109be207da82b2e56ee05197e6ee1fed7fcd510e4a4d1",
         },
     ),
