@@ -32,7 +32,7 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
     assert rows[6]["dice"] == rows[3]["dice"]  # on every channel the dedicated model is (b)'s
     saved = json.loads(out.with_name("missing.json").read_text())
     assert saved["rows"] == rows and saved["commands"][0]["arms"] == [
-        "dropout uniform 0.5 warm-up 0.3", "zero-filled", "dedicated"  # the trainer's default warm-up
+        "dropout uniform 0.5", "zero-filled", "dedicated"  # the trainer's default: no warm-up
     ]
     summary = out.with_name("missing.md").read_text().split("## Every run")[0]
     assert "| CT + PET |" in summary and "| PET |" in summary and "(c) dedicated" in summary
