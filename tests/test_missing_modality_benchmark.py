@@ -49,7 +49,7 @@ def test_every_method_on_every_subset(missing_modality, tmp_path: Path) -> None:
     assert saved["rows"] == rows + added
     assert [c["command"] for c in saved["commands"]] == ["pytest", "pytest added"]
     summary = out.with_name("missing.md").read_text().split("## Every run")[0]
-    header = "| (a) dropout uniform 0.5 warm-up 0.3 | (a) dropout per-group 0.25 warm-up 0.3 | (b) zero-filled |"
+    header = "| (a) dropout uniform 0.5 | (a) dropout per-group 0.25 | (b) zero-filled |"
     assert f"| channels given {header}" in summary
     assert "`pytest added`" in summary
     with pytest.raises(ValueError, match="made with other settings \\(seeds"):
