@@ -21,11 +21,12 @@ DATA=${DATA:-/tmp/data} RUNS=${RUNS:-/tmp/runs} PY=${PY:-.venv/bin/python}
 # PET/CT: each variant has two lesion tags, one trained on PET/CT as it comes (the best on PET/CT) and one with
 # modality dropout (_anymod: it segments PET/CT, PET alone or CT alone, a little worse on PET/CT:
 # benchmarks/results/missing_modality-petct.md), with the same budget.
-# MNI152: cases synthesised from the template's tissue maps and SynthSeg-style domain randomisation, so the
-# tissue tags work on T1 brains of other sources.
+# MNI152: cases synthesised from the template's tissue maps at 2 mm and SynthSeg-style domain randomisation, so
+# the tissue tags work on T1 brains of other sources (at 3 mm they did less well on Colin27:
+# benchmarks/experiments/brain-generalisation/README.md).
 PETCT="--data $DATA/petct --roi 64 --checkpoint-every 100 --seed 0"
 ANYMOD="$PETCT --modality-dropout 0.5"
-MNI152="--data $DATA/mni152 --roi 64 --checkpoint-every 100 --seed 0 --domain-randomisation"
+MNI152="--data $DATA/mni152_2mm --roi 64 --checkpoint-every 100 --seed 0 --domain-randomisation"
 SSL="--stage pretrain --data $DATA/ssl --mask-ratio 0.5 --roi 64 --checkpoint-every 100 --seed 0"
 
 run() {  # run NAME FLAGS...: one training run into $RUNS/NAME, its log (with GNU time's report) in $RUNS/NAME.log
@@ -47,7 +48,7 @@ tag() {  # tag RUN TAG ABOUT [make_tag.py flags]
 case ${1:-} in
 data)
     "$(dirname "$PY")/veloxseg" demo-data "$DATA/petct" --num-train 48 --num-test 8 --seed 0
-    $PY examples/prepare_brain_templates.py "$DATA/mni152" --num-train 64 --num-test 8 --seed 0 --synthesise
+    $PY examples/prepare_brain_templates.py "$DATA/mni152_2mm" --num-train 64 --num-test 8 --seed 0 --synthesise --resolution 2
     $PY examples/prepare_ssl_corpus.py "$DATA/ssl" --seed 0
     $PY examples/prepare_brain_templates.py "$DATA/colin27" --template colin27 --num-train 16 --num-test 4 --seed 0
     ;;
@@ -76,11 +77,11 @@ train)
 tags)
     petct="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape. It needs both: for PET or CT alone use its twin trained with modality dropout, petct_lesions_anymod."
     anymod="Lesion segmentation on the built-in synthetic PET/CT data: CT and PET as two modality groups, the paper's AutoPET-II shape, trained with modality dropout 0.5: it segments PET/CT, PET alone or CT alone (on PET/CT the petct_lesions tag is more accurate)."
-    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 3 mm), trained on cases synthesised from the MNI152 2009a tissue maps (random tissue borders, intensities, blur, partial volume) with SynthSeg-style domain randomisation in training, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
+    mni="Grey / white matter segmentation of skull-stripped T1 brain MRI at any resolution (resampled to 2 mm), trained on cases synthesised from the MNI152 2009a tissue maps (random tissue borders, intensities, blur, partial volume) with SynthSeg-style domain randomisation in training, 64^3 ROI. The colin27_* metrics are on a T1 brain no tag was trained on (Colin27): without fine-tuning at 1-3 mm (benchmarks/brain_generalisation.py), and fine-tuned for 150 steps against scratch (benchmarks/finetune.py)."
     ssl="Self-supervised generalist (stage pretrain, masked-volume reconstruction by the teachers, no labels) on one-channel scans: synthetic CT and PET, the MNI152 T1 at 1-3 mm, the INIA19 macaque T1. Its decoder and head are untrained: fine-tune it (--stage finetune)."
     petct_data=(--test-data "$DATA/petct" --data-command "veloxseg demo-data $DATA/petct --num-train 48 --num-test 8 --seed 0")
-    mni_data=(--test-data "$DATA/mni152" --notice "$DATA/mni152/NOTICE.txt"
-              --data-command "python examples/prepare_brain_templates.py $DATA/mni152 --num-train 64 --num-test 8 --seed 0 --synthesise")
+    mni_data=(--test-data "$DATA/mni152_2mm" --notice "$DATA/mni152_2mm/NOTICE.txt"
+              --data-command "python examples/prepare_brain_templates.py $DATA/mni152_2mm --num-train 64 --num-test 8 --seed 0 --synthesise --resolution 2")
     ssl_data=(--test-data "$DATA/colin27" --notice "$DATA/ssl/NOTICE.txt" --data-command "python examples/prepare_ssl_corpus.py $DATA/ssl --seed 0")
     for variant in veloxseg_tiny veloxseg_small veloxseg_base veloxseg_small_hr; do
         tag $variant.petct $variant.petct_lesions "$petct" "${petct_data[@]}"

@@ -126,8 +126,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small.mni152_tissue": dict(
         sha256={
-            "config.json": "f1a0ddb3002bf74f77d07fbca3cf0d4862fe1a5086d2dd3faa2730cc21ffa3a3",
-            "model.safetensors": "3cae9d5d3c80c5db5e404277fbfc208a24a91ecd6414f9ff55f16f8f76f1c3ae",
+            "config.json": "fa5bf43fff3ac81302805319252d9ecf87b87183b832dcdb62ca15895b1011c1",
+            "model.safetensors": "175bee9755860ba9f6a19bbcdcf01910191effcb7bb10668871d366e6e9e9dda",
         },
     ),
     "veloxseg_small.petct_lesions": dict(
@@ -168,8 +168,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     ),
     "veloxseg_small_hr.mni152_tissue": dict(
         sha256={
-            "config.json": "c109ce04436b51b6eadbc330559be8f70d419e19619c588b2b6625923b59211a",
-            "model.safetensors": "c5b40741cd92e63a88dfea7e03e36393e1ecd27dbf8a4bad6867ed54caf0d77f",
+            "config.json": "ddfb7294443e1f6c57d01c99a19e42123688dc2c2c890cbb5599f3ab136dafc7",
+            "model.safetensors": "451ed522e5fd69c519a652b0f82b60c22bba3ccb310d16ed7ad676f6899b5d01",
         },
     ),
     "veloxseg_small_hr.petct_lesions": dict(
