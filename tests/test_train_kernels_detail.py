@@ -10,7 +10,7 @@ import veloxseg.layers.detail as detail
 import veloxseg.layers.norm as norm
 from veloxseg.layers.conv import conv3x3_channels_last
 from veloxseg.layers.cpu_kernels import load_cpu_kernels
-from veloxseg.layers.detail import DetailPath
+from veloxseg.layers.detail import DetailPath, DetailStem
 from veloxseg.layers.norm import gelu_instance_norm, instance_norm
 
 CHANNELS_LAST = torch.channels_last_3d
@@ -99,6 +99,50 @@ def test_norm_gelu_channels_last_rejects_what_it_cannot_compute(kernels):
     x, mean = torch.randn(2, 5, 3), torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="one value of x's dtype per \\(B, C\\)"):
         torch.ops.veloxseg.norm_gelu_channels_last_backward(x, x, torch.zeros(2, 2), mean)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4, 6, 2), (2, 2, 2, 4, 36)])
+def test_stem_gradcheck(kernels, shape):
+    """float64 gradients in the weight and bias against finite differences; several input channels, rows longer
+    than a SIMD vector and not a multiple of it."""
+    torch.manual_seed(0)
+    stem = DetailStem(shape[1], 8).double().train()
+    x = torch.randn(shape, dtype=torch.float64)
+    assert stem(x).grad_fn.name() == "_StemConvBackward"
+    assert torch.autograd.gradcheck(lambda w, b: detail._StemConv.apply(x, w, b), [stem.weight, stem.bias])
+
+
+def test_stem_matches_pytorch_on_real_shapes(kernels):
+    """2 x 1 x 64^3 in float32: output and weight and bias gradients as float64 PyTorch gives them."""
+    torch.manual_seed(0)
+    stem = DetailStem(1, 8).train()
+    x, grad = torch.randn(2, 1, 64, 64, 64), torch.randn(2, 8, 32, 32, 32)
+    out = stem(x)
+    assert out.grad_fn.name() == "_StemConvBackward"
+    weight, bias = (t.detach().double().requires_grad_() for t in (stem.weight, stem.bias))
+    expected = F.conv3d(x.double(), weight, bias, stride=2, padding=1)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    got = torch.autograd.grad(out, [stem.weight, stem.bias], grad)
+    for g, e in zip(got, torch.autograd.grad(expected, [weight, bias], grad.double())):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5 * e.abs().max().item())
+
+
+def test_stem_keeps_onednn_where_the_kernel_does_not_apply(kernels):
+    """An input that wants a gradient, odd sizes, eval: oneDNN's conv (the same function)."""
+    stem = DetailStem(1, 8).train()
+    for x in (torch.randn(1, 1, 4, 4, 4, requires_grad=True), torch.randn(1, 1, 4, 5, 4)):
+        out = stem(x)
+        assert out.grad_fn is None or out.grad_fn.name() != "_StemConvBackward"
+        torch.testing.assert_close(out, F.conv3d(x, stem.weight, stem.bias, stride=2, padding=1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(stem(torch.ones(1, 1, 4, 4, 4)), super(DetailStem, stem).forward(torch.ones(1, 1, 4, 4, 4)))
+
+
+def test_stem_kernel_rejects_what_it_cannot_compute(kernels):
+    with pytest.raises(RuntimeError, match="phases must be"):
+        torch.ops.veloxseg.stem_conv(torch.randn(1, 1, 3, 4, 2, 4), torch.randn(8, 1, 4, 4, 4), torch.randn(8))
+    with pytest.raises(RuntimeError, match="weight must be a contiguous \\(8, C, 4, 4, 4\\)"):
+        torch.ops.veloxseg.stem_conv(torch.randn(1, 2, 4, 4, 2, 4), torch.randn(8, 1, 4, 4, 4), torch.randn(8))
 
 
 def small_path(width: int, dtype: torch.dtype) -> tuple[DetailPath, list[torch.Tensor]]:

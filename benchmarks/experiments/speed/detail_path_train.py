@@ -25,7 +25,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import veloxseg.layers.norm as norm
-from veloxseg.layers.detail import DetailPath, detail_logits
+from veloxseg.layers.conv import OneDNNConv3d
+from veloxseg.layers.detail import DetailPath, DetailStem, detail_logits
 from veloxseg.layers.norm import gelu_instance_norm
 from veloxseg.training.allocator import keep_freed_memory
 
@@ -34,7 +35,7 @@ import step_ratio  # noqa: E402
 
 
 def forward_before(self: DetailPath, stem: torch.Tensor, u1: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """``DetailPath.forward`` as at f7b4674 (its norms on the channels-first kernel)."""
+    """``DetailPath.forward`` as at f7b4674 (its norms on the channels-first kernel; the stem on oneDNN)."""
     x = gelu_instance_norm(self.mix(torch.cat([stem, self.up(u1)], 1)))
     x = gelu_instance_norm(self.spatial(x))
     return detail_logits(x, self.out.weight, self.out.bias, coarse)
@@ -44,12 +45,14 @@ def before(run: Callable[[], None]) -> Callable[[], None]:
     """``run`` with the detail path as it was."""
 
     def switched() -> None:
-        saved = DetailPath.forward, norm._NormGeluChannelsLast
-        DetailPath.forward, norm._NormGeluChannelsLast = forward_before, norm._NormGelu
+        saved = DetailPath.forward, DetailStem.forward, norm._NormGeluChannelsLast
+        DetailPath.forward, DetailStem.forward, norm._NormGeluChannelsLast = (
+            forward_before, OneDNNConv3d.forward, norm._NormGelu
+        )
         try:
             run()
         finally:
-            DetailPath.forward, norm._NormGeluChannelsLast = saved
+            DetailPath.forward, DetailStem.forward, norm._NormGeluChannelsLast = saved
 
     return switched
 
