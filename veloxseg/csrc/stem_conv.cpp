@@ -1,7 +1,7 @@
 // The detail path's stem for CPUs, forward and weight gradient: a 4^3 conv with stride 2 and padding 1 from
-// C input channels into 8 (x (B, C, D, H, W), D, H, W even -> (B, 8, D/2, H/2, W/2)). oneDNN took 1.5 ms
-// forward and 2-3 ms for the weight gradient at 2 x 1 x 64^3 (one thread, an AMD EPYC with AVX-512), about
-// 40 and 25 GFLOP/s: one input channel leaves its kernels little to block. Here the output is computed
+// C input channels into 8 (x (B, C, D, H, W), D, H, W even -> (B, 8, D/2, H/2, W/2)). oneDNN took 1.35-1.5
+// ms forward and 1.5 ms for the weight gradient alone, 2.5-3.9 ms in a training step, at 2 x 1 x 64^3 (one
+// thread, an AMD EPYC with AVX-512): one input channel leaves its blocked kernels little to block. Here the output is computed
 // along W, a SIMD vector of output voxels at a time: with each input row split into its even and odd
 // voxels (`phases`, zero-padded by one at both ends), the 4 taps along W read 4 contiguous runs, and each
 // tap adds its 8 weights times one run into 8 accumulators (the weight gradient: 1.35 ms, no faster than

@@ -3,6 +3,7 @@ channels-last training path against the path as it was (PyTorch ops around oneDN
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/experiments/speed/detail_path_train.py profile
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/experiments/speed/detail_path_train.py profile-before
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/experiments/speed/detail_path_train.py profile-step
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/experiments/speed/detail_path_train.py ab 20
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/experiments/speed/detail_path_train.py step 10
 
@@ -10,7 +11,9 @@ The path alone: forward and backward of ``stem(x)`` and ``DetailPath.forward(ste
 default recipe's shapes (batch 2 x 1 x 64^3: u_1 2 x 16 x 16^3, half-resolution logits 2 x 3 x 32^3), random
 weights (the output conv too, which the network starts at zero), gradients into the weights, u_1 and the
 coarse logits. ``profile``: torch.profiler's self time per operator and input shape per pass, 10 passes
-after 3 warm-ups (``profile-before``: the path as it was). ``ab``: process CPU time per pass, both paths
+after 3 warm-ups (``profile-before``: the path as it was; ``profile-step`` / ``profile-step-before``: the
+whole default-recipe step of ``benchmarks/step_ratio.py``, where the detail path's ops are those at its
+shapes, e.g. 2 x 8 x 32^3). ``ab``: process CPU time per pass, both paths
 interleaved, ``rounds`` rounds of 5 passes. ``step``: ``benchmarks/step_ratio.py``'s default-recipe step of
 veloxseg_small_hr with either path, and MONAI UNet, interleaved, ``rounds`` rounds of 2 steps. One thread,
 the trainer's allocator settings.
@@ -73,7 +76,7 @@ def path_pass(seed: int = 0) -> Callable[[], None]:
     return run
 
 
-def profile_table(run: Callable[[], None], passes: int = 10) -> None:
+def profile_table(run: Callable[[], None], passes: int = 10, rows_shown: int = 25) -> None:
     for _ in range(3):
         run()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -83,7 +86,7 @@ def profile_table(run: Callable[[], None], passes: int = 10) -> None:
     total = sum(e.self_cpu_time_total for e in rows) / 1e3 / passes
     print(f"{total:.1f} ms of self time per pass\n")
     print("| operator | input shapes | calls / pass | self ms / pass |\n| --- | --- | ---: | ---: |")
-    for e in rows[:25]:
+    for e in rows[:rows_shown]:
         shapes = str([s for s in e.input_shapes if s])[:70]
         print(f"| `{e.key}` | {shapes} | {e.count / passes:g} | {e.self_cpu_time_total / 1e3 / passes:.2f} |")
 
@@ -107,6 +110,10 @@ def main() -> None:
         profile_table(path_pass())
     elif mode == "profile-before":
         profile_table(before(path_pass()))
+    elif mode == "profile-step":
+        profile_table(step_ratio.build_setup("veloxseg_small_hr").step, 5, 40)
+    elif mode == "profile-step-before":
+        profile_table(before(step_ratio.build_setup("veloxseg_small_hr").step), 5, 40)
     elif mode == "ab":
         interleaved({"channels-last path": path_pass(), "path before": before(path_pass())},
                     int(sys.argv[2]), 5, "path before")  # fmt: skip
