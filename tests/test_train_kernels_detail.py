@@ -210,3 +210,28 @@ def test_detail_path_training_rejects_mismatched_sizes(kernels):
     path, (stem, u1, coarse) = small_path(8, torch.float32)
     with pytest.raises(ValueError, match="twice u_1"):
         path(stem, u1[:, :, :1], coarse)
+
+
+def test_weight_gradients_do_not_depend_on_the_thread_count(kernels):
+    """The conv's and the stem's weight gradients sum per-thread partials: 3 threads give 1 thread's values."""
+    torch.manual_seed(0)
+    x = channels_last(2, 8, 6, 5, 4)
+    weight = torch.randn(8, 8, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    image = torch.randn(3, 2, 8, 6, 10, dtype=torch.float64)
+    stem_weight = torch.randn(8, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+
+    def gradients() -> list[torch.Tensor]:
+        conv = torch.autograd.grad(conv3x3_channels_last(x, weight, None).square().sum(), weight)
+        stem = torch.autograd.grad(detail._StemConv.apply(image, stem_weight, bias).square().sum(), stem_weight)
+        return [*conv, *stem]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = gradients()
+        torch.set_num_threads(3)
+        for got, want in zip(gradients(), single):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
