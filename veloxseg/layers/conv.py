@@ -219,7 +219,7 @@ def conv3x3_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     (B, 8, D, H, W), float32 or float64, best channels-last -> channels-last (B, 8, D, H, W).
 
     For training: oneDNN's blocked kernels suit wider convs; at the detail path's 8 channels (2 x 8 x 32^3,
-    one thread, an AMD EPYC with AVX-512) the kernel takes 3.0 instead of 4.1 ms forward and 6.0 instead of
+    one thread, an AMD EPYC with AVX-512) the kernel takes 2.9 instead of 4.1 ms forward and 5.7 instead of
     8.8 ms backward. The caller checks :func:`veloxseg.layers.cpu_kernels.cpu_kernels_available`.
     """
     if weight.shape != (8, 8, 3, 3, 3) or x.dim() != 5 or x.shape[1] != 8:
